@@ -1,0 +1,1 @@
+"""A sans-I/O Raft core in the style of etcd-io/raft. See docs/ARCHITECTURE.md."""
