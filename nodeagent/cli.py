@@ -1,0 +1,83 @@
+"""`nodeagent` command line.
+
+One sub-command per verb; each is a ``_cmd_<verb>(args) -> int`` set as the sub-parser's
+``func``. Exit codes: 0 success, 2 bad usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK = 0
+EXIT_CONFIG = 2  # argparse uses 2 for usage errors too
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodeagent", description="raftdeck node agent")
+    parser.add_argument("--version", action="version", version="nodeagent 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "check-inventory",
+        help="validate an inventory file and summarise its nodes",
+        description="Load and validate an inventory; print one line per node. "
+        "On a problem, print it as one line (file:line: field: problem; fix) and exit 2.",
+    )
+    p.add_argument("path", metavar="PATH", nargs="?", default="inventory.yaml", help="default: inventory.yaml")
+    p.set_defaults(func=_cmd_check_inventory)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return EXIT_OK
+    return args.func(args)
+
+
+def _cmd_check_inventory(args: argparse.Namespace) -> int:
+    from nodeagent.config import ConfigError, load_inventory
+
+    try:
+        inv = load_inventory(args.path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)  # file:line: first, so editors can jump to it
+        return EXIT_CONFIG
+    c = inv.cluster
+    print(
+        f"{args.path}: cluster {c.name}: {len(inv.nodes)} nodes "
+        f"({len(inv.voters)} voters, {len(inv.learners)} learners), "
+        f"heartbeat {c.heartbeat_interval_ms} ms, election {c.election_timeout_ms} ms, "
+        f"dispatch {c.dispatch_policy}, tls {'on' if c.tls else 'off'}, fsync {'on' if c.fsync else 'off'}"
+    )
+    name_w = max(len(n.name) for n in inv.nodes)
+    addr_w = max(len(_addr(n.host, n.port)) for n in inv.nodes)
+    for n in inv.nodes:
+        extra = []
+        if n.metrics_port is not None:
+            extra.append(f"metrics={n.metrics_port}")
+        if n.allow_shell:
+            extra.append("shell")
+        if n.ssh is not None:
+            user = f"{n.ssh.user}@" if n.ssh.user else ""
+            extra.append(f"ssh={user}{_addr(n.ssh.host, n.ssh.port)}")
+        print(
+            f"  {n.name:<{name_w}}  {_addr(n.host, n.port):<{addr_w}}  {n.role:<7}  "
+            f"priority={n.priority}  capacity={n.capacity}  data_dir={n.data_dir}"
+            + "".join(f"  {x}" for x in extra)
+        )
+    for w in inv.warnings():
+        print(f"nodeagent: warning: {w}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
