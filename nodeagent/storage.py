@@ -1,0 +1,884 @@
+"""Durable Raft storage: WAL segments, the hard state record, snapshots, and recovery.
+
+Plain synchronous file I/O (no trio): the driver calls it directly or from a worker thread.
+One ``DiskStorage`` owns one data directory::
+
+    <data_dir>/LOCK                                   flock: one process per data dir
+    <data_dir>/hardstate                              term + vote + commit, one record
+    <data_dir>/wal/wal-<first index, 20 digits>.log   WAL segments, in write order
+    <data_dir>/snap/snap-<index, 20 digits>-<term>.snap   the newest two snapshots
+
+Every file is made of records ``[u32 length][u32 crc32][payload]`` (big-endian, like the
+wire protocol). The crc32 covers the 4 length bytes and the payload, so a zeroed header is
+never a valid record. Payloads are msgpack.
+
+WAL records are ``[kind, term, index, data]``:
+
+* kind 0 / 1: a log entry (``EntryKind.NORMAL`` / ``EntryKind.CONF_CHANGE``);
+* kind 16 (TRUNCATE): "drop every entry with index >= ``index``" (Raft log truncation is an
+  append, never a rewrite);
+* kind 17 (RESET): "the whole log was replaced by snapshot (``index``, ``term``)": written
+  when a snapshot from the leader does not match our log (Raft Figure 13, step 7).
+
+The hard state file holds ``[1, term, vote, commit]``; a snapshot file holds ``[1, index,
+term, voters, learners, [[node, priority], ...], data]``. Both are replaced atomically
+(temp file, fsync, rename, directory fsync).
+
+Recovery (``open``): the newest readable snapshot (an unreadable one is skipped with a
+warning), then every WAL record in order. A torn tail (the last record of the last segment
+incomplete or failing its crc, with nothing valid after it, including trailing zeros) is
+cut off. Anything else that does not read back -- a bad record with valid records after
+it, damage in an older segment, a gap in the indexes -- raises ``StorageCorruption``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgpack
+
+from nodeagent.raft.messages import (
+    ConfState,
+    Entry,
+    EntryKind,
+    HardState,
+    PersistentState,
+    Snapshot,
+    SnapshotMeta,
+)
+
+__all__ = ["DiskStorage", "StorageCorruption", "StorageLocked"]
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">II")  # length, crc32
+_LEN = struct.Struct(">I")
+_HEADER_SIZE = _HEADER.size
+
+REC_TRUNCATE = 16
+REC_RESET = 17
+_ENTRY_KINDS = frozenset(int(k) for k in EntryKind)
+_RECORD_KINDS = _ENTRY_KINDS | {REC_TRUNCATE, REC_RESET}
+
+_FORMAT_VERSION = 1
+_SEG_RE = re.compile(r"^wal-(\d{20})\.log$")
+_SNAP_RE = re.compile(r"^snap-(\d{20})-(\d+)\.snap$")
+_NONZERO = re.compile(rb"[^\x00]")
+_KEEP_SNAPSHOTS = 2
+
+# fsync latency histogram: upper bounds in milliseconds (non-cumulative counts)
+_BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
+
+
+class StorageCorruption(Exception):
+    """The data directory does not read back; the node must not start on it.
+
+    ``str()`` names the file and byte offset and says what to do. ``path`` and ``offset``
+    carry the same for programs (``offset`` is None when not about one record).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+class StorageLocked(RuntimeError):
+    """Another process has this data directory open."""
+
+
+# -- record framing -----------------------------------------------------------------------
+
+
+def _frame(payload: bytes) -> bytes:
+    n = _LEN.pack(len(payload))
+    return n + _LEN.pack(zlib.crc32(payload, zlib.crc32(n))) + payload
+
+
+def _wal_record(kind: int, term: int, index: int, data: bytes = b"") -> bytes:
+    return _frame(msgpack.packb([kind, term, index, data], use_bin_type=True))
+
+
+def _decode_wal_payload(payload) -> tuple[int, int, int, bytes]:
+    obj = msgpack.unpackb(payload, raw=False, use_list=True)
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise ValueError("not a [kind, term, index, data] record")
+    kind, term, index, data = obj
+    if type(kind) is not int or kind not in _RECORD_KINDS:
+        raise ValueError(f"unknown record kind {kind!r}")
+    if type(term) is not int or type(index) is not int or term < 0 or index < 0:
+        raise ValueError("bad term or index")
+    if not isinstance(data, bytes):
+        raise ValueError("data is not bytes")
+    if kind in _ENTRY_KINDS and index < 1:
+        raise ValueError("entry index < 1")
+    return kind, term, index, data
+
+
+def _parse_at(buf: bytes, pos: int, decode=_decode_wal_payload):
+    """One record at ``pos``: (decoded, next_pos), or (None, reason)."""
+    end = len(buf)
+    if end - pos < _HEADER_SIZE:
+        return None, f"incomplete header: {end - pos} of {_HEADER_SIZE} bytes"
+    length, crc = _HEADER.unpack_from(buf, pos)
+    if length == 0:
+        return None, "zero length"
+    if pos + _HEADER_SIZE + length > end:
+        return None, f"length {length} runs past the end of the file"
+    mv = memoryview(buf)
+    payload = mv[pos + _HEADER_SIZE : pos + _HEADER_SIZE + length]
+    if zlib.crc32(payload, zlib.crc32(mv[pos : pos + 4])) != crc:
+        return None, "crc32 mismatch"
+    try:
+        rec = decode(payload)
+    except Exception as exc:  # msgpack raises several types on garbage
+        return None, f"undecodable payload: {exc}"
+    return rec, pos + _HEADER_SIZE + length
+
+
+def _valid_record_after(buf: bytes, pos: int) -> int | None:
+    """The offset of the first valid record that starts after ``pos``, or None."""
+    end = len(buf)
+    q = pos + 1
+    while q + _HEADER_SIZE < end:
+        m = _NONZERO.search(buf, q)
+        if m is None:
+            return None  # only zeros left: a record's length is never 0
+        q = max(q, m.start() - 3)
+        rec, _ = _parse_at(buf, q)
+        if rec is not None:
+            return q
+        q += 1
+    return None
+
+
+def _snapshot_payload(snap: Snapshot) -> bytes:
+    m = snap.meta
+    return msgpack.packb(
+        [
+            _FORMAT_VERSION,
+            m.index,
+            m.term,
+            sorted(m.conf.voters),
+            sorted(m.conf.learners),
+            [list(p) for p in m.conf.priorities],
+            bytes(snap.data),
+        ],
+        use_bin_type=True,
+    )
+
+
+def _decode_snapshot(payload) -> Snapshot:
+    obj = msgpack.unpackb(payload, raw=False, use_list=True)
+    if not isinstance(obj, list) or len(obj) != 7 or obj[0] != _FORMAT_VERSION:
+        raise ValueError("not a version 1 snapshot record")
+    _, index, term, voters, learners, prios, data = obj
+    conf = ConfState(frozenset(voters), frozenset(learners), tuple(sorted((str(n), int(p)) for n, p in prios)))
+    return Snapshot(SnapshotMeta(int(index), int(term), conf), bytes(data))
+
+
+def _decode_hardstate(payload) -> HardState:
+    obj = msgpack.unpackb(payload, raw=False, use_list=True)
+    if not isinstance(obj, list) or len(obj) != 4 or obj[0] != _FORMAT_VERSION:
+        raise ValueError("not a version 1 hard state record")
+    _, term, vote, commit = obj
+    if type(term) is not int or type(commit) is not int or not (vote is None or isinstance(vote, str)):
+        raise ValueError("bad field types")
+    return HardState(term, vote, commit)
+
+
+def _read_single_record(path: str, decode):
+    """A file that holds exactly one record (hard state, snapshot): (value, None) or (None, (offset, reason))."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    if not buf:
+        return None, (0, "empty file")
+    rec, nxt = _parse_at(buf, 0, decode)
+    if rec is None:
+        return None, (0, nxt)
+    if nxt != len(buf):
+        return None, (nxt, f"{len(buf) - nxt} unexpected bytes after the record")
+    return rec, None
+
+
+def _write_all(fd: int, data) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+# -- data directory lock (one process per data dir) -----------------------------------------
+
+# realpath -> [fd, holders]. Within one process several instances may hold the same
+# directory (a simulator "crashes" a node by dropping its DiskStorage and opening again).
+_DIR_LOCKS: dict[str, list[int]] = {}
+_DIR_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_dir(key: str) -> None:
+    with _DIR_LOCKS_GUARD:
+        held = _DIR_LOCKS.get(key)
+        if held is not None:
+            held[1] += 1
+            return
+        fd = os.open(os.path.join(key, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StorageLocked(
+                f"{key} is in use by another process (it holds {os.path.join(key, 'LOCK')}); "
+                "stop the other nodeagent or give this one its own data_dir"
+            ) from None
+        _DIR_LOCKS[key] = [fd, 1]
+
+
+def _unlock_dir(key: str) -> None:
+    with _DIR_LOCKS_GUARD:
+        held = _DIR_LOCKS.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del _DIR_LOCKS[key]
+            os.close(held[0])
+
+
+# -- recovery -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Segment:
+    path: str
+    name_index: int  # the index in the file name: the first entry written to it
+    max_index: int  # highest entry index recorded in it (0: none)
+    size: int
+
+
+class _Replay:
+    """Rebuilds the log after snapshot (base_index, base_term) from WAL records in order."""
+
+    def __init__(self, base_index: int, base_term: int, fail):
+        self.base_index = base_index
+        self.base_term = base_term
+        self.entries: list[Entry] = []
+        self.wal_next: int | None = None  # index the next entry record must carry
+        self.base_wal_term: int | None = None  # term of the WAL's live entry at base_index
+        self.fail = fail  # fail(path, offset, what) -> StorageCorruption
+
+    def record(self, path: str, off: int, kind: int, term: int, index: int, data: bytes) -> None:
+        b = self.base_index
+        if kind in _ENTRY_KINDS:
+            if self.wal_next is not None and index != self.wal_next:
+                raise self.fail(path, off, f"entry {index} where entry {self.wal_next} was expected")
+            self.wal_next = index + 1
+            if index < b:
+                return
+            if index == b:
+                self.base_wal_term = term
+                return
+            expected = b + len(self.entries) + 1
+            if index != expected:
+                raise self.fail(
+                    path, off, f"entry {index} follows snapshot index {b}: entries {expected}..{index - 1} are missing"
+                )
+            self.entries.append(Entry(term, index, data, EntryKind(kind)))
+        elif kind == REC_TRUNCATE:
+            if self.wal_next is not None and index > self.wal_next:
+                raise self.fail(path, off, f"truncation at {index} beyond the end of the log ({self.wal_next - 1})")
+            self.wal_next = index
+            if index <= b:
+                self.entries.clear()
+                self.base_wal_term = None
+            else:
+                del self.entries[index - b - 1 :]
+        else:  # REC_RESET
+            if index > b:
+                raise self.fail(
+                    path,
+                    off,
+                    f"the log was replaced here by snapshot {index} (term {term}), "
+                    f"but the newest readable snapshot is {b}",
+                )
+            self.entries.clear()
+            self.wal_next = index + 1
+            self.base_wal_term = term if index == b else None
+
+
+# -- storage ------------------------------------------------------------------------------
+
+
+class DiskStorage:
+    """The node's durable state. Create with :meth:`open`.
+
+    Calls are serialised by an internal lock, so the driver may call it from a worker
+    thread while another thread reads ``stats()``. One instance per data directory at a
+    time; a second process gets ``StorageLocked``.
+    """
+
+    def __init__(self, data_dir: str, fsync: bool, segment_bytes: int):
+        """Private: use :meth:`DiskStorage.open`."""
+        self._dir = data_dir
+        self._wal_dir = os.path.join(data_dir, "wal")
+        self._snap_dir = os.path.join(data_dir, "snap")
+        self._hs_path = os.path.join(data_dir, "hardstate")
+        self._fsync_enabled = fsync
+        self._segment_bytes = segment_bytes
+        self._lock = threading.RLock()
+        self._lock_key: str | None = None
+        self._closed = False
+        self._failed: BaseException | None = None
+
+        self._base_index = 0
+        self._base_term = 0
+        self._terms = array("Q")  # terms of entries base+1 .. last
+        self._segments: list[_Segment] = []
+        self._fd: int | None = None  # active (last) segment, O_APPEND
+        self._dirty = False  # written to the active segment since its last fsync
+        self._durable_hs = HardState()
+        self._pending_hs: HardState | None = None
+        self._snapshots: list[tuple[int, int]] = []  # (index, term) of snapshot files, oldest first
+
+        self._syncs = 0
+        self._group_fsyncs = 0
+        self._fsync_calls = 0
+        self._fsync_hist = [0] * (len(_BUCKETS_MS) + 1)
+        self._fsync_sum = 0.0
+        self._fsync_max = 0.0
+        self._repaired: list[dict] = []
+        self._snapshot_fallbacks: list[dict] = []
+        self._discarded_entries = 0
+        self._recovered = PersistentState()
+
+    # -- public API ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike, *, fsync: bool = True, segment_bytes: int = 64 << 20) -> "DiskStorage":
+        """Open (creating if needed) ``data_dir`` and recover what is on disk.
+
+        Raises StorageCorruption if the directory does not read back, StorageLocked if
+        another process has it open.
+        """
+        if segment_bytes <= 0:
+            raise ValueError("segment_bytes must be positive")
+        self = cls(os.fspath(data_dir), bool(fsync), int(segment_bytes))
+        self._ensure_dir(self._dir)
+        self._lock_key = os.path.realpath(self._dir)
+        _lock_dir(self._lock_key)
+        try:
+            self._ensure_dir(self._wal_dir)
+            self._ensure_dir(self._snap_dir)
+            self._recover()
+        except BaseException:
+            self._close_fds()
+            _unlock_dir(self._lock_key)
+            raise
+        return self
+
+    def recovered(self) -> PersistentState:
+        """What :meth:`open` found: hard state, newest snapshot, the entries after it."""
+        return self._recovered
+
+    def save(self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot | None) -> None:
+        """Write one Ready's worth of state; durable after the next :meth:`sync`.
+
+        ``snapshot`` (from the leader) is written durably at once. If our log holds its
+        index with its term, the entries after it are kept, else the whole log is replaced
+        (Raft Figure 13). ``entries`` may start at or before our last index: every stored
+        entry from ``entries[0].index`` on is discarded first. ``hard_state`` is written
+        (as one atomic record) by the next sync().
+        """
+        with self._lock:
+            self._check_usable()
+            entries = list(entries)
+            for k in range(1, len(entries)):
+                if entries[k].index != entries[0].index + k:
+                    raise ValueError(f"entries are not contiguous at {entries[k - 1].index} -> {entries[k].index}")
+            if entries and entries[0].index < 1:
+                raise ValueError("entry index must be >= 1")
+
+            b, last = self._base_index, self._last_index()
+            snap_plan = None
+            new_base, new_last = b, last
+            if snapshot is not None:
+                s, st = snapshot.meta.index, snapshot.meta.term
+                if s > b:
+                    matching = s <= last and self._terms[s - b - 1] == st
+                    snap_plan = (s, st, matching)
+                    new_base, new_last = s, (last if matching else s)
+                else:
+                    log.debug("ignoring snapshot %d: not newer than the stored snapshot %d", s, b)
+            entries = [e for e in entries if e.index > new_base]
+            if entries and entries[0].index > new_last + 1:
+                raise ValueError(f"entries start at {entries[0].index} but the log ends at {new_last} (gap)")
+
+            try:
+                records: list[tuple[bytes, int]] = []  # (framed record, entry index or 0)
+                if snap_plan is not None:
+                    s, st, matching = snap_plan
+                    self._write_snapshot_file(snapshot)
+                    if matching:
+                        del self._terms[: s - b]
+                    else:
+                        records.append((_wal_record(REC_RESET, st, s), 0))
+                        self._terms = array("Q")
+                    self._base_index, self._base_term = s, st
+                    self._purge_snapshots()
+                if entries:
+                    first = entries[0].index
+                    if first <= self._last_index():
+                        records.append((_wal_record(REC_TRUNCATE, 0, first), 0))
+                        del self._terms[first - self._base_index - 1 :]
+                    for e in entries:
+                        records.append((_wal_record(int(e.kind), e.term, e.index, e.data), e.index))
+                    self._terms.extend(e.term for e in entries)
+                if records:
+                    self._append(records)
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+            if hard_state is not None:
+                self._pending_hs = None if hard_state == self._durable_hs else hard_state
+
+    def sync(self) -> None:
+        """Make everything saved so far durable: one group commit.
+
+        fsyncs the active WAL segment (if written), then replaces the hard state file (if
+        it changed). Counted once in ``stats()["fsyncs"]`` however many saves it covers.
+        """
+        with self._lock:
+            self._check_usable()
+            if not self._dirty and self._pending_hs is None:
+                return
+            try:
+                if self._dirty:
+                    self._fsync_fd(self._fd)
+                    self._dirty = False
+                if self._pending_hs is not None:
+                    self._write_hardstate(self._pending_hs)
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+            self._syncs += 1
+            if self._fsync_enabled:
+                self._group_fsyncs += 1
+
+    def compact(self, snapshot: Snapshot) -> None:
+        """The application snapshotted at ``snapshot.meta.index``: store it durably, then
+        delete the WAL segments nobody needs any more.
+
+        The log after the index is kept. Segments are deleted when all their entries are at
+        or below the index of the OLDER of the two snapshots kept, so that a damaged newest
+        snapshot can still fall back to the older one and replay the WAL from there.
+        """
+        with self._lock:
+            self._check_usable()
+            s, st = snapshot.meta.index, snapshot.meta.term
+            b, last = self._base_index, self._last_index()
+            if s <= b:
+                log.debug("compact(%d): not newer than the stored snapshot %d; ignored", s, b)
+                return
+            if s > last:
+                raise ValueError(f"cannot compact at {s}: the log ends at {last}")
+            if self._terms[s - b - 1] != st:
+                raise ValueError(f"cannot compact at {s}: entry {s} has term {self._terms[s - b - 1]}, not {st}")
+            try:
+                self._write_snapshot_file(snapshot)
+                del self._terms[: s - b]
+                self._base_index, self._base_term = s, st
+                self._purge_snapshots()
+                self._purge_segments()
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+
+    def stats(self) -> dict:
+        """Counters for status output (plain JSON-able values)."""
+        with self._lock:
+            hist = {f"{ub:g}": n for ub, n in zip(_BUCKETS_MS, self._fsync_hist)}
+            hist["+Inf"] = self._fsync_hist[-1]
+            return {
+                "data_dir": self._dir,
+                "fsync": self._fsync_enabled,
+                "segments": len(self._segments),
+                "bytes": sum(s.size for s in self._segments),
+                "segment_bytes": self._segment_bytes,
+                "first_index": self._base_index + 1,
+                "last_index": self._last_index(),
+                "snapshot_index": self._base_index,
+                "snapshot_term": self._base_term,
+                "snapshots": len(self._snapshots),
+                "syncs": self._syncs,
+                "fsyncs": self._group_fsyncs,
+                "fsync_calls": self._fsync_calls,
+                "fsync_latency_ms_buckets": hist,
+                "fsync_latency_ms_sum": round(self._fsync_sum * 1000, 3),
+                "fsync_latency_ms_max": round(self._fsync_max * 1000, 3),
+                "unsynced": self._dirty or self._pending_hs is not None,
+                "repaired": bool(self._repaired),
+                "repairs": [dict(r) for r in self._repaired],
+                "snapshot_fallbacks": [dict(r) for r in self._snapshot_fallbacks],
+                "discarded_entries": self._discarded_entries,
+                "failed": None if self._failed is None else repr(self._failed),
+            }
+
+    def close(self) -> None:
+        """Sync what is pending (unless an earlier I/O error made that unsafe) and release
+        the data directory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._failed is None:
+                    self.sync()
+            finally:
+                self._closed = True
+                self._close_fds()
+                if self._lock_key is not None:
+                    _unlock_dir(self._lock_key)
+                    self._lock_key = None
+
+    def __enter__(self) -> "DiskStorage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals: state ---------------------------------------------------------------
+
+    def _last_index(self) -> int:
+        return self._base_index + len(self._terms)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ValueError(f"storage {self._dir} is closed")
+        if self._failed is not None:
+            raise RuntimeError(
+                f"storage {self._dir} is unusable after an earlier I/O error ({self._failed!r}); "
+                "what reached the disk is unknown, so restart the node to recover from disk"
+            )
+
+    def _fail(self, exc: BaseException) -> None:
+        # After a failed write or fsync the page cache state is unknown (a retried fsync can
+        # report success for data that was dropped): refuse further use; restart recovers.
+        if self._failed is None:
+            self._failed = exc
+            log.error("storage %s failed: %r; refusing further writes", self._dir, exc)
+
+    def _close_fds(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    # -- internals: fsync ---------------------------------------------------------------
+
+    def _fsync_fd(self, fd: int) -> None:
+        if not self._fsync_enabled:
+            return
+        t0 = time.perf_counter()
+        os.fsync(fd)
+        dt = time.perf_counter() - t0
+        self._fsync_calls += 1
+        self._fsync_sum += dt
+        self._fsync_max = max(self._fsync_max, dt)
+        ms = dt * 1000
+        for i, ub in enumerate(_BUCKETS_MS):
+            if ms <= ub:
+                self._fsync_hist[i] += 1
+                break
+        else:
+            self._fsync_hist[-1] += 1
+
+    def _fsync_dir(self, path: str) -> None:
+        if not self._fsync_enabled:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._fsync_fd(fd)
+        finally:
+            os.close(fd)
+
+    def _ensure_dir(self, path: str) -> None:
+        if os.path.isdir(path):
+            return
+        os.makedirs(path, exist_ok=True)
+        self._fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, data)
+            self._fsync_fd(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._fsync_dir(os.path.dirname(path))
+
+    # -- internals: hard state and snapshots --------------------------------------------
+
+    def _write_hardstate(self, hs: HardState) -> None:
+        payload = msgpack.packb([_FORMAT_VERSION, hs.term, hs.vote, hs.commit], use_bin_type=True)
+        self._write_atomic(self._hs_path, _frame(payload))
+        self._durable_hs = hs
+        self._pending_hs = None
+
+    def _snap_path(self, index: int, term: int) -> str:
+        return os.path.join(self._snap_dir, f"snap-{index:020d}-{term}.snap")
+
+    def _write_snapshot_file(self, snap: Snapshot) -> None:
+        m = snap.meta
+        self._write_atomic(self._snap_path(m.index, m.term), _frame(_snapshot_payload(snap)))
+        key = (m.index, m.term)
+        if key not in self._snapshots:
+            self._snapshots.append(key)
+            self._snapshots.sort()
+
+    def _purge_snapshots(self) -> None:
+        removed = False
+        while len(self._snapshots) > _KEEP_SNAPSHOTS:
+            index, term = self._snapshots.pop(0)
+            try:
+                os.unlink(self._snap_path(index, term))
+            except FileNotFoundError:
+                pass
+            removed = True
+        if removed:
+            self._fsync_dir(self._snap_dir)
+
+    def _purge_segments(self) -> None:
+        # Keep the WAL back to the oldest snapshot we keep. Delete only a prefix: a later
+        # segment's truncation markers refer to entries of earlier ones.
+        keep_from = self._snapshots[0][0] if self._snapshots else 0
+        removed = False
+        while len(self._segments) > 1 and self._segments[0].max_index <= keep_from:
+            seg = self._segments.pop(0)
+            os.unlink(seg.path)
+            removed = True
+        if removed:
+            self._fsync_dir(self._wal_dir)
+
+    # -- internals: WAL writing ---------------------------------------------------------
+
+    def _append(self, records: list[tuple[bytes, int]]) -> None:
+        seg = self._segments[-1]
+        buf = bytearray()
+        buf_max = 0
+        for rec, index in records:
+            used = seg.size + len(buf)
+            # Roll over only in front of an entry, so the new segment is named after it
+            # (names then increase in write order even after a truncation went backwards).
+            if index and used > 0 and used + len(rec) > self._segment_bytes and index > seg.name_index:
+                self._write(seg, buf, buf_max)
+                buf, buf_max = bytearray(), 0
+                seg = self._roll(index)
+            buf += rec
+            buf_max = max(buf_max, index)
+        self._write(seg, buf, buf_max)
+
+    def _write(self, seg: _Segment, buf: bytearray, buf_max: int) -> None:
+        if not buf:
+            return
+        try:
+            _write_all(self._fd, buf)
+        except OSError:
+            try:  # leave no partial record behind (the storage is failed either way)
+                os.ftruncate(self._fd, seg.size)
+            except OSError:
+                pass
+            raise
+        seg.size += len(buf)
+        seg.max_index = max(seg.max_index, buf_max)
+        self._dirty = True
+
+    def _roll(self, first_index: int) -> _Segment:
+        # The old segment is made durable before the new one exists, so damage anywhere but
+        # in the last segment is real corruption, never a torn write.
+        if self._dirty:
+            self._fsync_fd(self._fd)
+            self._dirty = False
+        self._close_fds()
+        return self._create_segment(first_index)
+
+    def _create_segment(self, first_index: int) -> _Segment:
+        path = os.path.join(self._wal_dir, f"wal-{first_index:020d}.log")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._fsync_dir(self._wal_dir)
+        seg = _Segment(path, first_index, 0, 0)
+        self._segments.append(seg)
+        return seg
+
+    # -- internals: recovery ------------------------------------------------------------
+
+    def _fix_hint(self) -> str:
+        return (
+            f"To recover, restore this node from a peer: stop it, move {self._dir} aside, "
+            "and re-add it to the cluster (the leader sends it a snapshot)."
+        )
+
+    def _record_corruption(self, path: str, offset: int, what: str) -> StorageCorruption:
+        note = ""
+        if self._snapshot_fallbacks:
+            bad = ", ".join(f"{f['file']} ({f['reason']})" for f in self._snapshot_fallbacks)
+            note = f" Unreadable snapshots were skipped: {bad}."
+        return StorageCorruption(
+            f"{path}: corrupt record at byte offset {offset} ({what}). The log before it is intact; "
+            f"the records from there on cannot be trusted, so the node will not start on them.{note} "
+            + self._fix_hint(),
+            path=path,
+            offset=offset,
+        )
+
+    def _recover(self) -> None:
+        # Leftovers of an interrupted atomic replace: the real file is still the old one.
+        for d in (self._dir, self._snap_dir):
+            for name in os.listdir(d):
+                if name.endswith(".tmp"):
+                    os.unlink(os.path.join(d, name))
+
+        hs = self._load_hardstate()
+        snapshot = self._load_newest_snapshot()
+        if snapshot is not None:
+            self._base_index, self._base_term = snapshot.meta.index, snapshot.meta.term
+
+        replay = _Replay(self._base_index, self._base_term, self._record_corruption)
+        torn: tuple[_Segment, int, int, str] | None = None  # segment, offset, file size, reason
+        names = sorted((int(m.group(1)), n) for n in os.listdir(self._wal_dir) if (m := _SEG_RE.match(n)))
+        for k, (name_index, name) in enumerate(names):
+            path = os.path.join(self._wal_dir, name)
+            with open(path, "rb") as f:
+                buf = f.read()
+            seg = _Segment(path, name_index, 0, len(buf))
+            pos = 0
+            while pos < len(buf):
+                rec, nxt = _parse_at(buf, pos)
+                if rec is None:
+                    reason = nxt
+                    if k != len(names) - 1:
+                        raise self._record_corruption(path, pos, f"{reason}, in a segment that is not the last")
+                    after = _valid_record_after(buf, pos)
+                    if after is not None:
+                        raise self._record_corruption(path, pos, f"{reason}; a valid record follows at byte {after}")
+                    torn = (seg, pos, len(buf), reason)
+                    seg.size = pos
+                    break
+                kind, term, index, data = rec
+                replay.record(path, pos, kind, term, index, data)
+                if kind in _ENTRY_KINDS:
+                    seg.max_index = max(seg.max_index, index)
+                pos = nxt
+            self._segments.append(seg)
+
+        entries = replay.entries
+        if entries and replay.base_wal_term is not None and replay.base_wal_term != self._base_term:
+            # The snapshot was installed but the RESET record after it did not reach the disk:
+            # the entries after it belong to the history the snapshot replaced (Figure 13).
+            log.warning(
+                "%s: discarding %d WAL entries after snapshot %d: the log had term %d at that index, "
+                "the snapshot term %d (an InstallSnapshot was interrupted)",
+                self._wal_dir, len(entries), self._base_index, replay.base_wal_term, self._base_term,
+            )
+            self._discarded_entries = len(entries)
+            entries = []
+        last_index = self._base_index + len(entries)
+
+        commit = max(hs.commit, self._base_index)
+        if commit > last_index:
+            if self._fsync_enabled:
+                raise StorageCorruption(
+                    f"{self._hs_path}: commit index {hs.commit} is beyond the last log index {last_index}: "
+                    "entries that were synced are missing from the WAL. " + self._fix_hint(),
+                    path=self._hs_path,
+                )
+            log.warning(
+                "%s: commit %d beyond the last log index %d (fsync is off: writes were lost); using %d",
+                self._hs_path, hs.commit, last_index, last_index,
+            )
+            commit = last_index
+        if commit != hs.commit:
+            hs = HardState(hs.term, hs.vote, commit)
+
+        # Recovery succeeded: only now change anything on disk.
+        if torn is not None:
+            seg, offset, size, reason = torn
+            fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, offset)
+                self._fsync_fd(fd)
+            finally:
+                os.close(fd)
+            log.warning(
+                "%s: torn write at the end of the log cut off: %d bytes from byte offset %d (%s)",
+                seg.path, size - offset, offset, reason,
+            )
+            self._repaired.append({"file": seg.path, "offset": offset, "dropped_bytes": size - offset, "reason": reason})
+        for fb in self._snapshot_fallbacks:
+            bad = fb["file"]
+            if os.path.exists(bad):
+                os.replace(bad, bad + ".corrupt")
+        if self._snapshot_fallbacks:
+            self._fsync_dir(self._snap_dir)
+
+        self._terms = array("Q", (e.term for e in entries))
+        self._durable_hs = hs
+        if self._segments:
+            seg = self._segments[-1]
+            self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        else:
+            self._create_segment(last_index + 1)
+        if replay.wal_next is not None and replay.wal_next != last_index + 1:
+            # Make the WAL say what recovery decided, so the next entry follows on.
+            self._append([(_wal_record(REC_RESET, self._base_term, self._base_index), 0)])
+            self._fsync_fd(self._fd)
+            self._dirty = False
+        self._recovered = PersistentState(hs, snapshot, tuple(entries))
+
+    def _load_hardstate(self) -> HardState:
+        if not os.path.exists(self._hs_path):
+            return HardState()
+        hs, err = _read_single_record(self._hs_path, _decode_hardstate)
+        if hs is None:
+            offset, reason = err
+            raise StorageCorruption(
+                f"{self._hs_path}: corrupt hard state record at byte offset {offset} ({reason}). "
+                "Term and vote cannot be trusted, so the node will not start (it could vote twice). "
+                + self._fix_hint(),
+                path=self._hs_path,
+                offset=offset,
+            )
+        return hs
+
+    def _load_newest_snapshot(self) -> Snapshot | None:
+        found = sorted(
+            ((int(m.group(1)), int(m.group(2))) for n in os.listdir(self._snap_dir) if (m := _SNAP_RE.match(n))),
+            reverse=True,
+        )
+        self._snapshots = sorted(found)
+        for index, term in found:
+            path = self._snap_path(index, term)
+            snap, err = _read_single_record(path, _decode_snapshot)
+            if snap is not None and (snap.meta.index, snap.meta.term) != (index, term):
+                snap, err = None, (0, f"holds snapshot {snap.meta.index}/{snap.meta.term}, not the one in its name")
+            if snap is not None:
+                if self._snapshot_fallbacks:
+                    log.warning("%s: recovering from this older snapshot instead", path)
+                return snap
+            offset, reason = err
+            log.warning("%s: unreadable snapshot (byte offset %d: %s); trying an older one", path, offset, reason)
+            self._snapshot_fallbacks.append({"file": path, "offset": offset, "reason": reason})
+            self._snapshots.remove((index, term))
+        return None

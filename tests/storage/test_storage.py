@@ -1,0 +1,690 @@
+"""DiskStorage: real files in tmp_path, real fsync (unless a test says otherwise)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nodeagent.raft.messages import (
+    ConfState,
+    Entry,
+    EntryKind,
+    HardState,
+    PersistentState,
+    Snapshot,
+    SnapshotMeta,
+)
+from nodeagent.storage import DiskStorage, StorageCorruption
+
+CONF = ConfState.of(["a", "b", "c"], ["d"], {"a": 3, "b": 0})
+
+
+def ents(lo: int, hi: int, term: int = 1, tag: str = "e") -> list[Entry]:
+    return [Entry(term, i, f"{tag}{i}".encode() * 3) for i in range(lo, hi + 1)]
+
+
+def snap(index: int, term: int, data: bytes = b"") -> Snapshot:
+    return Snapshot(SnapshotMeta(index, term, CONF), data or f"state@{index}".encode())
+
+
+def segments(d) -> list[str]:
+    wal = os.path.join(d, "wal")
+    return sorted(os.path.join(wal, n) for n in os.listdir(wal) if n.endswith(".log"))
+
+
+def snapshots(d) -> list[str]:
+    sd = os.path.join(d, "snap")
+    return sorted(n for n in os.listdir(sd) if n.endswith(".snap"))
+
+
+def record_spans(path) -> list[tuple[int, int]]:
+    """(start, end) of every record in a WAL segment."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    spans, pos = [], 0
+    while pos < len(buf):
+        (n,) = struct.unpack_from(">I", buf, pos)
+        spans.append((pos, pos + 8 + n))
+        pos += 8 + n
+    assert pos == len(buf)
+    return spans
+
+
+def flip(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def reopen(d, **kw) -> PersistentState:
+    s = DiskStorage.open(d, **kw)
+    try:
+        return s.recovered()
+    finally:
+        s.close()
+
+
+# -- round trips --------------------------------------------------------------------------
+
+
+def test_fresh_dir_recovers_empty_state(tmp_path):
+    s = DiskStorage.open(tmp_path / "n1")
+    assert s.recovered() == PersistentState()
+    assert s.recovered().is_empty()
+    st_ = s.stats()
+    assert (st_["last_index"], st_["first_index"], st_["segments"], st_["fsync"]) == (0, 1, 1, True)
+    s.close()
+    assert reopen(tmp_path / "n1") == PersistentState()
+
+
+def test_round_trip_entries_hardstate_snapshot(tmp_path):
+    d = tmp_path / "n1"
+    cc = Entry(2, 11, b'{"op":"add_learner"}', EntryKind.CONF_CHANGE)
+    with DiskStorage.open(d) as s:
+        s.save(HardState(1, "a", 0), ents(1, 10), None)
+        s.sync()
+        s.save(HardState(2, None, 8), [cc, Entry(2, 12, b"")], None)
+        s.sync()
+    rec = reopen(d)
+    assert rec.hard_state == HardState(2, None, 8)
+    assert rec.snapshot is None
+    assert rec.entries == (*ents(1, 10), cc, Entry(2, 12, b""))
+    assert rec.entries[10].kind is EntryKind.CONF_CHANGE
+
+    with DiskStorage.open(d) as s:
+        s.compact(snap(7, 1, b"\x00binary\xffstate"))
+        assert s.stats()["first_index"] == 8
+    rec = reopen(d)
+    assert rec.snapshot == snap(7, 1, b"\x00binary\xffstate")
+    assert rec.snapshot.meta.conf == CONF
+    assert [e.index for e in rec.entries] == list(range(8, 13))
+    assert rec.hard_state == HardState(2, None, 8)
+
+
+def test_unsynced_hardstate_is_written_by_close_and_commit_never_below_snapshot(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d) as s:
+        s.save(HardState(3, "b", 2), ents(1, 5, 3), None)
+        s.sync()
+        s.save(HardState(3, "b", 5), [], None)  # commit-only change, no sync (must_sync False)
+        s.compact(snap(5, 3))
+    assert reopen(d).hard_state == HardState(3, "b", 5)  # close() synced it
+    with DiskStorage.open(d) as s:
+        s.save(HardState(4, "c", 1), [], None)  # a commit the file has below the snapshot
+    assert reopen(d).hard_state == HardState(4, "c", 5)
+
+
+# -- truncation and snapshots from the leader ---------------------------------------------
+
+
+def test_truncation_survives_reopen(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d) as s:
+        s.save(HardState(1, "a", 3), ents(1, 10, 1), None)
+        s.sync()
+        s.save(HardState(2, "b", 3), ents(6, 8, 2, "x"), None)  # conflicting suffix replaced
+        s.sync()
+        assert s.stats()["last_index"] == 8
+    rec = reopen(d)
+    assert rec.entries == (*ents(1, 5, 1), *ents(6, 8, 2, "x"))
+    with DiskStorage.open(d) as s:  # and appending after a recovered truncation works
+        s.save(None, ents(9, 9, 2, "y"), None)
+        s.save(None, ents(4, 4, 3, "z"), None)
+        s.sync()
+    assert reopen(d).entries == (*ents(1, 3, 1), *ents(4, 4, 3, "z"))
+
+
+def test_truncation_back_across_segments(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d, segment_bytes=300) as s:
+        s.save(None, ents(1, 60, 1), None)
+        n = len(segments(d))
+        assert n > 3
+        s.save(None, ents(5, 70, 2, "t"), None)  # goes back past several segments
+        s.sync()
+    names = [int(os.path.basename(p)[4:24]) for p in segments(d)]
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert reopen(d, segment_bytes=300).entries == (*ents(1, 4, 1), *ents(5, 70, 2, "t"))
+
+
+def test_snapshot_from_leader_that_conflicts_replaces_the_whole_log(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d) as s:
+        s.save(HardState(1, "a", 2), ents(1, 10, 1), None)
+        s.sync()
+        # the leader's entry 8 has term 3, ours term 1: Figure 13 says discard the whole log
+        s.save(HardState(3, None, 8), ents(9, 11, 3, "L"), snap(8, 3))
+        s.sync()
+        assert s.stats()["snapshot_index"] == 8 and s.stats()["last_index"] == 11
+    rec = reopen(d)
+    assert rec.snapshot == snap(8, 3)
+    assert rec.entries == tuple(ents(9, 11, 3, "L"))
+    assert rec.hard_state == HardState(3, None, 8)
+
+
+def test_snapshot_from_leader_that_matches_keeps_the_log_after_it(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d) as s:
+        s.save(None, ents(1, 10, 1), None)
+        s.save(HardState(1, None, 6), [], snap(6, 1))
+        s.sync()
+    rec = reopen(d)
+    assert rec.snapshot.meta.index == 6
+    assert rec.entries == tuple(ents(7, 10, 1))
+
+
+def test_snapshot_ahead_of_the_log(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d) as s:
+        s.save(None, ents(1, 3, 1), None)
+        s.save(HardState(2, None, 50), [], snap(50, 2))
+        s.save(None, ents(51, 52, 2), None)
+        s.sync()
+    rec = reopen(d)
+    assert rec.snapshot.meta.index == 50 and rec.entries == tuple(ents(51, 52, 2))
+
+
+def test_install_interrupted_before_the_reset_record_drops_the_divergent_suffix(tmp_path, caplog):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d) as s:
+        s.save(None, ents(1, 10, 1), None)
+        s.sync()
+        size = os.path.getsize(segments(d)[0])
+        s.save(None, [], snap(8, 3))  # snapshot file written, then the RESET record
+        s.sync()
+    os.truncate(segments(d)[0], size)  # as if we crashed before the RESET record hit the disk
+    with caplog.at_level(logging.WARNING, logger="nodeagent.storage"):
+        rec = reopen(d)
+    assert rec.snapshot.meta.index == 8 and rec.entries == ()
+    assert "InstallSnapshot was interrupted" in caplog.text
+    with DiskStorage.open(d) as s:  # the WAL was fixed up: the next entries follow on
+        assert s.recovered().entries == ()
+        s.save(None, ents(9, 9, 3), None)
+        s.sync()
+    assert reopen(d).entries == tuple(ents(9, 9, 3))
+
+
+# -- compaction ---------------------------------------------------------------------------
+
+
+def test_compact_drops_old_segments_and_recovery_yields_the_rest(tmp_path):
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d, segment_bytes=400)
+    s.save(HardState(1, "a", 200), ents(1, 200, 1), None)
+    s.sync()
+    before = len(segments(d))
+    s.compact(snap(100, 1))
+    after_first = segments(d)
+    assert len(after_first) < before
+    # the oldest remaining segment is the one that holds entry 101
+    assert int(os.path.basename(after_first[0])[4:24]) <= 101 < int(os.path.basename(after_first[1])[4:24])
+    s.close()
+    assert [e.index for e in reopen(d, segment_bytes=400).entries] == list(range(101, 201))
+
+    s = DiskStorage.open(d, segment_bytes=400)
+    s.compact(snap(150, 1))  # two snapshots now: the WAL is kept back to the older (100)
+    assert segments(d) == after_first
+    s.compact(snap(190, 1))  # snapshots 150 and 190: segments wholly <= 150 go
+    assert len(snapshots(d)) == 2 and snapshots(d)[0].startswith("snap-00000000000000000150")
+    remaining = segments(d)
+    assert len(remaining) < len(after_first)
+    assert s.stats()["segments"] == len(remaining)
+    s.save(None, ents(201, 205, 1), None)
+    s.sync()
+    s.close()
+    rec = reopen(d, segment_bytes=400)
+    assert rec.snapshot == snap(190, 1)
+    assert rec.entries == tuple(ents(191, 205, 1))
+
+
+# -- torn tails ---------------------------------------------------------------------------
+
+
+def _build_log(d, n=12, **kw):
+    with DiskStorage.open(d, **kw) as s:
+        s.save(HardState(1, "a", 0), ents(1, n, 1), None)
+        s.sync()
+    return segments(d)[-1]
+
+
+def test_torn_tail_at_every_byte_offset_of_the_last_record_is_repaired(tmp_path):
+    orig = tmp_path / "orig"
+    seg = _build_log(orig)
+    start, end = record_spans(seg)[-1]
+    assert end - start > 20
+    for cut in range(start, end):
+        d = tmp_path / f"cut{cut}"
+        shutil.copytree(orig, d)
+        os.truncate(segments(d)[-1], cut)
+        s = DiskStorage.open(d)
+        assert s.recovered().entries == tuple(ents(1, 11, 1)), cut
+        assert os.path.getsize(segments(d)[-1]) == start
+        st_ = s.stats()
+        assert st_["repaired"] == (cut > start)
+        if cut > start:
+            assert st_["repairs"][0]["offset"] == start
+            assert st_["repairs"][0]["dropped_bytes"] == cut - start
+        s.save(None, ents(12, 13, 2), None)  # writing goes on after the repair
+        s.sync()
+        s.close()
+        assert reopen(d).entries == (*ents(1, 11, 1), *ents(12, 13, 2)), cut
+        shutil.rmtree(d)
+
+
+def test_bad_crc_anywhere_in_the_last_record_is_a_torn_tail(tmp_path):
+    orig = tmp_path / "orig"
+    seg = _build_log(orig)
+    start, end = record_spans(seg)[-1]
+    for off in range(start, end):
+        d = tmp_path / f"flip{off}"
+        shutil.copytree(orig, d)
+        flip(segments(d)[-1], off)
+        s = DiskStorage.open(d)
+        assert s.recovered().entries == tuple(ents(1, 11, 1)), off
+        assert s.stats()["repaired"]
+        s.close()
+        shutil.rmtree(d)
+
+
+def test_trailing_zeros_are_a_torn_tail(tmp_path):
+    d = tmp_path / "n1"
+    seg = _build_log(d)
+    size = os.path.getsize(seg)
+    with open(seg, "ab") as f:
+        f.write(b"\0" * 10000)  # e.g. a file system that extended the file but lost the data
+    s = DiskStorage.open(d)
+    assert s.recovered().entries == tuple(ents(1, 12, 1))
+    assert s.stats()["repairs"][0]["dropped_bytes"] == 10000
+    assert os.path.getsize(seg) == size
+    s.close()
+
+    start, end = record_spans(seg)[-1]
+    with open(seg, "r+b") as f:  # the last record's page never written: zeros in its place
+        f.seek(start)
+        f.write(b"\0" * (end - start))
+    assert reopen(d).entries == tuple(ents(1, 11, 1))
+
+
+# -- corruption in the middle -------------------------------------------------------------
+
+
+def test_flipped_byte_in_a_middle_record_raises_naming_file_and_offset(tmp_path):
+    orig = tmp_path / "orig"
+    seg = _build_log(orig)
+    start, end = record_spans(seg)[5]
+    for off in range(start, end):
+        d = tmp_path / f"flip{off}"
+        shutil.copytree(orig, d)
+        path = segments(d)[-1]
+        size = os.path.getsize(path)
+        flip(path, off)
+        with pytest.raises(StorageCorruption) as ei:
+            DiskStorage.open(d)
+        msg = str(ei.value)
+        assert msg.startswith(f"{path}: corrupt record at byte offset {start} ("), msg
+        assert "restore this node from a peer" in msg and str(d) in msg
+        assert (ei.value.path, ei.value.offset) == (path, start)
+        assert os.path.getsize(path) == size  # nothing was "repaired"
+        shutil.rmtree(d)
+    # the directory is not left locked by the failed open
+    DiskStorage.open(orig).close()
+
+
+def test_damage_at_the_end_of_a_non_last_segment_is_corruption(tmp_path):
+    d = tmp_path / "n1"
+    _build_log(d, n=80, segment_bytes=300)
+    segs = segments(d)
+    assert len(segs) >= 3
+    size = os.path.getsize(segs[1])
+    os.truncate(segs[1], size - 3)
+    with pytest.raises(StorageCorruption) as ei:
+        DiskStorage.open(d, segment_bytes=300)
+    assert str(ei.value).startswith(f"{segs[1]}: corrupt record at byte offset {record_spans_prefix(segs[1])}")
+    assert "not the last" in str(ei.value)
+
+
+def record_spans_prefix(path) -> int:
+    """Offset of the (now incomplete) last record of a truncated segment."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    pos = 0
+    while pos + 8 <= len(buf):
+        (n,) = struct.unpack_from(">I", buf, pos)
+        if pos + 8 + n > len(buf):
+            break
+        pos += 8 + n
+    return pos
+
+
+def test_missing_segment_is_a_gap(tmp_path):
+    d = tmp_path / "n1"
+    _build_log(d, n=80, segment_bytes=300)
+    segs = segments(d)
+    os.unlink(segs[2])
+    with pytest.raises(StorageCorruption, match=r"corrupt record at byte offset 0 \(entry \d+ where entry \d+ was expected"):
+        DiskStorage.open(d, segment_bytes=300)
+
+
+def test_corrupt_hardstate_raises(tmp_path):
+    d = tmp_path / "n1"
+    _build_log(d)
+    flip(d / "hardstate", 9)
+    with pytest.raises(StorageCorruption, match=r"hardstate: corrupt hard state record at byte offset 0 \(crc32"):
+        DiskStorage.open(d)
+
+
+# -- snapshots ----------------------------------------------------------------------------
+
+
+def test_corrupt_newest_snapshot_falls_back_to_the_older_one(tmp_path, caplog):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d, segment_bytes=300) as s:
+        s.save(HardState(1, "a", 0), ents(1, 60, 1), None)
+        s.sync()
+        s.compact(snap(20, 1))
+        s.compact(snap(40, 1))
+        s.compact(snap(50, 1))  # keeps 40 and 50; deletes 20
+        s.save(HardState(1, "a", 50), [], None)
+    assert snapshots(d) == ["snap-00000000000000000040-1.snap", "snap-00000000000000000050-1.snap"]
+    newest = d / "snap" / "snap-00000000000000000050-1.snap"
+    flip(newest, os.path.getsize(newest) - 2)
+    with caplog.at_level(logging.WARNING, logger="nodeagent.storage"):
+        s = DiskStorage.open(d, segment_bytes=300)
+    assert "snap-00000000000000000050-1.snap" in caplog.text and "unreadable snapshot" in caplog.text
+    rec = s.recovered()
+    assert rec.snapshot == snap(40, 1)
+    assert rec.entries == tuple(ents(41, 60, 1))
+    assert rec.hard_state == HardState(1, "a", 50)
+    assert s.stats()["snapshot_fallbacks"][0]["file"] == str(newest)
+    s.close()
+    assert os.path.exists(str(newest) + ".corrupt")  # kept aside for a post-mortem
+    assert reopen(d).snapshot == snap(40, 1)
+
+
+def test_only_the_newest_two_snapshots_are_kept(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d) as s:
+        s.save(None, ents(1, 50, 1), None)
+        s.sync()
+        for i in (10, 20, 30, 40):
+            s.compact(snap(i, 1))
+        assert s.stats()["snapshots"] == 2
+    assert snapshots(d) == ["snap-00000000000000000030-1.snap", "snap-00000000000000000040-1.snap"]
+    assert not [n for n in os.listdir(d / "snap") if n.endswith(".tmp")]
+
+
+# -- segments -----------------------------------------------------------------------------
+
+
+def test_segment_rollover_with_small_segments(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d, segment_bytes=256) as s:
+        for lo in range(1, 301, 7):
+            s.save(None, ents(lo, lo + 6, 1), None)
+        s.sync()
+        n = s.stats()["segments"]
+    segs = segments(d)
+    assert n == len(segs) > 20
+    for path in segs:  # named after the first entry in it; never over the limit
+        assert os.path.getsize(path) <= 256
+        with open(path, "rb") as f:
+            buf = f.read()
+        first_index = int(os.path.basename(path)[4:24])
+        assert f"e{first_index}".encode() in buf[:64]
+    rec = reopen(d, segment_bytes=256)
+    assert rec.entries == tuple(ents(1, 301, 1))
+
+
+# -- fsync accounting ---------------------------------------------------------------------
+
+
+def test_group_commit_many_saves_one_fsync(tmp_path):
+    with DiskStorage.open(tmp_path / "n1") as s:
+        s.save(HardState(1, "a", 0), ents(1, 1), None)
+        s.sync()
+        before = s.stats()
+        for i in range(2, 102):
+            s.save(None, ents(i, i), None)
+        assert s.stats()["fsync_calls"] == before["fsync_calls"]  # save() never fsyncs
+        assert s.stats()["unsynced"]
+        s.sync()
+        after = s.stats()
+        assert after["fsyncs"] == before["fsyncs"] + 1
+        assert after["fsync_calls"] == before["fsync_calls"] + 1  # the segment only
+        assert sum(after["fsync_latency_ms_buckets"].values()) == after["fsync_calls"]
+
+        s.sync()  # nothing pending: no fsync at all
+        assert s.stats()["fsync_calls"] == after["fsync_calls"]
+
+        for i in range(102, 120):
+            s.save(HardState(2, "b", i - 1), ents(i, i, 2), None)
+        s.sync()
+        last = s.stats()
+        assert last["fsyncs"] == after["fsyncs"] + 1
+        # segment + hardstate.tmp + data dir (for the rename)
+        assert last["fsync_calls"] == after["fsync_calls"] + 3
+
+
+def test_fsync_disabled_still_writes(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d, fsync=False, segment_bytes=300) as s:
+        s.save(HardState(1, "a", 5), ents(1, 40), None)
+        s.sync()
+        s.compact(snap(10, 1))
+        st_ = s.stats()
+        assert st_["fsync"] is False and st_["fsync_calls"] == 0 and st_["fsyncs"] == 0
+        assert st_["syncs"] == 1
+    rec = reopen(d, fsync=False)
+    assert rec.hard_state == HardState(1, "a", 10)
+    assert rec.entries == tuple(ents(11, 40))
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def test_second_process_cannot_open_the_same_dir(tmp_path):
+    d = tmp_path / "n1"
+    with DiskStorage.open(d):
+        code = (
+            "import sys\nfrom nodeagent.storage import DiskStorage, StorageLocked\n"
+            "try:\n    DiskStorage.open(sys.argv[1])\nexcept StorageLocked as e:\n    print('LOCKED', e)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=30)
+        assert out.stdout.startswith("LOCKED") and str(d) in out.stdout, out.stderr
+    DiskStorage.open(d).close()  # released on close
+    with pytest.raises(ValueError):
+        s = DiskStorage.open(d)
+        s.close()
+        s.save(None, ents(1, 1), None)
+
+
+CHILD = textwrap.dedent(
+    """
+    import random, sys
+    from nodeagent.raft.messages import Entry, HardState
+    from nodeagent.storage import DiskStorage
+
+    d, seed = sys.argv[1], int(sys.argv[2])
+    rng = random.Random(seed)
+    s = DiskStorage.open(d, segment_bytes=16 << 10)
+    rec = s.recovered()
+    last = rec.entries[-1].index if rec.entries else 0
+    term = rec.entries[-1].term if rec.entries else 1
+    print("START", last, flush=True)
+    while True:
+        if last > 3 and rng.random() < 0.05:  # a new leader overwrites our unsynced-ish tail
+            term += 1
+            first = last - rng.randint(0, 3)
+        else:
+            first = last + 1
+        n = rng.randint(1, 30)
+        batch = [Entry(term, i, b"%d:" % i + b"x" * rng.randint(0, 200)) for i in range(first, first + n)]
+        s.save(HardState(term, "n1", max(0, first - 1)), batch, None)
+        last = first + n - 1
+        if rng.random() < 0.5:
+            s.sync()
+            print(last, flush=True)
+    """
+)
+
+
+def test_sigkill_while_writing_recovers_a_prefix_with_everything_synced(tmp_path):
+    d = tmp_path / "n1"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    for round_ in range(4):
+        p = subprocess.Popen(
+            [sys.executable, str(script), str(d), str(round_)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        synced = []
+        try:
+            start = p.stdout.readline()
+            assert start.startswith("START"), p.stderr.read()
+            while len(synced) < 30 + 10 * round_:
+                line = p.stdout.readline()
+                assert line, p.stderr.read()
+                synced.append(int(line))
+        finally:
+            os.kill(p.pid, signal.SIGKILL)  # mid-loop: the child never stops writing
+            p.wait()
+        rest = p.stdout.read().split()  # reported before the kill landed
+        p.stdout.close()
+        p.stderr.close()
+        assert p.returncode == -signal.SIGKILL
+        durable = max([*synced, *(int(x) for x in rest)])
+
+        s = DiskStorage.open(d, segment_bytes=16 << 10)
+        rec = s.recovered()
+        idx = [e.index for e in rec.entries]
+        assert idx == list(range(1, len(idx) + 1))  # a contiguous prefix
+        assert len(idx) >= durable
+        for e in rec.entries:
+            assert e.data.startswith(b"%d:" % e.index)
+        terms = [e.term for e in rec.entries]
+        assert terms == sorted(terms)
+        assert rec.hard_state.term >= 1 and rec.hard_state.vote == "n1"
+        assert rec.hard_state.commit <= len(idx)
+        s.close()
+    assert len(segments(d)) > 1  # the kills also landed across segment rollovers
+
+
+# -- a model check --------------------------------------------------------------------------
+
+
+class Model:
+    """What the log must be: the Raft rules, in memory."""
+
+    def __init__(self):
+        self.base = (0, 0)
+        self.snapshot: Snapshot | None = None
+        self.log: list[Entry] = []
+        self.term = 1
+        self.durable_hs = HardState()
+        self.pending_hs: HardState | None = None
+        self.n = 0
+
+    def last(self) -> int:
+        return self.base[0] + len(self.log)
+
+    def term_at(self, i: int) -> int:
+        return self.log[i - self.base[0] - 1].term
+
+    def data(self) -> bytes:
+        self.n += 1
+        return b"d%d" % self.n
+
+    def expected(self) -> PersistentState:
+        hs = self.durable_hs
+        return PersistentState(HardState(hs.term, hs.vote, max(hs.commit, self.base[0])), self.snapshot, tuple(self.log))
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 6), st.integers(1, 8), st.booleans()),
+        st.tuples(st.just("compact"), st.integers(0, 1000)),
+        st.tuples(st.just("install"), st.integers(-4, 8), st.booleans()),
+        st.tuples(st.just("sync")),
+        st.tuples(st.just("reopen")),
+        st.tuples(st.just("crash")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops)
+def test_model_random_operations_then_reopen(script):
+    d = tempfile.mkdtemp(prefix="storage-model-")
+    m = Model()
+    kw = dict(fsync=False, segment_bytes=200)
+    s = DiskStorage.open(d, **kw)
+    try:
+        for op in script:
+            if op[0] == "append":
+                _, back, n, bump = op
+                first = max(m.base[0] + 1, m.last() + 1 - back)
+                if bump or first <= m.last():
+                    m.term += 1
+                batch = [Entry(m.term, i, m.data()) for i in range(first, first + n)]
+                hs = HardState(m.term, "v", m.base[0])
+                s.save(hs, batch, None)
+                m.log = m.log[: first - m.base[0] - 1] + batch
+                m.pending_hs = None if hs == m.durable_hs else hs
+            elif op[0] == "compact":
+                if m.last() > m.base[0]:
+                    i = m.base[0] + 1 + op[1] % (m.last() - m.base[0])
+                    sn = Snapshot(SnapshotMeta(i, m.term_at(i), CONF), m.data())
+                    s.compact(sn)
+                    m.log = m.log[i - m.base[0] :]
+                    m.base, m.snapshot = (i, sn.meta.term), sn
+            elif op[0] == "install":
+                _, off, match = op
+                i = m.last() + off
+                if i > m.base[0]:
+                    if match and i <= m.last():
+                        t = m.term_at(i)
+                        m.log = m.log[i - m.base[0] :]
+                    else:
+                        m.term += 1
+                        t = m.term
+                        m.log = []
+                    sn = Snapshot(SnapshotMeta(i, t, CONF), m.data())
+                    s.save(None, [], sn)
+                    m.base, m.snapshot = (i, t), sn
+            elif op[0] == "sync":
+                s.sync()
+                if m.pending_hs is not None:
+                    m.durable_hs, m.pending_hs = m.pending_hs, None
+            else:
+                if op[0] == "reopen":
+                    s.close()
+                    if m.pending_hs is not None:
+                        m.durable_hs, m.pending_hs = m.pending_hs, None
+                else:  # crash: nothing more is written; the page cache (our writes) survives
+                    s._close_fds()
+                    m.pending_hs = None
+                s = DiskStorage.open(d, **kw)
+                assert s.recovered() == m.expected()
+            st_ = s.stats()
+            assert (st_["snapshot_index"], st_["last_index"]) == (m.base[0], m.last())
+        s.close()
+        if m.pending_hs is not None:
+            m.durable_hs = m.pending_hs
+        s = DiskStorage.open(d, **kw)
+        assert s.recovered() == m.expected()
+        s.close()
+    finally:
+        shutil.rmtree(d)
