@@ -1,0 +1,1 @@
+"""raftdeck benchmarks. Each module prints JSON; results are recorded in docs/BENCHMARKS.md."""
