@@ -56,6 +56,11 @@ from .messages import (
 from .progress import Progress, ProgressState
 
 
+# Extra base election timeouts a priority-0 voter waits, with no leader, before it
+# campaigns as a caretaker (see _tick_election and docs/ARCHITECTURE.md).
+CARETAKER_TIMEOUTS = 4
+
+
 @dataclass(frozen=True)
 class Config:
     id: NodeId
@@ -387,22 +392,22 @@ class RaftNode:
             self.prs[self.id].match = self.log.stable
             self.prs[self.id].become_replicate()
             self.prs[self.id].recent_active = True
-        # No conf change may be proposed until everything before our term is applied.
-        self.pending_conf_index = self.log.last_index()
         # The empty entry of the new term: committing it commits everything before it
         # (Figure 8) and unblocks reads (ReadIndex needs an entry of our term committed).
         self._append_entries([Entry(self.term, self.log.last_index() + 1)])
+        # No conf change may be proposed until that entry of our own term is applied
+        # (not merely everything before it): otherwise a change could be appended on top
+        # of an earlier leader's uncommitted one (Ongaro, raft-dev 2015).
+        self.pending_conf_index = self.log.last_index()
 
     def _promotable(self) -> bool:
-        return (
-            self.id in self.conf.voters
-            and self.conf.priority(self.id) > 0
-            and self.log.pending_snapshot is None
-        )
+        return self.id in self.conf.voters and self.log.pending_snapshot is None
 
     def _campaign(self, kind: str) -> None:
         """kind: 'pre' (pre-vote round), 'elect' (real election), 'transfer' (ordered)."""
         if not self._promotable():
+            return
+        if kind == "transfer" and self.conf.priority(self.id) <= 0:
             return
         if kind == "pre":
             self._become_pre_candidate()
@@ -435,7 +440,15 @@ class RaftNode:
 
     def _tick_election(self) -> None:
         self.election_elapsed += 1
-        if self._promotable() and self.election_elapsed >= self.randomized_election_timeout:
+        if not self._promotable():
+            return
+        timeout = self.randomized_election_timeout
+        if self.conf.priority(self.id) <= 0:
+            # Priority 0 leads only as a caretaker: after CARETAKER_TIMEOUTS extra election
+            # timeouts with no leader, because every voter that may lead is down or too far
+            # behind to win. It then hands leadership to the first one that catches up.
+            timeout += CARETAKER_TIMEOUTS * self.cfg.election_tick
+        if self.election_elapsed >= timeout:
             self.election_elapsed = 0
             self._randomize_election_timeout()
             self._campaign("pre" if self.cfg.pre_vote else "elect")

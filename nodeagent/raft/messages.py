@@ -50,6 +50,7 @@ class ConfChange:
     node: NodeId = ""
     priority: int = 1
     bootstrap: "ConfState | None" = None
+    context: str = ""  # opaque to the core; the agent puts the new member's "host:port" here
 
     def encode(self) -> bytes:
         obj: dict = {"op": self.op.value}
@@ -61,6 +62,8 @@ class ConfChange:
         else:
             obj["node"] = self.node
             obj["priority"] = self.priority
+            if self.context:
+                obj["context"] = self.context
         return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -70,7 +73,7 @@ class ConfChange:
         if op is ConfChangeOp.BOOTSTRAP:
             conf = ConfState.of(obj["voters"], obj["learners"], obj["priorities"])
             return cls(op, bootstrap=conf)
-        return cls(op, str(obj["node"]), int(obj["priority"]))
+        return cls(op, str(obj["node"]), int(obj["priority"]), context=str(obj.get("context", "")))
 
 
 @dataclass(frozen=True, slots=True)

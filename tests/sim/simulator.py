@@ -266,6 +266,7 @@ class Profile:
     delay_min: int
     delay_max: int
     crash_every: int  # mean ms between crashes (0: never)
+    kill_leader_every: int  # mean ms between crashes aimed at the current leader
     pause_every: int
     partition_every: int
     conf_every: int
@@ -279,19 +280,30 @@ class Profile:
     fsync_crash: float
     priorities: bool
 
+    # Leader churn: the leader dies about every 100 ms while appends carry one entry at a
+    # time, so new leaders often crash half-way through repairing followers. This is the
+    # profile that reaches the Figure 8 corner (an earlier term's entry on a majority, the
+    # new leader's own entry not yet).
+    CHURN = dict(kill_leader_every=100, max_entries_per_msg=1, max_inflight=1,
+                 crash_every=0, pause_every=0, partition_every=0, conf_every=0,
+                 transfer_every=0, propose_every=10, drop=0.05, dup=0.0,
+                 delay_min=1, delay_max=20)
+
     @classmethod
     def draw(cls, rng: random.Random, nodes: int | None = None) -> "Profile":
         def maybe(mean: int, p_on: float = 0.7) -> int:
             return mean if rng.random() < p_on else 0
 
         delay_min = rng.choice([0, 1, 2, 5])
-        return cls(
+        churn = rng.random() < 0.15
+        p = cls(
             nodes=nodes or rng.choice([3, 5, 7]),
             drop=rng.choice([0.0, 0.01, 0.05, 0.15, 0.3]),
             dup=rng.choice([0.0, 0.01, 0.05, 0.15]),
             delay_min=delay_min,
             delay_max=delay_min + rng.choice([1, 5, 20, 60, 150]),
             crash_every=maybe(rng.choice([300, 800, 2000])),
+            kill_leader_every=maybe(rng.choice([150, 400, 1000]), 0.5),
             pause_every=maybe(rng.choice([500, 1500]), 0.5),
             partition_every=maybe(rng.choice([300, 800, 2000])),
             conf_every=maybe(rng.choice([500, 1500]), 0.5),
@@ -307,6 +319,10 @@ class Profile:
             fsync_crash=rng.choice([0.0, 0.0, 0.002, 0.01]),
             priorities=rng.random() < 0.6,
         )
+        if churn:
+            for k, v in cls.CHURN.items():
+                setattr(p, k, v)
+        return p
 
 
 # -- the simulation -------------------------------------------------------------------------
@@ -344,6 +360,7 @@ class Simulation:
         process_ready: Callable = real_process_ready,
         liveness: bool = True,
         replay_hint: str = "",
+        profile: dict | None = None,
     ):
         self.seed = seed
         self.steps = steps
@@ -353,6 +370,8 @@ class Simulation:
         self.replay_hint = replay_hint
         master = random.Random(seed)
         self.p = Profile.draw(master, nodes)
+        for k, v in (profile or {}).items():
+            setattr(self.p, k, v)  # a test pins part of the fault profile
         # Separate streams, so changing how often one kind of event happens does not
         # shift every other random decision.
         self.rng_net = random.Random(master.random())
@@ -653,7 +672,8 @@ class Simulation:
     def _schedule_nemesis(self) -> None:
         p = self.p
         for kind, every in (("propose", p.propose_every), ("read", p.read_every),
-                            ("crash", p.crash_every), ("pause", p.pause_every),
+                            ("crash", p.crash_every), ("kill_leader", p.kill_leader_every),
+                            ("pause", p.pause_every),
                             ("partition", p.partition_every), ("conf", p.conf_every),
                             ("transfer", p.transfer_every)):
             if every:
@@ -674,6 +694,12 @@ class Simulation:
                 sn = r.choice(cands)
                 self._crash(sn.id)
                 self._schedule(r.randint(20, 1500), ("restart", sn.id))
+        elif kind == "kill_leader":
+            leaders = self.leaders()
+            if leaders:
+                sn = r.choice(leaders)
+                self._crash(sn.id)
+                self._schedule(r.randint(5, 400), ("restart", sn.id))
         elif kind == "pause":
             cands = [s for s in self.live() if s.paused_until <= self.now]
             if cands:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from . import planted
-from .simulator import Simulation, SimFailure
+from .simulator import Profile, Simulation, SimFailure
 
 MAX_SEEDS = 200
 
@@ -32,6 +32,17 @@ def test_a_node_that_votes_twice_in_a_term_breaks_election_safety():
 
 def test_voting_without_the_log_check_breaks_leader_completeness():
     err = _first_failure(node_factory=planted.factory(planted.IgnoresLogCheck))
+    assert "Leader Completeness" in err or "State Machine Safety" in err
+
+
+def test_committing_an_earlier_terms_entry_by_counting_replicas_loses_it():
+    """Figure 8. Reaching it needs a leader to die half-way through repairing followers,
+    so this pins the leader-churn profile on five nodes."""
+    err = _first_failure(
+        steps=10_000, max_seeds=100, nodes=5, liveness=False,
+        node_factory=planted.factory(planted.CommitsPreviousTerm),
+        profile=Profile.CHURN,
+    )
     assert "Leader Completeness" in err or "State Machine Safety" in err
 
 

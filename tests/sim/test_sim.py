@@ -17,7 +17,7 @@ import pytest
 from .simulator import LIVENESS_BOUND_MS, Simulation, SimFailure, run_seed
 
 SIM_SEEDS = int(os.environ.get("RAFTDECK_SIM_SEEDS", "300"))
-SIM_STEPS = int(os.environ.get("RAFTDECK_SIM_STEPS", "3000"))
+SIM_STEPS = int(os.environ.get("RAFTDECK_SIM_STEPS", "10000"))
 CHUNK = 10
 
 
