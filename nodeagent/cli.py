@@ -27,6 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", nargs="?", default="inventory.yaml", help="default: inventory.yaml")
     p.set_defaults(func=_cmd_check_inventory)
 
+    p = sub.add_parser(
+        "run",
+        help="run one agent (one Raft node) until interrupted",
+        description="Run the agent for one node: recover its data directory, connect to its "
+        "peers, listen for peers and clients. Give an inventory and a node name, or a "
+        "single-node config file. Logs are JSON lines on stderr (or --log-file).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--inventory", metavar="PATH", help="inventory file (with --name)")
+    src.add_argument("--config", metavar="PATH", help="single-node config file")
+    p.add_argument("--name", help="this node's name in the inventory")
+    p.add_argument("--log-file", metavar="PATH", help="append JSON logs here instead of stderr")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_run)
+
     return parser
 
 
@@ -77,6 +92,76 @@ def _cmd_check_inventory(args: argparse.Namespace) -> int:
 
 def _addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+
+
+EXIT_STORAGE = 3  # the data directory is damaged: the agent refuses to start
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from nodeagent.config import ConfigError, load_inventory, load_node_config
+
+    try:
+        if args.inventory:
+            if not args.name:
+                print("nodeagent run: --inventory needs --name NODE", file=sys.stderr)
+                return EXIT_CONFIG
+            inv = load_inventory(args.inventory)
+            if args.name not in inv:
+                print(f"nodeagent run: {args.inventory}: no node named {args.name!r} "
+                      f"(nodes: {', '.join(inv.names)})", file=sys.stderr)
+                return EXIT_CONFIG
+            cfg = inv.agent_config(args.name)
+        else:
+            cfg = load_node_config(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+
+    import signal
+
+    import trio
+
+    from nodeagent.agent import Agent
+    from nodeagent.logs import setup_logging
+    from nodeagent.storage import StorageCorruption, StorageLocked
+
+    log_file = args.log_file or (str(cfg.node.log_file) if cfg.node.log_file else None)
+    try:
+        setup_logging(cfg.node.name, level=args.log_level, file=log_file)
+    except (OSError, ValueError) as e:
+        print(f"nodeagent run: cannot open the log file {log_file}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    import logging
+
+    log = logging.getLogger("nodeagent")
+    agent = Agent(cfg)
+    try:
+        agent.recover()
+    except StorageCorruption as e:
+        print(f"nodeagent run: node {cfg.node.name}: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    except StorageLocked as e:
+        print(f"nodeagent run: node {cfg.node.name}: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+
+    async def main_task() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.run)
+                async for _ in signals:
+                    log.info("stopping on signal")
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main_task)
+    except OSError as e:
+        print(f"nodeagent run: node {cfg.node.name}: cannot listen on "
+              f"{cfg.node.host}:{cfg.node.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -555,6 +555,9 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
     "delete": _request(
         "operator", req("key", KEY), req("client_id", NAME), req("seq", UINT), doc="delete one key"
     ),
+    "register": _request(
+        "operator", req("client_id", NAME), doc="open a client session (its seq 1, a no-op)"
+    ),
     "cas": _request(
         "operator",
         req("key", KEY),

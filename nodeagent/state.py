@@ -426,6 +426,7 @@ class StateMachine:
         self._tasks: dict[str, Any] = {}  # task id -> plain-data record (task ops: later)
         self._conf = _EMPTY_CONF
         self._conf_index = 0
+        self._addresses: dict[str, str] = {}  # members added with an address (ConfChange.context)
         self._acc = _Accumulator()
         self._acc.add(self._conf_item())
 
@@ -468,6 +469,10 @@ class StateMachine:
             return ApplyResult(False, error=ERR_BAD_CONF_CHANGE, detail=f"malformed conf change ({type(e).__name__})")
         self._acc.remove(self._conf_item())
         self._conf, self._conf_index = new_conf, index
+        if cc.context and cc.op in (ConfChangeOp.ADD_LEARNER, ConfChangeOp.ADD_VOTER):
+            self._addresses[cc.node] = cc.context
+        for n in [n for n in self._addresses if n not in new_conf.members]:
+            del self._addresses[n]
         self._acc.add(self._conf_item())
         return _OK
 
@@ -541,7 +546,8 @@ class StateMachine:
 
     def _conf_item(self) -> list:
         c = self._conf
-        return ["conf", self._conf_index, sorted(c.voters), sorted(c.learners), [list(p) for p in c.priorities]]
+        return ["conf", self._conf_index, sorted(c.voters), sorted(c.learners), [list(p) for p in c.priorities],
+                sorted(self._addresses.items())]
 
     # -- reads --------------------------------------------------------------------------
 
@@ -557,6 +563,11 @@ class StateMachine:
     def conf(self) -> ConfState:
         """Membership after the last applied conf change (empty before any)."""
         return self._conf
+
+    @property
+    def addresses(self) -> Mapping[str, str]:
+        """"host:port" of members that joined through a membership change."""
+        return self._addresses
 
     @property
     def conf_index(self) -> int:
@@ -630,6 +641,7 @@ class StateMachine:
                     "voters": sorted(c.voters),
                     "learners": sorted(c.learners),
                     "priorities": [list(p) for p in c.priorities],
+                    "addresses": self._addresses,
                 },
             }
         )
@@ -653,6 +665,7 @@ class StateMachine:
         self._tasks = new._tasks
         self._conf = new._conf
         self._conf_index = new._conf_index
+        self._addresses = new._addresses
         self._acc = new._acc
 
     @classmethod
@@ -738,7 +751,12 @@ def _parse_snapshot(data: bytes) -> StateMachine:
     sm._tasks = tasks
 
     conf = st["conf"]
-    need(type(conf) is dict and set(conf) == {"index", "voters", "learners", "priorities"}, "bad conf")
+    need(type(conf) is dict and set(conf) == {"index", "voters", "learners", "priorities", "addresses"},
+         "bad conf")
+    addresses = conf["addresses"]
+    need(type(addresses) is dict and all(type(k) is str and type(v) is str for k, v in addresses.items()),
+         "bad conf addresses")
+    sm._addresses = addresses
     ci, voters, learners, prios = conf["index"], conf["voters"], conf["learners"], conf["priorities"]
     need(type(ci) is int and 0 <= ci <= applied, "conf index out of range")
     need(type(voters) is list and type(learners) is list and type(prios) is list, "bad conf lists")

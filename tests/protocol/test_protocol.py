@@ -747,6 +747,7 @@ SAMPLES: list[dict[str, Any]] = [
     {"type": "get", "id": 1, "key": "k", "consistency": "stale"},
     PUT,
     {"type": "delete", "id": 1, "key": "k", "client_id": "c", "seq": 2},
+    {"type": "register", "id": 1, "client_id": "c"},
     {"type": "cas", "id": 1, "key": "k", "expected": b"a", "value": b"b", "client_id": "c", "seq": 2},
     {"type": "transfer", "id": 1, "to": "n2"},
     {"type": "add_node", "id": 1, "node": "n6", "host": "10.0.0.6", "port": 7400, "priority": 1, "learner": True},

@@ -620,7 +620,7 @@ def test_restore_of_invalid_snapshots_raises_state_error(data):
 
 
 def test_restore_accepts_a_hand_built_canonical_snapshot():
-    data = _envelope({"applied_index": 3, "conf": {"index": 0, "learners": [], "priorities": [], "voters": []},
+    data = _envelope({"applied_index": 3, "conf": {"addresses": {}, "index": 0, "learners": [], "priorities": [], "voters": []},
                       "kv": {"k": b"v"}, "max_sessions": 7, "sessions": [], "tasks": {}})
     sm = StateMachine.load(data)
     assert sm.dump() == {"k": b"v"} and sm.applied_index == 3 and sm.max_sessions == 7

@@ -1,0 +1,405 @@
+"""The asyncio client library: one connection per agent, requests, status streams, and a
+cluster client with leader discovery, retries and honest outcomes.
+
+Used by the console and by scripts:
+
+    async with ClusterClient.from_inventory("inventory.yaml") as c:
+        await c.put("k", b"v")
+        print(await c.get("k"))
+
+Outcomes. A write either succeeds, fails (``RequestError``: it certainly had no effect),
+or raises ``OutcomeUnknown`` (it may or may not have been applied: a timeout or a lost
+connection after the request was sent, and no later attempt settled it). Retries of a
+write reuse its (client_id, seq), so the cluster applies it at most once.
+
+Sessions. The state machine remembers, per client id, the last applied seq. A client id
+is registered (its seq 1 is a no-op, retried until it is known to have applied) before it
+carries writes, and one client id carries one write at a time; the cluster client keeps
+a pool of client ids so concurrent writes each get their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nodeagent.protocol import (
+    CLOSED,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    ProtocolError,
+    encode,
+)
+
+# Error codes after which a write certainly had no effect and may be retried elsewhere.
+_DEFINITE_RETRY = {"not_leader", "busy", "dropped"}
+# Error codes that are final answers about the request itself.
+_FINAL = {"rejected", "forbidden", "unknown_node", "bad_command", "stale_seq"}
+
+
+class RequestError(Exception):
+    """The agent answered ``ok: false``: the request had no effect."""
+
+    def __init__(self, code: str, message: str, leader: str | None = None, node: str | None = None):
+        super().__init__(f"{code}: {message}" + (f" (from {node})" if node else ""))
+        self.code = code
+        self.message = message
+        self.leader = leader
+        self.node = node
+
+
+class OutcomeUnknown(Exception):
+    """The request was sent but no answer settled whether it took effect."""
+
+
+class ConnectionFailed(Exception):
+    """Could not reach the agent (nothing was sent)."""
+
+
+class AgentConnection:
+    """One connection to one agent. Requests may run concurrently; replies are matched
+    by id. ``status_update`` pushes go to the queue returned by ``subscribe()``."""
+
+    def __init__(self, name: str, host: str, port: int, cluster: str, *,
+                 client_id: str | None = None, ssl=None, connect_timeout: float = 3.0):
+        self.name = name
+        self.host = host
+        self.port = port
+        self.cluster = cluster
+        self.client_id = client_id or f"client-{os.getpid()}"
+        self.ssl = ssl
+        self.connect_timeout = connect_timeout
+        self.hello: dict | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._recv_task: asyncio.Task | None = None
+        self._updates: asyncio.Queue | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._closed.is_set()
+
+    async def connect(self) -> dict:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, ssl=self.ssl,
+                                        server_hostname=self.host if self.ssl else None),
+                self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ConnectionFailed(f"{self.name} ({self.host}:{self.port}): "
+                                   f"{getattr(e, 'strerror', None) or e or 'timed out'}") from None
+        decoder = FrameDecoder()
+        self._writer.write(encode({"type": "hello", "role": "client", "cluster": self.cluster,
+                                   "version": PROTOCOL_VERSION,
+                                   "client_id": self.client_id[:128]}))
+        try:
+            msg = await asyncio.wait_for(self._read_one(decoder), self.connect_timeout)
+        except (OSError, asyncio.TimeoutError, ProtocolError, asyncio.IncompleteReadError) as e:
+            await self.close()
+            raise ConnectionFailed(f"{self.name}: no hello answer ({e or 'timed out'})") from None
+        if msg is None or msg["type"] == "error":
+            await self.close()
+            why = f"{msg['code']}: {msg['message']}" if msg else "connection closed"
+            raise ConnectionFailed(f"{self.name}: refused: {why}")
+        self.hello = msg
+        self._recv_task = asyncio.create_task(self._receive_loop(decoder))
+        return msg
+
+    async def _read_one(self, decoder: FrameDecoder) -> dict | None:
+        while True:
+            msg = decoder.next_message()
+            if msg is NEED_DATA:
+                data = await self._reader.read(65536)
+                decoder.receive_data(data)
+                continue
+            if msg is CLOSED:
+                return None
+            return msg
+
+    async def _receive_loop(self, decoder: FrameDecoder) -> None:
+        try:
+            while True:
+                msg = await self._read_one(decoder)
+                if msg is None:
+                    break
+                t = msg["type"]
+                if t == "reply":
+                    fut = self._waiters.pop(msg["id"], None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                elif t == "status_update":
+                    if self._updates is not None:
+                        if self._updates.full():
+                            with contextlib.suppress(asyncio.QueueEmpty):
+                                self._updates.get_nowait()  # keep only the newest
+                        self._updates.put_nowait(msg["status"])
+                elif t == "error":
+                    break
+        except (OSError, ProtocolError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._closed.set()
+            for fut in self._waiters.values():
+                if not fut.done():
+                    fut.set_exception(OutcomeUnknown(f"{self.name}: connection lost"))
+            self._waiters.clear()
+            if self._updates is not None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._updates.put_nowait(None)
+
+    async def request(self, type_: str, timeout: float = 5.0, **fields) -> Any:
+        """Send one request and return its result; RequestError on ok=false;
+        OutcomeUnknown if the connection died or the answer did not come in time."""
+        if not self.connected:
+            raise ConnectionFailed(f"{self.name}: not connected")
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = fut
+        try:
+            self._writer.write(encode({"type": type_, "id": rid, **fields}))
+            await self._writer.drain()
+        except (OSError, ConnectionError):
+            self._waiters.pop(rid, None)
+            raise OutcomeUnknown(f"{self.name}: connection lost while sending") from None
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self._waiters.pop(rid, None)
+            raise OutcomeUnknown(f"{self.name}: no reply within {timeout:g}s") from None
+        if not reply["ok"]:
+            err = reply.get("error") or {"code": "unknown", "message": ""}
+            raise RequestError(err["code"], err["message"], reply.get("leader"), self.name)
+        return reply.get("result")
+
+    async def subscribe(self, interval_ms: int = 250) -> AsyncIterator[dict]:
+        """Status maps pushed by the agent; ends when the connection closes."""
+        self._updates = asyncio.Queue(maxsize=4)
+        await self.request("subscribe", interval_ms=interval_ms)
+        while True:
+            st = await self._updates.get()
+            if st is None:
+                return
+            yield st
+
+    async def close(self) -> None:
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._recv_task
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+        self._closed.set()
+
+
+@dataclass
+class _Session:
+    client_id: str
+    next_seq: int
+
+
+class ClusterClient:
+    """Talks to a whole cluster: finds the leader, retries, reports honest outcomes."""
+
+    def __init__(self, addresses: Mapping[str, tuple[str, int]], cluster: str, *,
+                 client_id: str | None = None, timeout: float = 5.0, attempts: int = 8,
+                 ssl=None, rng: random.Random | None = None):
+        self.addresses = dict(addresses)
+        self.cluster = cluster
+        self.base_id = client_id or f"c-{uuid.uuid4().hex[:12]}"
+        self.timeout = timeout
+        self.attempts = attempts
+        self.ssl = ssl
+        self.rng = rng or random.Random()
+        self.leader: str | None = None
+        self._conns: dict[str, AgentConnection] = {}
+        self._free: list[_Session] = []
+        self._session_ids = itertools.count(1)
+        self._connect_locks: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def from_inventory(cls, path: str, **kw) -> "ClusterClient":
+        from nodeagent.config import load_inventory
+
+        inv = load_inventory(path)
+        return cls({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name, **kw)
+
+    async def __aenter__(self) -> "ClusterClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for c in list(self._conns.values()):
+            await c.close()
+        self._conns.clear()
+
+    # -- connections --
+
+    async def connection(self, name: str) -> AgentConnection:
+        c = self._conns.get(name)
+        if c is not None and c.connected:
+            return c
+        lock = self._connect_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            c = self._conns.get(name)
+            if c is not None and c.connected:
+                return c
+            host, port = self.addresses[name]
+            c = AgentConnection(name, host, port, self.cluster, client_id=self.base_id,
+                                ssl=self.ssl, connect_timeout=min(self.timeout, 3.0))
+            await c.connect()
+            self._conns[name] = c
+            if c.hello and c.hello.get("leader"):
+                self.leader = c.hello["leader"]
+            return c
+
+    def _candidates(self, attempt: int) -> list[str]:
+        names = sorted(self.addresses)
+        self.rng.shuffle(names)
+        if self.leader in self.addresses:
+            names.remove(self.leader)
+            names.insert(0, self.leader)
+        return names
+
+    async def call(self, node: str, type_: str, **fields) -> Any:
+        """One request to one named agent, no retries."""
+        conn = await self.connection(node)
+        return await conn.request(type_, timeout=self.timeout, **fields)
+
+    async def _leader_call(self, type_: str, changes_state: bool, **fields) -> Any:
+        """Send to the leader, following not_leader hints, retrying on other nodes. Every
+        request we send is safe to repeat (writes carry their (client_id, seq)). For a
+        request that changes state, a maybe-applied attempt turns the final failure into
+        OutcomeUnknown."""
+        unknown: Exception | None = None
+        last: Exception | None = None
+        delay = 0.05
+        for attempt in range(self.attempts):
+            names = self._candidates(attempt)
+            target = names[0] if names else None
+            if target is None:
+                break
+            try:
+                result = await self.call(target, type_, **fields)
+                self.leader = target
+                return result
+            except ConnectionFailed as e:
+                last = e
+                if self.leader == target:
+                    self.leader = None
+            except OutcomeUnknown as e:
+                unknown = e
+                self.leader = None
+            except RequestError as e:
+                last = e
+                if e.code == "not_leader":
+                    self.leader = e.leader if e.leader in self.addresses else None
+                    if e.leader in self.addresses:
+                        continue  # go straight to the leader it named
+                elif e.code in _DEFINITE_RETRY or e.code == "timeout":
+                    if e.code == "timeout":
+                        unknown = e
+                    self.leader = None if e.code != "busy" else self.leader
+                else:
+                    raise
+            await asyncio.sleep(delay * (0.5 + self.rng.random()))
+            delay = min(delay * 2, 1.0)
+        if unknown is not None and changes_state:
+            raise OutcomeUnknown(f"{type_}: {unknown}")
+        raise last or unknown or ConnectionFailed("no agent reachable")
+
+    # -- sessions --
+
+    async def _session(self) -> _Session:
+        if self._free:
+            return self._free.pop()
+        s = _Session(f"{self.base_id}.{next(self._session_ids)}", 1)
+        # Register: seq 1 is a no-op, retried with the same seq until it certainly applied.
+        for _ in range(self.attempts):
+            try:
+                await self._leader_call("register", changes_state=True, client_id=s.client_id)
+                s.next_seq = 2
+                return s
+            except OutcomeUnknown:
+                continue
+        raise OutcomeUnknown("could not register a client session")
+
+    async def _write(self, type_: str, **fields) -> Any:
+        s = await self._session()
+        seq = s.next_seq
+        s.next_seq += 1
+        try:
+            result = await self._leader_call(type_, changes_state=True, client_id=s.client_id,
+                                             seq=seq, **fields)
+        except RequestError as e:
+            if e.code != "session_expired":
+                self._free.append(s)
+            raise
+        except BaseException:
+            self._free.append(s)
+            raise
+        self._free.append(s)
+        return result
+
+    # -- the KV API --
+
+    async def put(self, key: str, value: bytes) -> int:
+        return (await self._write("put", key=key, value=value))["index"]
+
+    async def delete(self, key: str) -> int:
+        return (await self._write("delete", key=key))["index"]
+
+    async def cas(self, key: str, expected: bytes | None, value: bytes) -> tuple[bool, bytes | None]:
+        r = await self._write("cas", key=key, expected=expected, value=value)
+        return r["swapped"], r["value"]
+
+    async def get(self, key: str, consistency: str = "linearizable", node: str | None = None):
+        if node is not None:
+            return await self.call(node, "get", key=key, consistency=consistency)
+        return await self._leader_call("get", changes_state=False, key=key, consistency=consistency)
+
+    # -- admin --
+
+    async def status(self, node: str) -> dict:
+        return await self.call(node, "status")
+
+    async def statuses(self) -> dict[str, dict | Exception]:
+        async def one(n: str):
+            try:
+                return n, await self.call(n, "status")
+            except Exception as e:  # one dead agent must not hide the others
+                return n, e
+
+        return dict(await asyncio.gather(*(one(n) for n in sorted(self.addresses))))
+
+    async def find_leader(self) -> str | None:
+        for n, st in (await self.statuses()).items():
+            if isinstance(st, dict) and st.get("role") == "leader":
+                self.leader = n
+                return n
+        return None
+
+    async def transfer(self, to: str) -> None:
+        await self._leader_call("transfer", changes_state=False, to=to)
+
+    async def fault(self, node: str, **fields) -> None:
+        await self.call(node, "fault", **fields)
+
+    async def heal(self, node: str | None = None) -> None:
+        for n in [node] if node else sorted(self.addresses):
+            with contextlib.suppress(ConnectionFailed, OutcomeUnknown):
+                await self.call(n, "heal")

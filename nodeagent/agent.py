@@ -1,0 +1,277 @@
+"""The agent: wiring only. Start-up order: recover from disk, build the core, start the
+peer transport, listen, start the driver, report started. Shutdown is cancellation of
+the one nursery that holds every task.
+
+Request handling lives here too, as a thin translation from protocol messages to driver
+requests and back; the rules live in the driver, the core and the state machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import msgpack
+import trio
+
+from . import state as st
+from .config import AgentConfig
+from .driver import Driver, RequestFailed
+from .raft.core import Config as RaftConfig
+from .raft.core import RaftNode
+from .raft.messages import ConfChange, ConfChangeOp, ConfState
+from .metrics import serve_metrics
+from .storage import DiskStorage
+from .telemetry import AgentMetrics, TimedStorage
+from .transport import FaultRules, Transport
+
+log = logging.getLogger("nodeagent.agent")
+
+VERSION = "0.1.0"
+
+
+def initial_conf(cfg: AgentConfig) -> ConfState:
+    members = [cfg.node.as_peer(), *cfg.peers]
+    return ConfState.of(
+        [m.name for m in members if m.role == "voter"],
+        [m.name for m in members if m.role == "learner"],
+        {m.name: m.priority for m in members},
+    )
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *, rng: random.Random | None = None,
+                 metrics=None):
+        self.cfg = cfg
+        self.node_id = cfg.node.name
+        self.cluster_name = cfg.cluster.name
+        self.max_frame = cfg.cluster.max_frame_bytes
+        self.started_at = time.time()
+        self.rng = rng or random.Random()
+        self.metrics = metrics if metrics is not None else AgentMetrics()
+        self.addresses: dict[str, tuple[str, int]] = {p.name: (p.host, p.port) for p in cfg.peers}
+        self.storage: DiskStorage | None = None
+        self.driver: Driver = None  # type: ignore[assignment]
+        self.transport: Transport = None  # type: ignore[assignment]
+        self.server = None
+        self._request_counts: dict[str, int] = {}
+
+    # == start-up =============================================================================
+
+    def recover(self) -> None:
+        """Open storage and rebuild the core and state machine from it (raises
+        StorageCorruption with file and offset on a damaged log)."""
+        cfg = self.cfg
+        data_dir = os.fspath(cfg.node.data_dir)
+        os.makedirs(data_dir, exist_ok=True)
+        self.storage = DiskStorage.open(data_dir, fsync=cfg.cluster.fsync)
+        persisted = self.storage.recovered()
+        state = st.StateMachine()
+        if persisted.snapshot is not None:
+            state.restore(persisted.snapshot.data)
+        hb = cfg.cluster.heartbeat_interval_ms
+        raft_cfg = RaftConfig(
+            self.node_id,
+            election_tick=max(2, cfg.cluster.election_timeout_ms // hb),
+            heartbeat_tick=1,
+        )
+        node = RaftNode(raft_cfg, persisted, rng=self.rng, bootstrap=initial_conf(cfg))
+        self.transport = Transport(self.node_id, self.cluster_name, dict(self.addresses),
+                                   max_frame=max(self.max_frame, 64 << 20), rng=self.rng)
+        storage = self.storage
+        if self.metrics is not None:
+            storage = TimedStorage(self.storage, self.metrics.fsync)
+        self.driver = Driver(
+            node, storage, state, self.transport.send,
+            tick_interval=hb / 1000.0,
+            snapshot_interval=cfg.cluster.snapshot_interval,
+            on_apply_conf=self._on_conf_change,
+            metrics=self.metrics,
+        )
+        node.report = self._load_report()
+        if self.metrics is not None:
+            self.metrics.bind(self)
+        log.info("recovered", extra={
+            "term": node.term, "commit": node.log.committed, "last_index": node.log.last_index(),
+            "snapshot_index": node.log.snapshot_index(), "fsync": cfg.cluster.fsync})
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from .server import Server
+
+        if self.driver is None:
+            self.recover()
+        self.server = Server(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.transport.run)
+                await nursery.start(self.server.serve, self.cfg.node.host, self.cfg.node.port)
+                await nursery.start(self.driver.run)
+                nursery.start_soon(self._housekeeping)
+                if self.metrics is not None and self.cfg.node.metrics_port is not None:
+                    await nursery.start(serve_metrics, self.metrics.registry, self.cfg.node.host,
+                                        self.cfg.node.metrics_port)
+                log.info("started", extra={"host": self.cfg.node.host, "port": self.server.port,
+                                           "pid": os.getpid()})
+                task_status.started(self.server.port)
+        finally:
+            if self.storage is not None:
+                with trio.CancelScope(shield=True):
+                    self.storage.close()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await trio.sleep(0.5)
+            self.driver.node.report = self._load_report()
+
+    def _load_report(self) -> bytes:
+        try:
+            load1 = os.getloadavg()[0]
+        except OSError:
+            load1 = 0.0
+        return msgpack.packb({"running": 0, "queued": 0, "capacity": self.cfg.node.capacity,
+                              "load1": round(load1, 2)})
+
+    def _on_conf_change(self, cc: ConfChange) -> None:
+        if cc.op is ConfChangeOp.REMOVE:
+            self.addresses.pop(cc.node, None)
+        elif cc.op in (ConfChangeOp.ADD_LEARNER, ConfChangeOp.ADD_VOTER) and cc.context:
+            host, _, port = cc.context.rpartition(":")
+            if cc.node != self.node_id and host and port.isdigit():
+                self.addresses[cc.node] = (host, int(port))
+        else:
+            return
+        self.transport.set_peers({n: a for n, a in self.addresses.items() if n != self.node_id})
+
+    # == requests ===============================================================================
+
+    def observe_request(self, kind: str, seconds: float, ok: bool) -> None:
+        self._request_counts[kind] = self._request_counts.get(kind, 0) + 1
+        if self.metrics is not None:
+            self.metrics.observe_request(kind, seconds, ok)
+
+    async def handle_request(self, session, msg: dict) -> tuple[Any, str | None]:
+        """Answer one client request: (result, leader hint) or raise RequestFailed."""
+        t = msg["type"]
+        handler = getattr(self, f"_rq_{t}", None)
+        if handler is None:
+            raise RequestFailed("rejected", f"{t} is not supported by this agent")
+        return await handler(session, msg)
+
+    async def _wait(self, kind: str, *args, timeout: float | None = None):
+        pending = self.driver.submit(kind, *args)
+        return await pending.wait(timeout or self.server.request_timeout)
+
+    async def _write(self, op: str, msg: dict, **fields) -> st.ApplyResult:
+        try:
+            data = st.encode_command(op, client=msg["client_id"], seq=msg["seq"], **fields)
+        except st.CommandError as e:
+            raise RequestFailed("rejected", str(e)) from None
+        index, result = await self._wait("propose", data)
+        if result.error:
+            raise RequestFailed(result.error, result.detail or result.error)
+        return index, result
+
+    async def _rq_put(self, session, msg):
+        index, _ = await self._write("put", msg, key=msg["key"], value=msg["value"])
+        return {"index": index}, None
+
+    async def _rq_register(self, session, msg):
+        index, _ = await self._write("noop", {"client_id": msg["client_id"], "seq": 1})
+        return {"index": index}, None
+
+    async def _rq_delete(self, session, msg):
+        index, _ = await self._write("delete", msg, key=msg["key"])
+        return {"index": index}, None
+
+    async def _rq_cas(self, session, msg):
+        index, result = await self._write("cas", msg, key=msg["key"], expected=msg["expected"],
+                                          value=msg["value"])
+        now = msg["value"] if result.ok else result.value
+        return {"swapped": bool(result.ok), "value": now, "index": index}, None
+
+    async def _rq_get(self, session, msg):
+        if msg.get("consistency", "linearizable") == "stale":
+            return self.driver.state.get(msg["key"]), None
+        return await self._wait("read", msg["key"]), None
+
+    async def _rq_status(self, session, msg):
+        return self.status(), None
+
+    async def _rq_subscribe(self, session, msg):
+        interval = max(0.1, msg["interval_ms"] / 1000.0)
+        rid = msg["id"]
+
+        async def pusher() -> None:
+            last_version = -1
+            while True:
+                driver = self.driver
+                if driver.version != last_version:
+                    last_version = driver.version
+                    await session.conn.send({"type": "status_update", "id": rid,
+                                             "status": self.status()})
+                await trio.sleep(interval)
+                if driver.version == last_version:
+                    # Nothing changed: wait for a change, but still push now and then so a
+                    # client sees the agent is alive.
+                    with trio.move_on_after(max(1.0, interval * 10)):
+                        await driver.changed.wait()
+                    last_version = -1 if driver.version == last_version else last_version
+
+        session.subscribe(pusher)
+        return None, None
+
+    async def _rq_unsubscribe(self, session, msg):
+        session.unsubscribe()
+        return None, None
+
+    async def _rq_transfer(self, session, msg):
+        await self._wait("transfer", msg["to"])
+        return None, None
+
+    async def _rq_add_node(self, session, msg):
+        op = ConfChangeOp.ADD_LEARNER if msg["learner"] else ConfChangeOp.ADD_VOTER
+        cc = ConfChange(op, msg["node"], msg["priority"], context=f"{msg['host']}:{msg['port']}")
+        index, result = await self._wait("conf_change", cc)
+        return {"index": index}, None
+
+    async def _rq_remove_node(self, session, msg):
+        index, result = await self._wait("conf_change", ConfChange(ConfChangeOp.REMOVE, msg["node"]))
+        return {"index": index}, None
+
+    async def _rq_fault(self, session, msg):
+        self.transport.apply_fault(msg)
+        log.warning("fault injected", extra={"action": msg["action"], "from": msg.get("from"),
+                                             "to": msg.get("to"), "ms": msg.get("ms"),
+                                             "rate": msg.get("rate")})
+        return None, None
+
+    async def _rq_heal(self, session, msg):
+        self.transport.set_faults(FaultRules())
+        log.warning("faults healed")
+        return None, None
+
+    # == status ===================================================================================
+
+    def status(self) -> dict[str, Any]:
+        s = self.driver.status()
+        storage = self.storage.stats() if self.storage is not None else {}
+        s.update({
+            "node": self.node_id,
+            "cluster": self.cluster_name,
+            "address": f"{self.cfg.node.host}:{self.cfg.node.port}",
+            "version": VERSION,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "capacity": self.cfg.node.capacity,
+            "load": msgpack.unpackb(self.driver.node.report, raw=False),
+            "faults": self.transport.faults().to_wire_list(),
+            "transport": self.transport.stats(),
+            "storage": {k: v for k, v in storage.items() if k in (
+                "fsync", "segments", "bytes", "first_index", "last_index", "snapshot_index",
+                "syncs", "fsyncs", "fsync_latency_ms_sum", "fsync_latency_ms_max", "repaired")},
+            "connections": self.server.connections if self.server else 0,
+            "requests": dict(self._request_counts),
+        })
+        return s

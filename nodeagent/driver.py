@@ -1,0 +1,356 @@
+"""The one trio task that owns the RaftNode.
+
+Everything that touches the Raft core or the state machine happens here, in one task,
+so neither needs a lock. Other tasks (peer connections, client connections) talk to the
+driver through a bounded inbox: raft messages are dropped when it is full (Raft
+retransmits); client requests get ``busy``.
+
+The loop: wait for inbox events until the next tick is due, handle every event that is
+ready (so a burst of proposals becomes one Ready, one fsync and one append per peer),
+tick when due, then ``process_ready()`` until the node has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+import trio
+
+from .raft.core import RaftNode
+from .raft.messages import (
+    ConfChange,
+    ConfChangeRejected,
+    Entry,
+    EntryKind,
+    NotLeader,
+    ProposalDropped,
+    RaftError,
+    Role,
+    Snapshot,
+)
+from .raft.ready import process_ready
+from .state import ApplyResult, StateMachine
+
+log = logging.getLogger("nodeagent.driver")
+
+
+class RequestFailed(Exception):
+    """A client request that the agent answers with ``ok: false``."""
+
+    def __init__(self, code: str, message: str, leader: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.leader = leader
+
+
+class Pending:
+    """A one-shot result slot a client handler waits on."""
+
+    __slots__ = ("event", "result", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: Any = None
+        self.error: RequestFailed | None = None
+
+    def set(self, result: Any) -> None:
+        if not self.event.is_set():
+            self.result = result
+            self.event.set()
+
+    def fail(self, code: str, message: str, leader: str | None = None) -> None:
+        if not self.event.is_set():
+            self.error = RequestFailed(code, message, leader)
+            self.event.set()
+
+    async def wait(self, timeout: float) -> Any:
+        with trio.move_on_after(timeout):
+            await self.event.wait()
+        if not self.event.is_set():
+            raise RequestFailed("timeout", f"no answer within {timeout:g}s; the outcome is unknown")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@dataclass
+class _Proposal:
+    term: int
+    pending: Pending
+    started: float
+
+
+@dataclass(order=True)
+class _Read:
+    index: int
+    seq: int
+    key: str = field(compare=False)
+    pending: Pending = field(compare=False)
+
+
+class Driver:
+    def __init__(
+        self,
+        node: RaftNode,
+        storage,
+        state: StateMachine,
+        send: Callable[[Any], bool],
+        *,
+        tick_interval: float,
+        snapshot_interval: int,
+        inbox_size: int = 8192,
+        on_apply_conf: Callable[[ConfChange], None] | None = None,
+        metrics=None,
+    ):
+        self.node = node
+        self.storage = storage
+        self.state = state
+        self._send = send
+        self.tick_interval = tick_interval
+        self.snapshot_interval = snapshot_interval
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel(inbox_size)
+        self._proposals: dict[int, _Proposal] = {}
+        self._reads_by_ctx: dict[bytes, tuple[str, Pending]] = {}
+        self._reads_ready: list[_Read] = []  # heap by index: confirmed, waiting for apply
+        self._ctx = itertools.count(1)
+        self._read_seq = itertools.count()
+        self._on_apply_conf = on_apply_conf
+        self.metrics = metrics
+        self.changed = trio.Event()  # set when the status changed (subscriptions wait on it)
+        self.version = 0
+        self.leader_changes: list[float] = []
+        self.last_snapshot_index = node.log.snapshot_index()
+        self.dropped_inbox = 0
+        self.messages_in = 0
+        self.messages_out = 0
+        self._stop = False
+
+    # == entry points for other tasks =====================================================
+
+    def deliver(self, msg) -> bool:
+        """A Raft message from a peer. Non-blocking; dropped when the inbox is full."""
+        try:
+            self._inbox_send.send_nowait(("raft", msg))
+            return True
+        except trio.WouldBlock:
+            self.dropped_inbox += 1
+            return False
+
+    def submit(self, kind: str, *args) -> Pending:
+        """A client request for the driver; the returned Pending is answered by it."""
+        p = Pending()
+        try:
+            self._inbox_send.send_nowait((kind, p, *args))
+        except trio.WouldBlock:
+            p.fail("busy", "the agent's inbox is full; retry with backoff")
+        return p
+
+    # == the loop ===========================================================================
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._process()
+        task_status.started()
+        next_tick = trio.current_time() + self.tick_interval
+        recv = self._inbox_recv
+        while True:
+            with trio.move_on_at(next_tick):
+                ev = await recv.receive()
+                self._handle(ev)
+                # Everything already queued joins this round: one Ready, one fsync.
+                for _ in range(4096):
+                    try:
+                        ev = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self._handle(ev)
+            now = trio.current_time()
+            if now >= next_tick:
+                self.node.tick()
+                next_tick += self.tick_interval
+                if next_tick < now:  # we fell far behind (a stall): do not burst ticks
+                    next_tick = now + self.tick_interval
+            self._process()
+
+    def _handle(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "raft":
+            self.messages_in += 1
+            self.node.step(ev[1])
+            return
+        pending: Pending = ev[1]
+        try:
+            getattr(self, f"_req_{kind}")(pending, *ev[2:])
+        except NotLeader as e:
+            pending.fail("not_leader", "this node is not the leader", e.leader)
+        except ProposalDropped as e:
+            pending.fail("rejected", str(e), self.node.lead)
+        except ConfChangeRejected as e:
+            pending.fail("rejected", str(e))
+        except RaftError as e:
+            pending.fail("rejected", str(e))
+
+    # -- requests --
+
+    def _req_propose(self, pending: Pending, data: bytes) -> None:
+        index = self.node.propose(data)
+        self._proposals[index] = _Proposal(self.node.term, pending, time.monotonic())
+
+    def _req_conf_change(self, pending: Pending, cc: ConfChange) -> None:
+        index = self.node.propose_conf_change(cc)
+        self._proposals[index] = _Proposal(self.node.term, pending, time.monotonic())
+
+    def _req_read(self, pending: Pending, key: str) -> None:
+        ctx = next(self._ctx).to_bytes(8, "big")
+        self.node.read_index(ctx)
+        self._reads_by_ctx[ctx] = (key, pending)
+
+    def _req_transfer(self, pending: Pending, to: str) -> None:
+        self.node.transfer_leadership(to)
+        pending.set(None)
+
+    # == Ready processing ===================================================================
+
+    def _process(self) -> None:
+        node = self.node
+        prev_role, prev_lead, prev_term = node.role, node.lead, node.term
+        progressed = False
+        while node.has_ready():
+            rd = process_ready(node, self.storage, self, self)
+            if rd is None:
+                break
+            progressed = True
+            for rs in rd.read_states:
+                entry = self._reads_by_ctx.pop(rs.ctx, None)
+                if entry is not None:
+                    key, pending = entry
+                    heapq.heappush(self._reads_ready, _Read(rs.index, next(self._read_seq), key, pending))
+        self._serve_reads()
+        if node.role is not prev_role or node.lead != prev_lead or node.term != prev_term:
+            if node.lead != prev_lead and node.lead is not None:
+                self.leader_changes.append(time.monotonic())
+                del self.leader_changes[:-64]
+            log.info("role change", extra={"role": node.role.value, "term": node.term,
+                                            "leader": node.lead})
+            if node.role is not Role.LEADER:
+                self._fail_reads_if_lost()
+        if progressed:
+            self._maybe_snapshot()
+            self.version += 1
+            self.changed.set()
+            self.changed = trio.Event()
+
+    def _fail_reads_if_lost(self) -> None:
+        # Reads waiting on a ReadState may never get one after a leader change; their
+        # clients time out. Proposals stay: their entries may still commit.
+        pass
+
+    def _serve_reads(self) -> None:
+        applied = self.state.applied_index
+        heap = self._reads_ready
+        while heap and heap[0].index <= applied:
+            r = heapq.heappop(heap)
+            r.pending.set(self.state.get(r.key))
+
+    def _maybe_snapshot(self) -> None:
+        applied = self.state.applied_index
+        if applied - self.last_snapshot_index < self.snapshot_interval:
+            return
+        if self.node.log.applied != applied:
+            return
+        t0 = time.perf_counter()
+        snap = self.node.create_snapshot(self.state.snapshot())
+        self.storage.compact(snap)
+        self.last_snapshot_index = snap.meta.index
+        log.info("snapshot", extra={"index": snap.meta.index, "bytes": len(snap.data),
+                                    "ms": round((time.perf_counter() - t0) * 1000, 1)})
+
+    # -- the Outbox and StateMachine protocols used by process_ready --
+
+    def send(self, messages) -> None:
+        for m in messages:
+            self.messages_out += 1
+            self._send(m)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        self.state.restore(snapshot.data)
+        self.last_snapshot_index = snapshot.meta.index
+        # Every proposal at or below the snapshot is decided, but we cannot tell how:
+        # its outcome is unknown to us.
+        for index in [i for i in self._proposals if i <= snapshot.meta.index]:
+            p = self._proposals.pop(index)
+            p.pending.fail("timeout", "replaced by a snapshot before it applied here; "
+                                      "the outcome is unknown, retry with the same seq")
+
+    def apply(self, entry: Entry) -> None:
+        if entry.index <= self.state.applied_index:
+            return  # already in the restored snapshot
+        result = self.state.apply_entry(entry)
+        if entry.kind is EntryKind.CONF_CHANGE and self._on_apply_conf is not None:
+            try:
+                self._on_apply_conf(ConfChange.decode(entry.data))
+            except Exception:  # a bad conf change entry is reported by the state machine
+                log.exception("applying a membership change to the transport failed")
+        p = self._proposals.pop(entry.index, None)
+        if p is None:
+            return
+        if p.term != entry.term:
+            # Another leader's entry took the slot: our command was never applied.
+            p.pending.fail("dropped", "the proposal was overwritten by a new leader; "
+                                      "it was not applied; retry with the same seq",
+                           self.node.lead)
+        else:
+            p.pending.set((entry.index, result))
+            if self.metrics is not None:
+                self.metrics.observe_commit(time.monotonic() - p.started)
+
+    # == status ==============================================================================
+
+    def status(self) -> dict[str, Any]:
+        st = self.node.status()
+        progress = {
+            peer: {"match": p.match, "next": p.next, "state": p.state,
+                   "active": p.recent_active, "learner": p.learner, "inflight": p.inflight}
+            for peer, p in st["progress"].items()
+        }
+        reports = {}
+        for peer, p in st["progress"].items():
+            if p.report:
+                try:
+                    reports[peer] = msgpack.unpackb(p.report, raw=False)
+                except Exception:
+                    pass
+        now = time.monotonic()
+        return {
+            "role": st["role"],
+            "term": st["term"],
+            "vote": st["vote"],
+            "leader": st["leader"],
+            "commit": st["commit"],
+            "applied": self.state.applied_index,
+            "last_index": st["last_index"],
+            "first_index": st["first_index"],
+            "snapshot_index": st["snapshot_index"],
+            "voters": st["voters"],
+            "learners": st["learners"],
+            "priority": st["priority"],
+            "transferee": st["transferee"],
+            "progress": progress,
+            "peer_reports": reports,
+            "digest": self.state.digest(),
+            "keys": len(self.state.keys()),
+            "leader_changes_1m": sum(1 for t in self.leader_changes if now - t < 60),
+            "pending_proposals": len(self._proposals),
+            "pending_reads": len(self._reads_by_ctx) + len(self._reads_ready),
+            "inbox_dropped": self.dropped_inbox,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "pid": os.getpid(),
+        }

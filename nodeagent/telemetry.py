@@ -1,0 +1,86 @@
+"""The agent's Prometheus metrics: what they are and where each value comes from.
+
+Values the driver already keeps (indexes, message totals) are read at scrape time, so the
+hot path pays nothing; latencies are observed into histograms where they happen.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .metrics import (
+    FSYNC_BUCKETS,
+    REQUEST_BUCKETS,
+    CallbackCounter,
+    Gauge,
+    Histogram,
+    Registry,
+)
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = r = Registry()
+        self.fsync = Histogram("raftdeck_fsync_seconds", "Time of one group commit (fsync) of the log",
+                               buckets=FSYNC_BUCKETS, registry=r)
+        self.commit = Histogram("raftdeck_commit_seconds",
+                                "From proposal on the leader to applied there",
+                                buckets=REQUEST_BUCKETS, registry=r)
+        self.requests = Histogram("raftdeck_client_request_seconds",
+                                  "Client request latency by type and outcome",
+                                  ("type", "ok"), buckets=REQUEST_BUCKETS, registry=r)
+
+    def bind(self, agent: "Agent") -> None:
+        r = self.registry
+        d = agent.driver
+
+        def gauge(name: str, doc: str, fn) -> None:
+            Gauge(name, doc, registry=r).set_function(fn)
+
+        gauge("raftdeck_term", "Current Raft term", lambda: d.node.term)
+        gauge("raftdeck_is_leader", "1 if this node is the leader", lambda: float(d.node.role.value == "leader"))
+        gauge("raftdeck_commit_index", "Highest log index known committed", lambda: d.node.log.committed)
+        gauge("raftdeck_applied_index", "Highest log index applied", lambda: d.state.applied_index)
+        gauge("raftdeck_apply_lag", "Committed but not yet applied entries",
+              lambda: d.node.log.committed - d.state.applied_index)
+        gauge("raftdeck_last_index", "Last log index", lambda: d.node.log.last_index())
+        gauge("raftdeck_snapshot_index", "Index of the newest snapshot", lambda: d.node.log.snapshot_index())
+        CallbackCounter("raftdeck_messages_sent_total", "Raft messages handed to the transport",
+                        lambda: d.messages_out, registry=r)
+        CallbackCounter("raftdeck_messages_received_total", "Raft messages stepped into the core",
+                        lambda: d.messages_in, registry=r)
+        CallbackCounter("raftdeck_inbox_dropped_total", "Raft messages dropped: driver inbox full",
+                        lambda: d.dropped_inbox, registry=r)
+
+    # hooks called by the driver and the server
+    def observe_commit(self, seconds: float) -> None:
+        self.commit.observe(seconds)
+
+    def observe_request(self, kind: str, seconds: float, ok: bool) -> None:
+        self.requests.labels(type=kind, ok="true" if ok else "false").observe(seconds)
+
+
+class TimedStorage:
+    """Storage as process_ready sees it, with each fsync timed into the histogram."""
+
+    def __init__(self, storage, histogram: Histogram):
+        self._s = storage
+        self._h = histogram
+
+    def save(self, hard_state, entries, snapshot) -> None:
+        self._s.save(hard_state, entries, snapshot)
+
+    def sync(self) -> None:
+        t0 = time.perf_counter()
+        self._s.sync()
+        self._h.observe(time.perf_counter() - t0)
+
+    def compact(self, snapshot) -> None:
+        self._s.compact(snapshot)
+
+    def stats(self) -> dict:
+        return self._s.stats()

@@ -1,0 +1,171 @@
+"""A real local cluster for process-level tests: `nodeagent run` subprocesses on
+127.0.0.1 with free ports, data in a temporary folder, ended by PID when the test ends.
+
+Waits are on conditions with generous deadlines, never fixed sleeps: this machine is
+small and shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from console.client import ClusterClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalCluster:
+    def __init__(self, tmp: Path, n: int = 3, *, priorities: dict[str, int] | None = None,
+                 election_ms: int = 1000, heartbeat_ms: int = 100,
+                 snapshot_interval: int = 10000, fsync: bool = True, name: str = "test"):
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.names = [f"n{i + 1}" for i in range(n)]
+        self.ports = dict(zip(self.names, free_ports(n)))
+        self.priorities = priorities or {}
+        self.cluster = name
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.inventory = self.tmp / "inventory.yaml"
+        lines = [
+            "cluster:",
+            f"  name: {name}",
+            f"  election_timeout_ms: {election_ms}",
+            f"  heartbeat_interval_ms: {heartbeat_ms}",
+            f"  snapshot_interval: {snapshot_interval}",
+            f"  fsync: {'true' if fsync else 'false'}",
+            "nodes:",
+        ]
+        for nm in self.names:
+            lines.append(
+                f"  - {{name: {nm}, host: 127.0.0.1, port: {self.ports[nm]}, "
+                f"priority: {self.priorities.get(nm, 1)}, data_dir: data/{nm}}}"
+            )
+        self.inventory.write_text("\n".join(lines) + "\n")
+
+    # -- processes --
+
+    def log_path(self, name: str) -> Path:
+        return self.tmp / f"{name}.log"
+
+    def start(self, name: str) -> None:
+        assert name not in self.procs or self.procs[name].poll() is not None, f"{name} runs"
+        err = open(self.tmp / f"{name}.stderr", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "nodeagent.cli", "run", "--inventory", str(self.inventory),
+             "--name", name, "--log-file", str(self.log_path(name))],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+        )
+        err.close()
+
+    def start_all(self) -> None:
+        for n in self.names:
+            self.start(n)
+
+    def signal(self, name: str, sig: int) -> None:
+        p = self.procs[name]
+        if p.poll() is None:
+            os.kill(p.pid, sig)
+
+    def kill(self, name: str) -> None:
+        self.signal(name, signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def alive(self, name: str) -> bool:
+        p = self.procs.get(name)
+        return p is not None and p.poll() is None
+
+    def stop_all(self) -> None:
+        for n, p in self.procs.items():
+            if p.poll() is None:
+                with _suppress():
+                    os.kill(p.pid, signal.SIGCONT)
+                p.terminate()
+        deadline = time.monotonic() + 10
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+
+    def stderr(self, name: str) -> str:
+        path = self.tmp / f"{name}.stderr"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- clients --
+
+    def client(self, **kw) -> ClusterClient:
+        kw.setdefault("timeout", 3.0)
+        return ClusterClient({n: ("127.0.0.1", p) for n, p in self.ports.items()},
+                             self.cluster, **kw)
+
+    async def statuses(self, c: ClusterClient, names=None) -> dict[str, dict]:
+        out = {}
+        for n in names or self.names:
+            if not self.alive(n):
+                continue
+            try:
+                out[n] = await asyncio.wait_for(c.call(n, "status"), 3.0)
+            except Exception:
+                pass
+        return out
+
+    async def wait_leader(self, c: ClusterClient, timeout: float = 30.0, among=None,
+                          exclude=()) -> str:
+        """The node that every live member (of ``among``) agrees leads, with a term."""
+        deadline = time.monotonic() + timeout
+        names = [n for n in (among or self.names) if n not in exclude]
+        while time.monotonic() < deadline:
+            st = await self.statuses(c, names)
+            leaders = {n for n, s in st.items() if s["role"] == "leader"}
+            if len(leaders) == 1:
+                ld = leaders.pop()
+                term = st[ld]["term"]
+                if all(s["leader"] == ld and s["term"] == term for s in st.values()) and \
+                        len(st) == len([n for n in names if self.alive(n)]):
+                    return ld
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no single leader among {names} within {timeout}s: "
+                             f"{ {n: (s['role'], s['term'], s['leader']) for n, s in (await self.statuses(c, names)).items()} }")
+
+    async def wait_converged(self, c: ClusterClient, timeout: float = 30.0, names=None) -> dict:
+        """Wait until every named live node has applied the same index with the same digest."""
+        deadline = time.monotonic() + timeout
+        st = {}
+        while time.monotonic() < deadline:
+            st = await self.statuses(c, names)
+            applied = {s["applied"] for s in st.values()}
+            digests = {s["digest"] for s in st.values()}
+            want = len([n for n in (names or self.names) if self.alive(n)])
+            if len(st) == want and len(applied) == 1 and len(digests) == 1:
+                return st
+            await asyncio.sleep(0.05)
+        raise AssertionError("replicas did not converge: " + str(
+            {n: (s["applied"], s["digest"][:12]) for n, s in st.items()}))
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
