@@ -20,6 +20,7 @@ import trio
 from . import state as st
 from .config import AgentConfig
 from .driver import Driver, RequestFailed
+from .forward import Forwarder
 from .raft.core import Config as RaftConfig
 from .raft.core import RaftNode
 from .raft.messages import ConfChange, ConfChangeOp, ConfState
@@ -31,6 +32,13 @@ from .transport import FaultRules, Transport
 log = logging.getLogger("nodeagent.agent")
 
 VERSION = "0.1.0"
+
+
+class Relayed(Exception):
+    """A write relayed to the leader; carries the leader's reply."""
+
+    def __init__(self, reply: dict):
+        self.reply = reply
 
 
 def initial_conf(cfg: AgentConfig) -> ConfState:
@@ -57,6 +65,7 @@ class Agent:
         self.driver: Driver = None  # type: ignore[assignment]
         self.transport: Transport = None  # type: ignore[assignment]
         self.server = None
+        self.forwarder: Forwarder | None = None
         self._request_counts: dict[str, int] = {}
 
     # == start-up =============================================================================
@@ -109,6 +118,7 @@ class Agent:
                 await nursery.start(self.transport.run)
                 await nursery.start(self.server.serve, self.cfg.node.host, self.cfg.node.port)
                 await nursery.start(self.driver.run)
+                self.forwarder = Forwarder(self, nursery)
                 nursery.start_soon(self._housekeeping)
                 if self.metrics is not None and self.cfg.node.metrics_port is not None:
                     await nursery.start(serve_metrics, self.metrics.registry, self.cfg.node.host,
@@ -158,18 +168,36 @@ class Agent:
         handler = getattr(self, f"_rq_{t}", None)
         if handler is None:
             raise RequestFailed("rejected", f"{t} is not supported by this agent")
-        return await handler(session, msg)
+        try:
+            return await handler(session, msg)
+        except Relayed as r:
+            reply = r.reply
+            if not reply["ok"]:
+                err = reply.get("error") or {"code": "rejected", "message": ""}
+                raise RequestFailed(err["code"], err["message"], reply.get("leader")) from None
+            return reply.get("result"), reply.get("leader") or self.driver.node.lead
 
     async def _wait(self, kind: str, *args, timeout: float | None = None):
         pending = self.driver.submit(kind, *args)
         return await pending.wait(timeout or self.server.request_timeout)
 
-    async def _write(self, op: str, msg: dict, **fields) -> st.ApplyResult:
+    async def wrap_client_stream(self, stream, host: str):
+        """TLS for outgoing client connections (the relay), once TLS is configured."""
+        return stream
+
+    async def _write(self, op: str, msg: dict, seq: int | None = None, **fields):
         try:
-            data = st.encode_command(op, client=msg["client_id"], seq=msg["seq"], **fields)
+            data = st.encode_command(op, client=msg["client_id"], seq=seq or msg["seq"], **fields)
         except st.CommandError as e:
             raise RequestFailed("rejected", str(e)) from None
-        index, result = await self._wait("propose", data)
+        try:
+            index, result = await self._wait("propose", data)
+        except RequestFailed as e:
+            leader = e.leader
+            if e.code != "not_leader" or not msg.get("forward") or leader is None \
+                    or leader == self.node_id or leader not in self.addresses:
+                raise
+            raise Relayed(await self.forwarder.forward(leader, msg)) from None
         if result.error:
             raise RequestFailed(result.error, result.detail or result.error)
         return index, result
@@ -179,7 +207,7 @@ class Agent:
         return {"index": index}, None
 
     async def _rq_register(self, session, msg):
-        index, _ = await self._write("noop", {"client_id": msg["client_id"], "seq": 1})
+        index, _ = await self._write("noop", msg, seq=1)
         return {"index": index}, None
 
     async def _rq_delete(self, session, msg):

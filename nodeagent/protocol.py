@@ -550,13 +550,16 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         req("value", Bytes()),
         req("client_id", NAME),
         req("seq", UINT),
+        opt("forward", Bool(), False),
         doc="write one key (applied once per client_id, seq)",
     ),
     "delete": _request(
-        "operator", req("key", KEY), req("client_id", NAME), req("seq", UINT), doc="delete one key"
+        "operator", req("key", KEY), req("client_id", NAME), req("seq", UINT),
+        opt("forward", Bool(), False), doc="delete one key"
     ),
     "register": _request(
-        "operator", req("client_id", NAME), doc="open a client session (its seq 1, a no-op)"
+        "operator", req("client_id", NAME), opt("forward", Bool(), False),
+        doc="open a client session (its seq 1, a no-op)"
     ),
     "cas": _request(
         "operator",
@@ -565,6 +568,7 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         req("value", Bytes()),
         req("client_id", NAME),
         req("seq", UINT),
+        opt("forward", Bool(), False),
         doc="write key only if its value is expected (nil: only if absent)",
     ),
     "transfer": _request("admin", req("to", NODE), doc="move leadership to node 'to'"),

@@ -11,7 +11,7 @@ import pytest
 
 from console.client import OutcomeUnknown, RequestError
 
-from .cluster import LocalCluster
+from console.local import LocalCluster
 
 pytestmark = pytest.mark.integration
 

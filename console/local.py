@@ -1,8 +1,9 @@
-"""A real local cluster for process-level tests: `nodeagent run` subprocesses on
-127.0.0.1 with free ports, data in a temporary folder, ended by PID when the test ends.
+"""The local process manager: `nodeagent run` subprocesses on this machine.
 
-Waits are on conditions with generous deadlines, never fixed sleeps: this machine is
-small and shared.
+``LocalCluster`` writes an inventory for N agents on 127.0.0.1 with free ports, starts,
+kills (SIGKILL), pauses (SIGSTOP/SIGCONT) and stops them by PID, and waits on cluster
+conditions (one leader, converged replicas) with deadlines, never fixed sleeps. The
+process-level tests and the benchmarks use it; `raftdeck up` will build on it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ import time
 from pathlib import Path
 
 from console.client import ClusterClient
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def free_ports(n: int) -> list[int]:
     socks, ports = [], []
@@ -72,7 +70,7 @@ class LocalCluster:
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "nodeagent.cli", "run", "--inventory", str(self.inventory),
              "--name", name, "--log-file", str(self.log_path(name))],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+            cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=err,
         )
         err.close()
 
@@ -88,6 +86,20 @@ class LocalCluster:
     def kill(self, name: str) -> None:
         self.signal(name, signal.SIGKILL)
         self.procs[name].wait(timeout=10)
+
+    def pause(self, name: str) -> None:
+        self.signal(name, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.signal(name, signal.SIGCONT)
+
+    def rss_kib(self, name: str) -> int:
+        """Resident memory of the agent process, from /proc."""
+        with open(f"/proc/{self.procs[name].pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
 
     def alive(self, name: str) -> bool:
         p = self.procs.get(name)
