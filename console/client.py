@@ -214,13 +214,13 @@ class ClusterClient:
     """Talks to a whole cluster: finds the leader, retries, reports honest outcomes."""
 
     def __init__(self, addresses: Mapping[str, tuple[str, int]], cluster: str, *,
-                 client_id: str | None = None, timeout: float = 5.0, attempts: int = 8,
+                 client_id: str | None = None, timeout: float = 5.0, op_timeout: float = 15.0,
                  ssl=None, rng: random.Random | None = None):
         self.addresses = dict(addresses)
         self.cluster = cluster
         self.base_id = client_id or f"c-{uuid.uuid4().hex[:12]}"
         self.timeout = timeout
-        self.attempts = attempts
+        self.op_timeout = op_timeout  # total time one operation may take, retries included
         self.ssl = ssl
         self.rng = rng or random.Random()
         self.leader: str | None = None
@@ -269,7 +269,6 @@ class ClusterClient:
 
     def _candidates(self, attempt: int) -> list[str]:
         names = sorted(self.addresses)
-        self.rng.shuffle(names)
         if self.leader in self.addresses:
             names.remove(self.leader)
             names.insert(0, self.leader)
@@ -281,18 +280,23 @@ class ClusterClient:
         return await conn.request(type_, timeout=self.timeout, **fields)
 
     async def _leader_call(self, type_: str, changes_state: bool, **fields) -> Any:
-        """Send to the leader, following not_leader hints, retrying on other nodes. Every
-        request we send is safe to repeat (writes carry their (client_id, seq)). For a
-        request that changes state, a maybe-applied attempt turns the final failure into
-        OutcomeUnknown."""
+        """Send to the leader, following not_leader hints, retrying on other nodes until
+        ``op_timeout`` runs out. Every request we send is safe to repeat (writes carry
+        their (client_id, seq)). For a request that changes state, an attempt that may
+        have applied turns the final failure into OutcomeUnknown."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout
         unknown: Exception | None = None
         last: Exception | None = None
-        delay = 0.05
-        for attempt in range(self.attempts):
-            names = self._candidates(attempt)
-            target = names[0] if names else None
-            if target is None:
+        delay = 0.02
+        tried = 0
+        while True:
+            names = self._candidates(tried)
+            if not names:
                 break
+            # Once the known leader failed, walk the others in turn.
+            target = names[tried % len(names)] if self.leader is None else names[0]
+            tried += 1
             try:
                 result = await self.call(target, type_, **fields)
                 self.leader = target
@@ -303,21 +307,26 @@ class ClusterClient:
                     self.leader = None
             except OutcomeUnknown as e:
                 unknown = e
-                self.leader = None
+                if self.leader == target:
+                    self.leader = None
             except RequestError as e:
                 last = e
                 if e.code == "not_leader":
-                    self.leader = e.leader if e.leader in self.addresses else None
-                    if e.leader in self.addresses:
+                    hint = e.leader if e.leader in self.addresses and e.leader != target else None
+                    self.leader = hint
+                    if hint is not None and loop.time() < deadline:
                         continue  # go straight to the leader it named
                 elif e.code in _DEFINITE_RETRY or e.code == "timeout":
                     if e.code == "timeout":
                         unknown = e
-                    self.leader = None if e.code != "busy" else self.leader
+                    if e.code != "busy":
+                        self.leader = None
                 else:
                     raise
+            if loop.time() + delay >= deadline:
+                break
             await asyncio.sleep(delay * (0.5 + self.rng.random()))
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.25)
         if unknown is not None and changes_state:
             raise OutcomeUnknown(f"{type_}: {unknown}")
         raise last or unknown or ConnectionFailed("no agent reachable")
@@ -329,7 +338,7 @@ class ClusterClient:
             return self._free.pop()
         s = _Session(f"{self.base_id}.{next(self._session_ids)}", 1)
         # Register: seq 1 is a no-op, retried with the same seq until it certainly applied.
-        for _ in range(self.attempts):
+        for _ in range(8):
             try:
                 await self._leader_call("register", changes_state=True, client_id=s.client_id)
                 s.next_seq = 2

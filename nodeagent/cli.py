@@ -157,7 +157,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main_task)
-    except OSError as e:
+    except (OSError, BaseExceptionGroup) as exc:
+        # trio >= 0.25 wraps an error from inside a nursery in (nested) exception groups.
+        e = exc
+        while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+            e = e.exceptions[0]
+        if not isinstance(e, OSError):
+            raise
         print(f"nodeagent run: node {cfg.node.name}: cannot listen on "
               f"{cfg.node.host}:{cfg.node.port}: {e.strerror or e}", file=sys.stderr)
         return 1

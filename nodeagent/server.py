@@ -81,16 +81,19 @@ class Server:
         self.connections += 1
         self.connections_total += 1
         conn = Connection(stream, self.agent.max_frame, peer)
+        # except*: an error raised inside the client loop's nursery arrives wrapped in an
+        # ExceptionGroup (trio >= 0.25); unhandled, it would end serve_listeners and the agent.
         try:
             await self._converse(conn)
-        except ProtocolError as e:
+        except* ProtocolError as group:
+            e = _first_leaf(group)
             self.protocol_errors += 1
             log.warning("protocol error; closing", extra={"remote": peer, "code": e.code,
                                                           "error": e.message})
             await self._send_error(conn, e.code, e.message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
-        except trio.TooSlowError:
+        except* trio.TooSlowError:
             log.info("connection too slow; closing", extra={"remote": peer})
         finally:
             self.connections -= 1
@@ -113,15 +116,14 @@ class Server:
             return
         if hello["type"] != "hello":
             raise ProtocolError("hello_required", f"the first frame must be hello, not {hello['type']}")
+        # Refused handshakes go through _handle like any violation: logged, error, closed.
         if hello["cluster"] != agent.cluster_name:
-            await self._send_error(conn, "wrong_cluster",
-                                   f"this agent belongs to cluster {agent.cluster_name!r}, "
-                                   f"not {hello['cluster']!r}")
-            return
+            raise ProtocolError("wrong_cluster",
+                                f"this agent belongs to cluster {agent.cluster_name!r}, "
+                                f"not {hello['cluster']!r}")
         if hello["version"] != PROTOCOL_VERSION:
-            await self._send_error(conn, "version_mismatch",
-                                   f"this agent speaks protocol version {PROTOCOL_VERSION}")
-            return
+            raise ProtocolError("version_mismatch",
+                                f"this agent speaks protocol version {PROTOCOL_VERSION}")
         await conn.send({"type": "hello_ok", "node": agent.node_id, "version": PROTOCOL_VERSION,
                          "leader": agent.driver.node.lead})
         if hello["role"] == "peer":
@@ -227,6 +229,12 @@ class ClientSession:
         if self._sub_scope is not None:
             self._sub_scope.cancel()
             self._sub_scope = None
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 def _fail(rid: int, code: str, message: str) -> dict:

@@ -120,7 +120,7 @@ def test_an_isolated_leader_steps_down_and_the_majority_carries_on(cluster_facto
     lc.start_all()
 
     async def main():
-        async with lc.client(timeout=2.0, attempts=3) as c:
+        async with lc.client(timeout=2.0, op_timeout=5.0) as c:
             old = await lc.wait_leader(c)
             await c.put("before", b"1")
             others = [n for n in lc.names if n != old]

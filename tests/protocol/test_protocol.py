@@ -75,7 +75,7 @@ def raises_code(code: str, data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> P
     return info.value
 
 
-PUT = {"type": "put", "id": 7, "key": "k", "value": b"v", "client_id": "c1", "seq": 3}
+PUT = {"type": "put", "id": 7, "key": "k", "value": b"v", "client_id": "c1", "seq": 3, "forward": False}
 
 
 # -- framing ------------------------------------------------------------------------------
@@ -746,9 +746,9 @@ SAMPLES: list[dict[str, Any]] = [
     {"type": "unsubscribe", "id": 1},
     {"type": "get", "id": 1, "key": "k", "consistency": "stale"},
     PUT,
-    {"type": "delete", "id": 1, "key": "k", "client_id": "c", "seq": 2},
-    {"type": "register", "id": 1, "client_id": "c"},
-    {"type": "cas", "id": 1, "key": "k", "expected": b"a", "value": b"b", "client_id": "c", "seq": 2},
+    {"type": "delete", "id": 1, "key": "k", "client_id": "c", "seq": 2, "forward": True},
+    {"type": "register", "id": 1, "client_id": "c", "forward": False},
+    {"type": "cas", "id": 1, "key": "k", "expected": b"a", "value": b"b", "client_id": "c", "seq": 2, "forward": False},
     {"type": "transfer", "id": 1, "to": "n2"},
     {"type": "add_node", "id": 1, "node": "n6", "host": "10.0.0.6", "port": 7400, "priority": 1, "learner": True},
     {"type": "remove_node", "id": 1, "node": "n6"},
