@@ -34,11 +34,14 @@ def free_ports(n: int) -> list[int]:
 class LocalCluster:
     def __init__(self, tmp: Path, n: int = 3, *, priorities: dict[str, int] | None = None,
                  election_ms: int = 1000, heartbeat_ms: int = 100,
-                 snapshot_interval: int = 10000, fsync: bool = True, name: str = "test"):
+                 snapshot_interval: int = 10000, fsync: bool = True, name: str = "test",
+                 metrics: bool = False):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.names = [f"n{i + 1}" for i in range(n)]
-        self.ports = dict(zip(self.names, free_ports(n)))
+        ports = free_ports(2 * n if metrics else n)
+        self.ports = dict(zip(self.names, ports[:n]))
+        self.metrics_ports = dict(zip(self.names, ports[n:])) if metrics else {}
         self.priorities = priorities or {}
         self.cluster = name
         self.procs: dict[str, subprocess.Popen] = {}
@@ -53,9 +56,10 @@ class LocalCluster:
             "nodes:",
         ]
         for nm in self.names:
+            extra = f", metrics_port: {self.metrics_ports[nm]}" if metrics else ""
             lines.append(
                 f"  - {{name: {nm}, host: 127.0.0.1, port: {self.ports[nm]}, "
-                f"priority: {self.priorities.get(nm, 1)}, data_dir: data/{nm}}}"
+                f"priority: {self.priorities.get(nm, 1)}, data_dir: data/{nm}{extra}}}"
             )
         self.inventory.write_text("\n".join(lines) + "\n")
 

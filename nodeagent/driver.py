@@ -131,7 +131,7 @@ class Driver:
         self.dropped_inbox = 0
         self.messages_in = 0
         self.messages_out = 0
-        self._stop = False
+        self._seen = (None, None, None)  # (role, leader, term) last logged
 
     # == entry points for other tasks =====================================================
 
@@ -220,7 +220,7 @@ class Driver:
 
     def _process(self) -> None:
         node = self.node
-        prev_role, prev_lead, prev_term = node.role, node.lead, node.term
+        prev_role, prev_lead, prev_term = self._seen
         progressed = False
         while node.has_ready():
             rd = process_ready(node, self.storage, self, self)
@@ -234,23 +234,17 @@ class Driver:
                     heapq.heappush(self._reads_ready, _Read(rs.index, next(self._read_seq), key, pending))
         self._serve_reads()
         if node.role is not prev_role or node.lead != prev_lead or node.term != prev_term:
+            self._seen = (node.role, node.lead, node.term)
             if node.lead != prev_lead and node.lead is not None:
                 self.leader_changes.append(time.monotonic())
                 del self.leader_changes[:-64]
             log.info("role change", extra={"role": node.role.value, "term": node.term,
                                             "leader": node.lead})
-            if node.role is not Role.LEADER:
-                self._fail_reads_if_lost()
         if progressed:
             self._maybe_snapshot()
             self.version += 1
             self.changed.set()
             self.changed = trio.Event()
-
-    def _fail_reads_if_lost(self) -> None:
-        # Reads waiting on a ReadState may never get one after a leader change; their
-        # clients time out. Proposals stay: their entries may still commit.
-        pass
 
     def _serve_reads(self) -> None:
         applied = self.state.applied_index
