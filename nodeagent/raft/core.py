@@ -171,7 +171,14 @@ class RaftNode:
                 pass  # a granted pre-vote is answered in the future term we asked for
             else:
                 leader = m.frm if isinstance(m, (AppendEntries, Heartbeat, InstallSnapshot)) else None
+                elapsed = self.election_elapsed
                 self._become_follower(m.term, leader)
+                if isinstance(m, RequestVote) and self.conf.priority(self.id) <= 0:
+                    # A priority-0 caretaker waits CARETAKER_TIMEOUTS extra timeouts. If a
+                    # stale candidate's refused campaigns (no pre-vote: a new term each
+                    # time) restarted its timer, it would never campaign and nothing could
+                    # ever lead. Only a leader or a granted vote restarts it (Figure 2).
+                    self.election_elapsed = elapsed
         elif m.term < self.term:
             if isinstance(m, (AppendEntries, Heartbeat)) and (
                 self.cfg.check_quorum or self.cfg.pre_vote

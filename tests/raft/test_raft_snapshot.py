@@ -1,0 +1,139 @@
+"""Snapshots and log compaction (Raft §7): InstallSnapshot, retries, restarts."""
+
+from harness import Network
+
+from nodeagent.raft.messages import AppendEntries, InstallSnapshot
+
+ET = 10
+
+
+def cluster_with_snapshot(lagging: str = "c", n: int = 10, keep: int = 0) -> Network:
+    """a leads; ``lagging`` misses n proposals; a and b snapshot and compact them away
+    (keeping ``keep`` entries behind the snapshot)."""
+    net = Network("abc", compaction_keep=keep)
+    net.campaign("a")
+    net.isolate(lagging)
+    for i in range(n):
+        net.propose("a", b"v%d" % i)
+        net.stabilize()
+    for node in "ab":
+        if node != lagging:
+            net.snapshot(node)
+    net.recover()
+    return net
+
+
+def test_create_snapshot_compacts_the_log():
+    """The application snapshots its state at the applied index; the core folds every
+    entry up to it into the snapshot, and storage keeps only the entries after it."""
+    net = Network("abc", compaction_keep=0)
+    net.campaign("a")
+    for i in range(5):
+        net.propose("a", b"v%d" % i)
+    net.stabilize()
+
+    snap = net.snapshot("a")
+    assert (snap.meta.index, snap.meta.term) == (7, 2)
+    assert snap.meta.conf.voters == {"a", "b", "c"}
+    assert net["a"].log.first_index() == 8 and net["a"].log.last_index() == 7
+    assert net["a"].status()["snapshot_index"] == 7
+    assert net.storage["a"].durable.entries == []
+
+    net.propose("a", b"after")
+    net.stabilize()
+    assert [e.index for e in net.storage["a"].durable.entries] == [8]
+    assert net.apps["c"].values[-1] == b"after"
+
+
+def test_entries_kept_behind_a_snapshot_spare_a_slightly_lagging_follower_a_snapshot():
+    """compaction_keep: the leader keeps the last entries behind its snapshot in memory,
+    so a follower that is only a little behind catches up with ordinary appends."""
+    net = cluster_with_snapshot("c", n=10, keep=20)
+    assert net["a"].status()["snapshot_index"] == 12
+    assert net["a"].log.first_index() <= 3  # c's next entry is still in memory
+    net.tick_all(2)
+
+    assert not net.sent(InstallSnapshot)
+    assert net.apps["c"].values == [b"v%d" % i for i in range(10)]
+
+
+def test_a_follower_far_behind_installs_a_snapshot_then_continues_with_appends():
+    """§7: when the entries a follower needs were compacted, the leader sends its snapshot;
+    the follower replaces its log and state with it, then gets ordinary appends again."""
+    net = cluster_with_snapshot("c")
+    net.tick_all(2)
+
+    [install] = net.sent(InstallSnapshot, to="c")
+    assert install.snapshot.meta.index == 12
+    assert net.apps["c"].restored == [install.snapshot]
+    assert net.apps["c"].values == [b"v%d" % i for i in range(10)]
+    assert net["c"].log.first_index() == 13
+    assert net.storage["c"].durable.snapshot == install.snapshot
+    assert net["a"].status()["progress"]["c"].state == "replicate"
+
+    net.propose("a", b"next")
+    net.stabilize()
+    assert len(net.sent(InstallSnapshot)) == 1
+    assert [e.data for m in net.sent(AppendEntries, to="c") for e in m.entries][-1] == b"next"
+    assert net.apps["c"].values[-1] == b"next"
+
+
+def test_a_lost_snapshot_is_sent_again_after_a_timeout():
+    """A follower in snapshot state gets nothing else until it acknowledges; if the
+    snapshot (or its answer) is lost, the leader goes back to probing after an election
+    timeout, and the probe leads to a new snapshot."""
+    net = cluster_with_snapshot("c")
+    lost = []
+    net.drop(lambda m: isinstance(m, InstallSnapshot) and not lost and not lost.append(m))
+    net.tick_all(1)
+    assert len(lost) == 1
+    net.tick_all(ET - 2)
+    assert net["a"].status()["progress"]["c"].state == "snapshot"
+    assert len(net.sent(InstallSnapshot)) == 1  # nothing else while it waits
+
+    net.tick_all(3)
+    assert len(net.sent(InstallSnapshot)) == 2
+    assert net.apps["c"].values == [b"v%d" % i for i in range(10)]
+    assert net["a"].status()["progress"]["c"].state == "replicate"
+
+
+def test_restart_from_a_snapshot_the_node_made():
+    """A node that crashes after compacting restarts from its snapshot and the entries
+    after it: same log bounds, same membership, same state, and it keeps replicating."""
+    net = Network("abc", compaction_keep=0)
+    net.campaign("a")
+    for i in range(5):
+        net.propose("a", b"v%d" % i)
+    net.stabilize()
+    snap = net.snapshot("b")
+    for i in range(5, 8):
+        net.propose("a", b"v%d" % i)
+    net.tick_all(1)
+    bounds = (net["b"].log.first_index(), net["b"].log.last_index())
+
+    net.crash("b")
+    b = net.restart("b")
+    assert (b.log.first_index(), b.log.last_index()) == bounds == (snap.meta.index + 1, 10)
+    assert b.status()["voters"] == ["a", "b", "c"] and b.term == 2
+    net.tick_all(1)
+    assert net.apps["b"].values == [b"v%d" % i for i in range(8)]
+    net.propose("a", b"after restart")
+    net.stabilize()
+    assert net.apps["b"].values[-1] == b"after restart"
+
+
+def test_restart_after_installing_a_snapshot_from_the_leader():
+    """A snapshot received with InstallSnapshot is persisted by the Ready that carries it
+    (replacing the whole stored log); a crash right after keeps it."""
+    net = cluster_with_snapshot("c")
+    net.tick_all(2)
+    assert net.sent(InstallSnapshot, to="c")
+
+    net.crash("c")
+    c = net.restart("c")
+    assert c.log.first_index() == 13 and c.status()["voters"] == ["a", "b", "c"]
+    assert net.apps["c"].values == [b"v%d" % i for i in range(10)]
+    net.propose("a", b"more")
+    net.tick_all(1)
+    assert net.apps["c"].values[-1] == b"more"
+    assert len(net.sent(InstallSnapshot)) == 1
