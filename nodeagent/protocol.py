@@ -500,6 +500,17 @@ TEXT: Final = Str(0, 4096)
 MILLIS: Final = Int(0, 2**31 - 1)
 ERROR_BODY: Final = Struct({"code": req("code", CODE), "message": req("message", TEXT)})
 NODE_LIST: Final = Nullable(ListOf(NODE, 1024))
+TASK_ID: Final = Str(1, 128)
+TASK_STATES: Final = ("submitted", "assigned", "running", "succeeded", "failed", "timed_out", "cancelled")
+TASK_SPEC: Final = Struct({
+    "id": req("id", TASK_ID),
+    "kind": req("kind", Str(choices=("sleep", "cpu", "echo", "shell"))),
+    "args": req("args", AnyValue(map_only=True)),
+    "timeout_ms": req("timeout_ms", Int(1, 86_400_000)),
+    "max_attempts": opt("max_attempts", Int(1, 100)),
+    "policy": opt("policy", Nullable(Str(choices=("least_loaded", "round_robin", "weighted", "hash")))),
+    "key": opt("key", Nullable(Str(1, 1024))),
+})
 
 MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
     # handshake: the first frame each way
@@ -594,6 +605,53 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         doc="inject (or heal) a network fault on peer traffic from -> to",
     ),
     "heal": _request("admin", doc="remove every fault this agent enforces"),
+    # tasks
+    "submit": _request(
+        "operator",
+        req("tasks", ListOf(TASK_SPEC, 1000)),
+        req("client_id", NAME),
+        req("seq", UINT),
+        opt("forward", Bool(), False),
+        doc="submit 1 to 1000 tasks; a task's id makes its submission idempotent",
+    ),
+    "task_get": _request("viewer", req("task", TASK_ID), doc="one task's record"),
+    "task_list": _request(
+        "viewer",
+        opt("state", Nullable(Str(choices=TASK_STATES)), None),
+        opt("node", Nullable(NODE), None),
+        opt("limit", Int(1, 10_000), 100),
+        opt("after", Nullable(TASK_ID), None),
+        doc="tasks in submission order, filtered by state and node, paged by id",
+    ),
+    "task_wait": _request(
+        "viewer",
+        req("ids", ListOf(TASK_ID, 1000)),
+        req("timeout_ms", MILLIS),
+        doc="wait until every listed task is final, or the timeout; returns the records",
+    ),
+    "task_cancel": _request(
+        "operator",
+        req("task", TASK_ID),
+        req("client_id", NAME),
+        req("seq", UINT),
+        opt("forward", Bool(), False),
+        doc="cancel a queued or running task",
+    ),
+    "task_report": _request(
+        "operator",
+        req("event", Str(choices=("start", "complete"))),
+        req("task", TASK_ID),
+        req("attempt", Int(1, 1000)),
+        req("node", NODE),
+        opt("outcome", Nullable(Str(choices=("succeeded", "failed", "timed_out"))), None),
+        opt("exit_code", Nullable(Int(-(2**31), 2**31 - 1)), None),
+        opt("stdout", Bytes(), b""),
+        opt("stderr", Bytes(), b""),
+        opt("error", Nullable(TEXT), None),
+        opt("ts", UINT, 0),
+        when=(("event", "complete", ("outcome",)),),
+        doc="an agent tells the leader it started or finished an attempt (agents only)",
+    ),
     # agent to client
     "reply": _spec(
         "reply",
