@@ -39,6 +39,7 @@ from nodeagent.protocol import (
     encode,
 )
 
+# "internal": the agent failed while handling the request; the outcome is unknown.
 # Error codes after which a write certainly had no effect and may be retried elsewhere.
 _DEFINITE_RETRY = {"not_leader", "busy", "dropped"}
 # Error codes that are final answers about the request itself.
@@ -158,7 +159,7 @@ class AgentConnection:
                 with contextlib.suppress(asyncio.QueueFull):
                     self._updates.put_nowait(None)
 
-    async def request(self, type_: str, timeout: float = 5.0, **fields) -> Any:
+    async def request(self, type_: str, /, *, timeout: float = 5.0, **fields) -> Any:
         """Send one request and return its result; RequestError on ok=false;
         OutcomeUnknown if the connection died or the answer did not come in time."""
         if not self.connected:
@@ -274,12 +275,12 @@ class ClusterClient:
             names.insert(0, self.leader)
         return names
 
-    async def call(self, node: str, type_: str, **fields) -> Any:
+    async def call(self, node: str, type_: str, /, **fields) -> Any:
         """One request to one named agent, no retries."""
         conn = await self.connection(node)
         return await conn.request(type_, timeout=self.timeout, **fields)
 
-    async def _leader_call(self, type_: str, changes_state: bool, **fields) -> Any:
+    async def _leader_call(self, type_: str, /, *, changes_state: bool, **fields) -> Any:
         """Send to the leader, following not_leader hints, retrying on other nodes until
         ``op_timeout`` runs out. Every request we send is safe to repeat (writes carry
         their (client_id, seq)). For a request that changes state, an attempt that may
@@ -316,8 +317,8 @@ class ClusterClient:
                     self.leader = hint
                     if hint is not None and loop.time() < deadline:
                         continue  # go straight to the leader it named
-                elif e.code in _DEFINITE_RETRY or e.code == "timeout":
-                    if e.code == "timeout":
+                elif e.code in _DEFINITE_RETRY or e.code in ("timeout", "internal"):
+                    if e.code in ("timeout", "internal"):
                         unknown = e
                     if e.code != "busy":
                         self.leader = None
@@ -380,6 +381,51 @@ class ClusterClient:
         if node is not None:
             return await self.call(node, "get", key=key, consistency=consistency)
         return await self._leader_call("get", changes_state=False, key=key, consistency=consistency)
+
+    # -- tasks --
+
+    async def submit(self, tasks: list[dict]) -> dict:
+        """Submit tasks (each a spec with a client-chosen ``id``; see docs/PROTOCOL.md).
+        Resubmitting an id with the same spec is a no-op, so a retry is safe."""
+        out = {"index": 0, "results": []}
+        for i in range(0, len(tasks), 1000):
+            r = await self._write("submit", tasks=tasks[i:i + 1000])
+            out["index"] = r["index"]
+            out["results"] += r["results"]
+        return out
+
+    async def task(self, task_id: str, node: str | None = None) -> dict | None:
+        if node is not None:
+            return await self.call(node, "task_get", task=task_id)
+        return await self._leader_call("task_get", changes_state=False, task=task_id)
+
+    async def tasks(self, state: str | None = None, node: str | None = None,
+                    limit: int = 100, after: str | None = None) -> list[dict]:
+        return await self._leader_call("task_list", changes_state=False, state=state,
+                                       node=node, limit=limit, after=after)
+
+    async def wait(self, ids: list[str], timeout: float = 60.0) -> list[dict]:
+        """Wait until every task is final; returns their records (raises TimeoutError)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        records: dict[str, dict] = {}
+        pending = list(ids)
+        while pending:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"{len(pending)} of {len(ids)} tasks not final after {timeout:g}s")
+            chunk = pending[:1000]
+            r = await self._leader_call("task_wait", changes_state=False, ids=chunk,
+                                        timeout_ms=int(min(left, self.timeout * 0.8) * 1000))
+            for rec in r["tasks"]:
+                if rec is not None and rec["state"] in ("succeeded", "failed", "timed_out",
+                                                        "cancelled"):
+                    records[rec["id"]] = rec
+            pending = [i for i in pending if i not in records]
+        return [records[i] for i in ids]
+
+    async def cancel(self, task_id: str) -> dict:
+        return await self._write("task_cancel", task=task_id)
 
     # -- admin --
 

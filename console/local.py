@@ -35,7 +35,9 @@ class LocalCluster:
     def __init__(self, tmp: Path, n: int = 3, *, priorities: dict[str, int] | None = None,
                  election_ms: int = 1000, heartbeat_ms: int = 100,
                  snapshot_interval: int = 10000, fsync: bool = True, name: str = "test",
-                 metrics: bool = False):
+                 metrics: bool = False, capacities: dict[str, int] | None = None,
+                 task_lease_ms: int = 5000, allow_shell: bool = False,
+                 dispatch_policy: str = "least_loaded"):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.names = [f"n{i + 1}" for i in range(n)]
@@ -53,10 +55,15 @@ class LocalCluster:
             f"  heartbeat_interval_ms: {heartbeat_ms}",
             f"  snapshot_interval: {snapshot_interval}",
             f"  fsync: {'true' if fsync else 'false'}",
+            f"  task_lease_ms: {task_lease_ms}",
+            f"  dispatch_policy: {dispatch_policy}",
             "nodes:",
         ]
         for nm in self.names:
             extra = f", metrics_port: {self.metrics_ports[nm]}" if metrics else ""
+            extra += f", capacity: {(capacities or {}).get(nm, 1)}"
+            if allow_shell:
+                extra += ", allow_shell: true"
             lines.append(
                 f"  - {{name: {nm}, host: 127.0.0.1, port: {self.ports[nm]}, "
                 f"priority: {self.priorities.get(nm, 1)}, data_dir: data/{nm}{extra}}}"

@@ -23,9 +23,10 @@ from .driver import Driver, RequestFailed
 from .forward import Forwarder
 from .raft.core import Config as RaftConfig
 from .raft.core import RaftNode
-from .raft.messages import ConfChange, ConfChangeOp, ConfState
+from .raft.messages import ConfChange, ConfChangeOp, ConfState, Role
 from .metrics import serve_metrics
 from .storage import DiskStorage
+from .tasks import TaskManager, now_ms, report_command
 from .telemetry import AgentMetrics, TimedStorage
 from .transport import FaultRules, Transport
 
@@ -66,6 +67,7 @@ class Agent:
         self.transport: Transport = None  # type: ignore[assignment]
         self.server = None
         self.forwarder: Forwarder | None = None
+        self.tasks: TaskManager = None  # type: ignore[assignment]
         self._request_counts: dict[str, int] = {}
 
     # == start-up =============================================================================
@@ -100,6 +102,9 @@ class Agent:
             on_apply_conf=self._on_conf_change,
             metrics=self.metrics,
         )
+        self.tasks = TaskManager(self)
+        self.driver.on_tick = self.tasks.on_tick
+        self.driver.after_apply = self.tasks.reconcile
         node.report = self._load_report()
         if self.metrics is not None:
             self.metrics.bind(self)
@@ -117,6 +122,7 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.transport.run)
                 await nursery.start(self.server.serve, self.cfg.node.host, self.cfg.node.port)
+                await nursery.start(self.tasks.run)
                 await nursery.start(self.driver.run)
                 self.forwarder = Forwarder(self, nursery)
                 nursery.start_soon(self._housekeeping)
@@ -137,12 +143,7 @@ class Agent:
             self.driver.node.report = self._load_report()
 
     def _load_report(self) -> bytes:
-        try:
-            load1 = os.getloadavg()[0]
-        except OSError:
-            load1 = 0.0
-        return msgpack.packb({"running": 0, "queued": 0, "capacity": self.cfg.node.capacity,
-                              "load1": round(load1, 2)})
+        return self.tasks.load_report()
 
     def _on_conf_change(self, cc: ConfChange) -> None:
         if cc.op is ConfChangeOp.REMOVE:
@@ -281,6 +282,77 @@ class Agent:
         log.warning("faults healed")
         return None, None
 
+    # -- tasks --
+
+    async def propose_report(self, report: dict) -> None:
+        """Get a task report committed: directly on the leader, else relayed to it."""
+        node = self.driver.node
+        if node.role is Role.LEADER:
+            _, result = await self._wait("propose", report_command(report))
+            if result.error:
+                raise RequestFailed(result.error, result.detail or result.error)
+            return
+        leader = node.lead
+        if leader is None or leader not in self.addresses:
+            raise RequestFailed("not_leader", "no leader known", None)
+        reply = await self.forwarder.forward(leader, {"type": "task_report", "id": 0, **report})
+        if not reply["ok"]:
+            err = reply.get("error") or {"code": "rejected", "message": ""}
+            raise RequestFailed(err["code"], err["message"], reply.get("leader"))
+
+    async def _rq_task_report(self, session, msg):
+        report = {k: msg[k] for k in ("event", "task", "attempt", "node", "outcome", "exit_code",
+                                      "stdout", "stderr", "error", "ts") if k in msg}
+        _, result = await self._wait("propose", report_command(report))
+        if result.error:
+            raise RequestFailed(result.error, result.detail or result.error)
+        return None, None
+
+    async def _rq_submit(self, session, msg):
+        specs = []
+        for i, t in enumerate(msg["tasks"]):
+            spec = dict(t)
+            spec.setdefault("max_attempts", self.cfg.cluster.max_attempts)
+            try:
+                specs.append(st.check_task_spec(spec))
+            except st.CommandError as e:
+                raise RequestFailed("bad_task", f"tasks[{i}]: {e}") from None
+        if self.driver.node.role is Role.LEADER and not self.tasks.any_shell():
+            shell = [i for i, t in enumerate(specs) if t["kind"] == "shell"]
+            if shell:
+                raise RequestFailed("rejected", f"tasks[{shell[0]}]: shell tasks are disabled on "
+                                                "every node (allow_shell: false in the inventory)")
+        index, result = await self._write("submit_tasks", msg, tasks=specs, ts=now_ms())
+        per = [{"ok": r["ok"], "error": r["error"], "detail": r["detail"]} for r in (result.value or [])]
+        return {"index": index, "results": per}, None
+
+    async def _rq_task_get(self, session, msg):
+        return self.driver.state.task(msg["task"]), None
+
+    async def _rq_task_list(self, session, msg):
+        try:
+            return self.driver.state.list_tasks(state=msg.get("state"), node=msg.get("node"),
+                                                limit=msg.get("limit", 100),
+                                                after_id=msg.get("after")), None
+        except KeyError:
+            raise RequestFailed("rejected", f"unknown task {msg.get('after')!r} in 'after'") from None
+
+    async def _rq_task_wait(self, session, msg):
+        deadline = trio.current_time() + msg["timeout_ms"] / 1000.0
+        while True:
+            state = self.driver.state
+            records = [state.task(i) for i in msg["ids"]]
+            done = all(r is not None and r["state"] in ("succeeded", "failed", "timed_out",
+                                                        "cancelled") for r in records)
+            if done or trio.current_time() >= deadline:
+                return {"done": done, "tasks": records}, None
+            with trio.move_on_at(deadline):
+                await self.driver.changed.wait()
+
+    async def _rq_task_cancel(self, session, msg):
+        index, result = await self._write("cancel_task", msg, id=msg["task"], ts=now_ms())
+        return result.value, None
+
     # == status ===================================================================================
 
     def status(self) -> dict[str, Any]:
@@ -301,5 +373,11 @@ class Agent:
                 "syncs", "fsyncs", "fsync_latency_ms_sum", "fsync_latency_ms_max", "repaired")},
             "connections": self.server.connections if self.server else 0,
             "requests": dict(self._request_counts),
+            "tasks": {"counts": self.driver.state.task_counts(),
+                      "executor": {k: v for k, v in self.tasks.executor.stats().items()
+                                   if k != "running_tasks"},
+                      "assigned_total": self.tasks.assigned_total,
+                      "loads": self.tasks.loads.snapshot(time.monotonic(), self.tasks.lease),
+                      "expired_total": self.tasks.expired_total},
         })
         return s

@@ -132,6 +132,10 @@ class Driver:
         self.messages_in = 0
         self.messages_out = 0
         self._seen = (None, None, None)  # (role, leader, term) last logged
+        # Hooks run inside this task (they may touch the core and the state): on every
+        # tick, and after every round that applied entries.
+        self.on_tick: Callable[[], None] | None = None
+        self.after_apply: Callable[[], None] | None = None
 
     # == entry points for other tasks =====================================================
 
@@ -174,6 +178,8 @@ class Driver:
             now = trio.current_time()
             if now >= next_tick:
                 self.node.tick()
+                if self.on_tick is not None:
+                    self.on_tick()
                 next_tick += self.tick_interval
                 if next_tick < now:  # we fell far behind (a stall): do not burst ticks
                     next_tick = now + self.tick_interval
@@ -241,6 +247,8 @@ class Driver:
             log.info("role change", extra={"role": node.role.value, "term": node.term,
                                             "leader": node.lead})
         if progressed:
+            if self.after_apply is not None and node.log.applied == node.log.committed:
+                self.after_apply()
             self._maybe_snapshot()
             self.version += 1
             self.changed.set()

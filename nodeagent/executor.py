@@ -98,6 +98,9 @@ SHELL_DISABLED: Final = "shell tasks are disabled on this node (allow_shell: fal
 TASKRUNNER: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "taskrunner.py")
 KILL_WAIT: Final = 5.0  # after SIGKILL, how long to wait for the exit before giving up (logged)
 READ_CHUNK: Final = 64 * 1024
+# Tasks run at a lower scheduling priority than the agent, so a node busy with tasks still
+# answers heartbeats on time.
+TASK_NICENESS: Final = 10
 
 Outcome = Literal["succeeded", "failed", "timed_out", "cancelled"]
 
@@ -396,6 +399,11 @@ class Executor:
     def running(self) -> int:
         return len(self._running)
 
+    def active_ids(self) -> set[str]:
+        """Ids of every task queued or running here (not being cancelled)."""
+        return {e.spec.id for e in (*self._queue.values(), *self._running.values())
+                if e.cancel_reason is None}
+
     def queued(self) -> int:
         return len(self._queue)
 
@@ -493,6 +501,10 @@ class Executor:
             return result("failed", None, f"could not start the task process ({argv[0]}): {e}")
 
         entry.pid = proc.pid
+        try:
+            os.setpriority(os.PRIO_PGRP, proc.pid, TASK_NICENESS)
+        except OSError:
+            pass  # already gone, or not permitted: it runs at the agent's priority
         child = _Child(proc)
         out, err = _Tail(self.output_limit), _Tail(self.output_limit)
         stopped = False  # the timeout or cancel() fired

@@ -197,6 +197,13 @@ class Server:
                 reply["leader"] = e.leader
             agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
             return reply
+        except Exception:
+            # Our bug, not the client's: log it, answer, and keep serving everyone else.
+            # The request may or may not have taken effect.
+            log.exception("request handler failed", extra={"request": msg["type"]})
+            agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
+            return _fail(rid, "internal", f"the agent failed while handling {msg['type']}; "
+                                          "the outcome is unknown; see the agent's log")
         agent.observe_request(msg["type"], time.monotonic() - t0, ok=True)
         reply = {"type": "reply", "id": rid, "ok": True, "result": result}
         if leader is not None:

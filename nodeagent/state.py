@@ -17,15 +17,48 @@ as msgpack str)::
     {"op": "cas",    "key": str, "expected": bytes | nil, "value": bytes, [session]}
     {"op": "noop",                                                        [session]}
 
+    {"op": "submit_task",   "task": <spec>, "ts": int,                    [session]}
+    {"op": "submit_tasks",  "tasks": [<spec>, ...] (<= 1000), "ts": int,  [session]}
+    {"op": "assign_task",   "id": str, "node": str, "attempt": int, "ts": int,    [session]}
+    {"op": "start_task",    "id": str, "node": str, "attempt": int, "ts": int,    [session]}
+    {"op": "complete_task", "id": str, "node": str, "attempt": int,
+                            "outcome": "succeeded" | "failed" | "timed_out",
+                            "exit_code": int | nil, "stdout": bytes, "stderr": bytes,
+                            ["error": str], "ts": int,                    [session]}
+    {"op": "expire_task",   "id": str, "attempt": int, "reason": str, "ts": int,  [session]}
+    {"op": "cancel_task",   "id": str, "ts": int,                         [session]}
+
     [session] = "client": str, "seq": int >= 1   (both, or neither)
+    <spec>    = {"id": str, "kind": "sleep" | "cpu" | "echo" | "shell", "args": map,
+                 "timeout_ms": int, "max_attempts": int, ["policy": str], ["key": str]}
 
 ``expected = nil`` means "the key must be absent". Unknown fields are rejected. An entry
 with empty data is the leader's no-op of a new term: it only advances ``applied_index``.
 
 The operations are a table (:data:`OPS`): an op's name, the fields it takes with their
-validators, and its handler. The task-table commands (submit_task, assign_task,
-complete_task, fail_task, cancel) are further rows of that table; their records live in
-the ``tasks`` section, which is already part of the snapshot and the digest.
+validators, and its handler.
+
+Tasks
+-----
+The task commands keep a table of task records (plain data, see :func:`check_task_spec`
+and the ``_new_record`` layout) in the ``tasks`` section of the snapshot and the digest.
+Time is never read from a clock: ``ts`` (milliseconds since the epoch) is set by the
+proposer and copied into the record. A task moves::
+
+    submitted -> assigned -> running -> succeeded | failed | timed_out | cancelled
+        ^           |           |
+        +-----------+-----------+   expire_task: the attempt is lost (attempts left)
+
+Every attempt-scoped command (start, complete, expire) names the attempt it is about;
+one that is not about the current, live attempt gets ``error="stale_attempt"`` and
+changes nothing, so a late result of an old attempt can never overwrite the outcome of
+a newer one, and a final state never changes. ``assign_task`` is a compare-and-set on
+the attempt number (``attempt == task.attempt + 1``), so two proposers racing to place
+the same task cannot both win. ``ApplyResult.effects`` tells the replicas what to do
+locally: ``("run", node, id, attempt)`` after an assignment and ``("kill", node, id,
+attempt)`` after a cancel of a live attempt; only the agent named ``node`` acts on them.
+Derived indexes (per state, per node, submission order) serve the reads; they are
+rebuilt on restore and are part of neither the snapshot nor the digest.
 
 Results
 -------
@@ -74,14 +107,29 @@ import msgpack
 from nodeagent.raft.messages import ConfChange, ConfChangeOp, ConfState, EntryKind
 
 __all__ = [
+    "ACTIVE_STATES",
+    "ATTEMPT_OUTCOMES",
     "DEFAULT_MAX_SESSIONS",
+    "ERR_ALREADY_FINAL",
     "ERR_BAD_COMMAND",
     "ERR_BAD_CONF_CHANGE",
+    "ERR_BAD_TASK",
+    "ERR_NO_ATTEMPTS_LEFT",
+    "ERR_NO_SUCH_TASK",
     "ERR_SESSION_EXPIRED",
+    "ERR_STALE_ATTEMPT",
     "ERR_STALE_SEQ",
+    "ERR_TASK_BUSY",
+    "ERR_TASK_EXISTS",
+    "FINAL_STATES",
     "MAX_CLIENT_BYTES",
     "MAX_KEY_BYTES",
+    "MAX_TASK_BATCH",
+    "MAX_TASK_OUTPUT_BYTES",
     "OPS",
+    "TASK_KINDS",
+    "TASK_OUTCOMES",
+    "TASK_STATES",
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_VERSION",
     "ApplyResult",
@@ -93,6 +141,7 @@ __all__ = [
     "StateError",
     "StateMachine",
     "StateStatistics",
+    "check_task_spec",
     "decode_command",
     "diff_replicas",
     "encode_command",
@@ -111,6 +160,34 @@ ERR_BAD_COMMAND = "bad_command"  # malformed entry; nothing applied
 ERR_BAD_CONF_CHANGE = "bad_conf_change"  # malformed conf-change entry; nothing applied
 ERR_STALE_SEQ = "stale_seq"  # seq older than the client's last applied seq
 ERR_SESSION_EXPIRED = "session_expired"  # seq > 1 from a client with no session
+ERR_BAD_TASK = "bad_task"  # a task spec that is not valid (detail names the field)
+ERR_TASK_EXISTS = "task_exists"  # a task with this id exists with a different spec
+ERR_NO_SUCH_TASK = "no_such_task"  # no task with this id
+ERR_STALE_ATTEMPT = "stale_attempt"  # not about the current live attempt; nothing changed
+ERR_NO_ATTEMPTS_LEFT = "no_attempts_left"  # the attempt number exceeds max_attempts
+ERR_ALREADY_FINAL = "already_final"  # the task has finished; value is its record
+ERR_TASK_BUSY = "task_busy"  # assign while the current attempt is still live
+
+# -- task table limits and vocabulary
+TASK_KINDS = ("cpu", "echo", "shell", "sleep")
+TASK_STATES = ("submitted", "assigned", "running", "succeeded", "failed", "timed_out", "cancelled")
+ACTIVE_STATES = frozenset({"assigned", "running"})  # the current attempt is live on a node
+FINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
+TASK_OUTCOMES = ("succeeded", "failed", "timed_out")  # what complete_task may report
+ATTEMPT_OUTCOMES = frozenset({*TASK_OUTCOMES, "lost", "cancelled"})
+MAX_TASK_ID_BYTES = 128
+MAX_TIMEOUT_MS = 86_400_000
+MAX_TASK_ATTEMPTS = 100
+MAX_TASK_BATCH = 1000
+MAX_SLEEP_MS = 86_400_000
+MAX_CPU_MS = 3_600_000
+MAX_ECHO_BYTES = 64 * 1024
+MAX_SHELL_CMD_BYTES = 4096
+MAX_POLICY_BYTES = 64
+MAX_REASON_BYTES = 1024
+MAX_ERROR_CHARS = 4096
+MAX_TASK_OUTPUT_BYTES = 64 * 1024  # stdout and stderr each; the tail is kept
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 _MOD = 1 << 256
 _DIGEST_TAG = "raftdeck-state-digest/1"
@@ -155,6 +232,18 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
     if type(obj) is dict:
         return all(type(k) is str and _is_plain(v, depth + 1) for k, v in obj.items())
     return False
+
+
+def _bisect(a: list, x: Any) -> int:
+    """The leftmost index where ``x`` could be inserted into the sorted list ``a``."""
+    lo, hi = 0, len(a)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _item_hash(item: Any) -> int:
@@ -228,6 +317,154 @@ def _check_seq(v: Any) -> int:
     if v < 1:
         raise CommandError("must be >= 1")
     return v
+
+
+def _check_int_in(v: Any, lo: int, hi: int) -> int:
+    if type(v) is not int:
+        raise CommandError(f"must be an integer in {lo}..{hi}")
+    if not lo <= v <= hi:
+        raise CommandError(f"must be in {lo}..{hi}, not {v}")
+    return v
+
+
+def _check_str_bytes(v: Any, hi: int) -> str:
+    """A non-empty string of at most ``hi`` bytes of UTF-8."""
+    if type(v) is not str:
+        raise CommandError("must be a string")
+    if not v:
+        raise CommandError("must not be empty")
+    if _utf8_len(v) > hi:
+        raise CommandError(f"is longer than {hi} bytes")
+    return v
+
+
+def _check_ts(v: Any) -> int:
+    return _check_int_in(v, 0, _INT64[1])
+
+
+def _check_task_id(v: Any) -> str:
+    return _check_str_bytes(v, MAX_TASK_ID_BYTES)
+
+
+def _check_node(v: Any) -> str:
+    return _check_str_bytes(v, MAX_CLIENT_BYTES)
+
+
+def _check_attempt(v: Any) -> int:
+    return _check_int_in(v, 1, MAX_TASK_ATTEMPTS)
+
+
+def _check_outcome(v: Any) -> str:
+    if type(v) is not str or v not in TASK_OUTCOMES:
+        raise CommandError(f"must be one of {', '.join(TASK_OUTCOMES)}")
+    return v
+
+
+def _check_exit_code(v: Any) -> int | None:
+    return None if v is None else _check_int_in(v, *_INT64)
+
+
+def _check_reason(v: Any) -> str:
+    return _check_str_bytes(v, MAX_REASON_BYTES)
+
+
+def _check_error_text(v: Any) -> str:
+    if type(v) is not str:
+        raise CommandError("must be a string")
+    _utf8_len(v)
+    return v[:MAX_ERROR_CHARS]
+
+
+def _check_map(v: Any) -> dict:
+    """A task spec is checked field by field by the handler (error ``bad_task``), so a
+    batch can refuse one task and accept the others; here it only has to be a map."""
+    if type(v) is not dict:
+        raise CommandError("must be a map")
+    return v
+
+
+def _check_task_list(v: Any) -> list:
+    if type(v) is not list:
+        raise CommandError("must be a list")
+    if len(v) > MAX_TASK_BATCH:
+        raise CommandError(f"has more than {MAX_TASK_BATCH} tasks")
+    for i, t in enumerate(v):
+        if type(t) is not dict:
+            raise CommandError(f"[{i}] must be a map")
+    return v
+
+
+def _check_echo_data(v: Any) -> bytes:
+    data = _check_bytes(v)
+    if len(data) > MAX_ECHO_BYTES:
+        raise CommandError(f"is longer than {MAX_ECHO_BYTES} bytes")
+    return data
+
+
+# kind -> {arg: validator}; every arg is required and no other is accepted
+_TASK_ARGS: dict[str, dict[str, Check]] = {
+    "sleep": {"ms": lambda v: _check_int_in(v, 0, MAX_SLEEP_MS)},
+    "cpu": {"ms": lambda v: _check_int_in(v, 0, MAX_CPU_MS)},
+    "echo": {"data": _check_echo_data},
+    "shell": {"cmd": lambda v: _check_str_bytes(v, MAX_SHELL_CMD_BYTES)},
+}
+_SPEC_REQUIRED = ("id", "kind", "args", "timeout_ms", "max_attempts")
+_SPEC_OPTIONAL = ("policy", "key")
+_SPEC_FIELDS = (*_SPEC_REQUIRED, *_SPEC_OPTIONAL)
+
+
+def _unknown(names: Any) -> str:
+    return ", ".join(sorted(repr(n)[:64] for n in names))
+
+
+def check_task_spec(spec: Any) -> dict[str, Any]:
+    """The normalized spec of a task (``policy`` and ``key`` present, ``None`` if absent),
+    or ``CommandError`` whose message starts with the offending field::
+
+        task.args.ms: must be in 0..86400000, not -1
+
+    ``apply`` runs the same check (error ``bad_task``); proposers may call it first.
+    """
+    if type(spec) is not dict:
+        raise CommandError("task: must be a map")
+    extra = set(spec) - set(_SPEC_FIELDS)
+    if extra:
+        raise CommandError(f"task: unknown field(s) {_unknown(extra)}"[:200])
+    for name in _SPEC_REQUIRED:
+        if name not in spec:
+            raise CommandError(f"task.{name}: missing")
+    out: dict[str, Any] = {}
+
+    def field(label: str, value: Any, check: Check) -> Any:
+        try:
+            return check(value)
+        except CommandError as e:
+            raise CommandError(f"task.{label}: {e}") from None
+
+    out["id"] = field("id", spec["id"], _check_task_id)
+    kind = spec["kind"]
+    if type(kind) is not str or kind not in _TASK_ARGS:
+        shown = repr(kind)[:64]
+        raise CommandError(f"task.kind: unknown kind {shown} (expected one of {', '.join(TASK_KINDS)})")
+    out["kind"] = kind
+    args = spec["args"]
+    if type(args) is not dict:
+        raise CommandError("task.args: must be a map")
+    checks = _TASK_ARGS[kind]
+    extra = set(args) - set(checks)
+    if extra:
+        raise CommandError(f"task.args: unknown field(s) {_unknown(extra)} for kind {kind!r}"[:200])
+    for name in checks:
+        if name not in args:
+            raise CommandError(f"task.args.{name}: missing (kind {kind!r} needs {', '.join(sorted(checks))})")
+    out["args"] = {name: field(f"args.{name}", args[name], check) for name, check in sorted(checks.items())}
+    out["timeout_ms"] = field("timeout_ms", spec["timeout_ms"], lambda v: _check_int_in(v, 1, MAX_TIMEOUT_MS))
+    out["max_attempts"] = field("max_attempts", spec["max_attempts"],
+                                lambda v: _check_int_in(v, 1, MAX_TASK_ATTEMPTS))
+    policy, key = spec.get("policy"), spec.get("key")
+    out["policy"] = None if policy is None else field("policy", policy, lambda v: _check_str_bytes(v, MAX_POLICY_BYTES))
+    out["key"] = None if key is None else field("key", key, _check_key)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,12 +660,43 @@ class StateMachine:
         # Ordered by the index of each client's last applied command (oldest first):
         # the first entry is the next to evict.
         self._sessions: OrderedDict[str, _Sess] = OrderedDict()
-        self._tasks: dict[str, Any] = {}  # task id -> plain-data record (task ops: later)
+        self._tasks: dict[str, Any] = {}  # task id -> plain-data record (see _new_record)
         self._conf = _EMPTY_CONF
         self._conf_index = 0
         self._addresses: dict[str, str] = {}  # members added with an address (ConfChange.context)
         self._acc = _Accumulator()
         self._acc.add(self._conf_item())
+        self._reindex_tasks()
+
+    def _reindex_tasks(self) -> None:
+        """Rebuild the derived task indexes from ``_tasks`` (not in the snapshot or digest)."""
+        self._task_ids_by_state: dict[str, set[str]] = {st: set() for st in TASK_STATES}
+        self._task_ids_by_node: dict[str, set[str]] = {}  # node -> ids of its live attempts
+        # (submitted_at, id) of every task, sorted: the listing order
+        self._task_order: list[tuple[int, str]] = sorted((r["submitted_at"], t) for t, r in self._tasks.items())
+        for t, r in self._tasks.items():
+            self._index_task(t, r, order=False)
+
+    def _index_task(self, task_id: str, record: Any, *, order: bool = True) -> None:
+        self._task_ids_by_state[record["state"]].add(task_id)
+        if record["state"] in ACTIVE_STATES:
+            self._task_ids_by_node.setdefault(record["node"], set()).add(task_id)
+        if order:
+            key = (record["submitted_at"], task_id)
+            self._task_order.insert(_bisect(self._task_order, key), key)
+
+    def _unindex_task(self, task_id: str, record: Any, *, order: bool = True) -> None:
+        self._task_ids_by_state[record["state"]].discard(task_id)
+        if record["state"] in ACTIVE_STATES:
+            ids = self._task_ids_by_node[record["node"]]
+            ids.discard(task_id)
+            if not ids:
+                del self._task_ids_by_node[record["node"]]
+        if order:
+            key = (record["submitted_at"], task_id)
+            i = _bisect(self._task_order, key)
+            assert self._task_order[i] == key
+            del self._task_order[i]
 
     # -- applying -----------------------------------------------------------------------
 
@@ -532,16 +800,24 @@ class StateMachine:
         return prev
 
     def _task_set(self, task_id: str, record: Any) -> None:
+        """Insert or replace a record. Callers build the new record as a copy: the stored
+        one must stay as it was until here, because its hash leaves the digest."""
         record = _canon(record)
         assert _is_plain(record), "task records are plain data"
-        self._task_delete(task_id)
+        old = self._tasks.pop(task_id, None)
+        same_order = old is not None and old["submitted_at"] == record["submitted_at"]
+        if old is not None:
+            self._acc.remove(["task", task_id, old])
+            self._unindex_task(task_id, old, order=not same_order)
         self._tasks[task_id] = record
         self._acc.add(["task", task_id, record])
+        self._index_task(task_id, record, order=not same_order)
 
     def _task_delete(self, task_id: str) -> Any:
         record = self._tasks.pop(task_id, None)
         if record is not None:
             self._acc.remove(["task", task_id, record])
+            self._unindex_task(task_id, record)
         return record
 
     def _conf_item(self) -> list:
@@ -575,7 +851,71 @@ class StateMachine:
 
     @property
     def tasks(self) -> Mapping[str, Any]:
+        """The raw task table (read-only view; do not mutate the records)."""
         return MappingProxyType(self._tasks)
+
+    # Task reads for the agent and the console: pure, local (stale unless the caller did
+    # ReadIndex first). Records are returned as copies; lists of ids are in submission
+    # order, (submitted_at, id).
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        """A copy of the task's record, or None."""
+        record = self._tasks.get(task_id)
+        return None if record is None else _canon(record)
+
+    def _in_order(self, ids: set[str]) -> list[str]:
+        tasks = self._tasks
+        return sorted(ids, key=lambda t: (tasks[t]["submitted_at"], t))
+
+    def tasks_by_state(self, state: str) -> list[str]:
+        """Ids of the tasks in ``state`` (``ValueError`` for an unknown state)."""
+        if state not in self._task_ids_by_state:
+            raise ValueError(f"unknown task state {state!r} (expected one of {', '.join(TASK_STATES)})")
+        return self._in_order(self._task_ids_by_state[state])
+
+    def tasks_on(self, node: str) -> list[str]:
+        """Ids of the non-final tasks whose current attempt is on ``node`` (assigned or running)."""
+        return self._in_order(self._task_ids_by_node.get(node, set()))
+
+    def task_counts(self) -> dict[str, int]:
+        """Number of tasks in each state (every state present, zeros included)."""
+        return {st: len(ids) for st, ids in self._task_ids_by_state.items()}
+
+    def node_load(self) -> dict[str, int]:
+        """node -> number of tasks assigned to or running on it (nodes with none absent)."""
+        return {n: len(self._task_ids_by_node[n]) for n in sorted(self._task_ids_by_node)}
+
+    def list_tasks(
+        self, state: str | None = None, node: str | None = None, limit: int = 100, after_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` records (copies) in submission order, (submitted_at, id).
+
+        ``state`` keeps the tasks in that state; ``node`` those whose current (or last)
+        attempt is on that node; ``after_id`` starts after that task (a page cursor:
+        pass the id of the last record of the previous page). ``KeyError`` for an
+        unknown ``after_id``, ``ValueError`` for an unknown state or a bad limit.
+        """
+        if type(limit) is not int or limit < 0:
+            raise ValueError(f"limit must be an integer >= 0, not {limit!r}")
+        start: tuple[int, str] | None = None
+        if after_id is not None:
+            if after_id not in self._tasks:
+                raise KeyError(after_id)
+            start = (self._tasks[after_id]["submitted_at"], after_id)
+        if state is not None:
+            candidates = [(self._tasks[t]["submitted_at"], t) for t in self.tasks_by_state(state)]
+        else:
+            candidates = self._task_order
+        i = 0 if start is None else _bisect(candidates, start)
+        if start is not None and i < len(candidates) and candidates[i] == start:
+            i += 1
+        out: list[dict[str, Any]] = []
+        while i < len(candidates) and len(out) < limit:
+            record = self._tasks[candidates[i][1]]
+            if node is None or record["node"] == node:
+                out.append(_canon(record))
+            i += 1
+        return out
 
     def get(self, key: str) -> bytes | None:
         """The local value (a stale read unless the caller did ReadIndex first)."""
@@ -667,6 +1007,9 @@ class StateMachine:
         self._conf_index = new._conf_index
         self._addresses = new._addresses
         self._acc = new._acc
+        self._task_ids_by_state = new._task_ids_by_state
+        self._task_ids_by_node = new._task_ids_by_node
+        self._task_order = new._task_order
 
     @classmethod
     def load(cls, data: bytes) -> "StateMachine":
@@ -748,7 +1091,11 @@ def _parse_snapshot(data: bytes) -> StateMachine:
 
     tasks = st["tasks"]
     need(type(tasks) is dict and _is_plain(tasks), "tasks is not a map of plain data")
+    for task_id, record in tasks.items():
+        problem = _record_problem(task_id, record)
+        need(problem is None, f"task {task_id[:64]!r}: {problem}")
     sm._tasks = tasks
+    sm._reindex_tasks()
 
     conf = st["conf"]
     need(type(conf) is dict and set(conf) == {"index", "voters", "learners", "priorities", "addresses"},
@@ -775,6 +1122,55 @@ def _parse_snapshot(data: bytes) -> StateMachine:
     return sm
 
 
+_RECORD_FIELDS = frozenset({
+    *_SPEC_FIELDS, "state", "attempt", "node", "attempts", "submitted_at", "finished_at", "exit_code",
+    "stdout", "stderr", "stdout_truncated", "stderr_truncated", "error", "submitted_by",
+})
+_ATTEMPT_FIELDS = frozenset({"attempt", "node", "assigned_at", "started_at", "finished_at", "outcome"})
+
+
+def _record_problem(task_id: str, r: Any) -> str | None:
+    """Why a snapshot's task record is not one this machine could have written (or None).
+
+    Restore checks records so that no later command can trip over a malformed one."""
+    if type(r) is not dict or set(r) != _RECORD_FIELDS:
+        return "record does not have the task fields"
+    try:
+        spec = check_task_spec({k: r[k] for k in _SPEC_FIELDS if r[k] is not None})
+    except CommandError as e:
+        return str(e)
+    if spec != {k: r[k] for k in _SPEC_FIELDS} or r["id"] != task_id:
+        return "spec is not normalized or id does not match"
+
+    def opt(v: Any, t: type) -> bool:
+        return v is None or type(v) is t
+
+    if r["state"] not in TASK_STATES:
+        return "unknown state"
+    if not (type(r["submitted_at"]) is int and opt(r["finished_at"], int) and opt(r["exit_code"], int)
+            and type(r["stdout"]) is bytes and type(r["stderr"]) is bytes and opt(r["error"], str)
+            and opt(r["submitted_by"], str) and opt(r["node"], str)
+            and type(r["stdout_truncated"]) is int and type(r["stderr_truncated"]) is int):
+        return "field of the wrong type"
+    attempts = r["attempts"]
+    if type(r["attempt"]) is not int or type(attempts) is not list or len(attempts) != r["attempt"]:
+        return "attempt does not count the attempts"
+    if r["attempt"] > r["max_attempts"]:
+        return "more attempts than max_attempts"
+    for i, a in enumerate(attempts, start=1):
+        if not (type(a) is dict and set(a) == _ATTEMPT_FIELDS and a["attempt"] == i and type(a["node"]) is str
+                and type(a["assigned_at"]) is int and opt(a["started_at"], int) and opt(a["finished_at"], int)
+                and (a["outcome"] is None or a["outcome"] in ATTEMPT_OUTCOMES)):
+            return f"bad attempt {i}"
+        if a["outcome"] is None and (i != len(attempts) or r["state"] not in ACTIVE_STATES):
+            return f"attempt {i} is open but not the live one"
+    if r["state"] in ACTIVE_STATES and (not attempts or attempts[-1]["outcome"] is not None
+                                        or r["node"] != attempts[-1]["node"]):
+        return "live task without a live attempt on its node"
+    return None
+
+
+# -- operations (the dispatch table) --------------------------------------------------------
 # -- operations (the dispatch table) --------------------------------------------------------
 
 
@@ -801,6 +1197,201 @@ def _apply_cas(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
         return ApplyResult(False, value=current)
     sm._kv_set(key, cmd.args["value"])
     return ApplyResult(True, prev=current)
+
+
+# -- task operations ------------------------------------------------------------------------
+
+
+def _new_record(spec: dict[str, Any], ts: int, client: str | None) -> dict[str, Any]:
+    return {
+        **spec,  # id, kind, args, timeout_ms, max_attempts, policy, key
+        "state": "submitted",
+        "attempt": 0,  # number of the current attempt; 0 = never assigned
+        "node": None,  # node of the current attempt (None while waiting for one)
+        "attempts": [],  # [{attempt, node, assigned_at, started_at, finished_at, outcome}]
+        "submitted_at": ts,
+        "finished_at": None,
+        "exit_code": None,
+        "stdout": b"",  # the last MAX_TASK_OUTPUT_BYTES of it
+        "stderr": b"",
+        "stdout_truncated": 0,  # bytes dropped from the front of stdout
+        "stderr_truncated": 0,
+        "error": None,
+        "submitted_by": client,
+    }
+
+
+def _spec_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in _SPEC_FIELDS}
+
+
+def _submit_one(sm: StateMachine, raw: Any, ts: int, client: str | None) -> ApplyResult:
+    try:
+        spec = check_task_spec(raw)
+    except CommandError as e:
+        return ApplyResult(False, error=ERR_BAD_TASK, detail=str(e))
+    task_id = spec["id"]
+    existing = sm._tasks.get(task_id)
+    if existing is not None:
+        old = _spec_of(existing)
+        if old != spec:
+            differs = ", ".join(k for k in _SPEC_FIELDS if old[k] != spec[k])
+            return ApplyResult(False, error=ERR_TASK_EXISTS,
+                               detail=f"task {task_id!r} exists with a different spec (differs in {differs})")
+        return ApplyResult(True, value=_canon(existing), detail="already submitted")
+    sm._task_set(task_id, _new_record(spec, ts, client))
+    return ApplyResult(True, value=_canon(sm._tasks[task_id]))
+
+
+@_op("submit_task", task=_check_map, ts=_check_ts)
+def _apply_submit_task(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
+    return _submit_one(sm, cmd.args["task"], cmd.args["ts"], cmd.client)
+
+
+@_op("submit_tasks", tasks=_check_task_list, ts=_check_ts)
+def _apply_submit_tasks(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
+    """Each task as a submit_task; ok when every one is. value: their results, in order."""
+    results = [_submit_one(sm, t, cmd.args["ts"], cmd.client) for t in cmd.args["tasks"]]
+    refused = sum(not r.ok for r in results)
+    return ApplyResult(refused == 0, value=[r.to_wire() for r in results],
+                       detail=f"{refused} of {len(results)} refused" if refused else "")
+
+
+def _no_such_task(task_id: str) -> ApplyResult:
+    return ApplyResult(False, error=ERR_NO_SUCH_TASK, detail=f"no task {task_id!r}")
+
+
+def _stale(record: Mapping[str, Any], attempt: int, node: str | None) -> ApplyResult | None:
+    """``stale_attempt`` unless ``attempt`` (on ``node``, if given) is the task's live attempt."""
+    if record["state"] in FINAL_STATES:
+        why = f"the task is already {record['state']} (attempt {record['attempt']})"
+    elif attempt != record["attempt"]:
+        why = f"attempt {attempt} is not the current attempt {record['attempt']}"
+    elif record["state"] not in ACTIVE_STATES:
+        why = f"attempt {attempt} is no longer live (the task is {record['state']})"
+    elif node is not None and node != record["node"]:
+        why = f"attempt {attempt} is on node {record['node']!r}, not {node!r}"
+    else:
+        return None
+    return ApplyResult(False, error=ERR_STALE_ATTEMPT, detail=why)
+
+
+@_op("assign_task", id=_check_task_id, node=_check_node, attempt=_check_attempt, ts=_check_ts)
+def _apply_assign_task(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
+    """Compare-and-set: the next attempt of a task that waits for one goes to ``node``."""
+    task_id, node, attempt, ts = (cmd.args[k] for k in ("id", "node", "attempt", "ts"))
+    record = sm._tasks.get(task_id)
+    if record is None:
+        return _no_such_task(task_id)
+    if record["state"] in FINAL_STATES:
+        return ApplyResult(False, value=_canon(record), error=ERR_ALREADY_FINAL,
+                           detail=f"the task is already {record['state']}")
+    if attempt > record["max_attempts"]:
+        return ApplyResult(False, error=ERR_NO_ATTEMPTS_LEFT,
+                           detail=f"attempt {attempt} exceeds max_attempts {record['max_attempts']}")
+    if attempt != record["attempt"] + 1:
+        return ApplyResult(False, error=ERR_STALE_ATTEMPT,
+                           detail=f"attempt {attempt} is not the next attempt {record['attempt'] + 1}")
+    if record["state"] != "submitted":
+        return ApplyResult(False, error=ERR_TASK_BUSY,
+                           detail=f"attempt {record['attempt']} is still {record['state']} on node "
+                                  f"{record['node']!r}; expire it first")
+    new = _canon(record)
+    new.update(state="assigned", attempt=attempt, node=node)
+    new["attempts"].append({"attempt": attempt, "node": node, "assigned_at": ts, "started_at": None,
+                            "finished_at": None, "outcome": None})
+    sm._task_set(task_id, new)
+    return ApplyResult(True, value=_canon(sm._tasks[task_id]), effects=(("run", node, task_id, attempt),))
+
+
+@_op("start_task", id=_check_task_id, node=_check_node, attempt=_check_attempt, ts=_check_ts)
+def _apply_start_task(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
+    """The node began the attempt. A repeat for a running attempt is ok and changes nothing."""
+    task_id, node, attempt, ts = (cmd.args[k] for k in ("id", "node", "attempt", "ts"))
+    record = sm._tasks.get(task_id)
+    if record is None:
+        return _no_such_task(task_id)
+    stale = _stale(record, attempt, node)
+    if stale is not None:
+        return stale
+    if record["state"] == "running":
+        return ApplyResult(True, value=_canon(record), detail="already running")
+    new = _canon(record)
+    new["state"] = "running"
+    new["attempts"][-1]["started_at"] = ts
+    sm._task_set(task_id, new)
+    return ApplyResult(True, value=_canon(sm._tasks[task_id]))
+
+
+def _tail(data: bytes) -> tuple[bytes, int]:
+    if len(data) <= MAX_TASK_OUTPUT_BYTES:
+        return data, 0
+    return data[-MAX_TASK_OUTPUT_BYTES:], len(data) - MAX_TASK_OUTPUT_BYTES
+
+
+@_op(
+    "complete_task",
+    {"error": _check_error_text},
+    id=_check_task_id, node=_check_node, attempt=_check_attempt, outcome=_check_outcome,
+    exit_code=_check_exit_code, stdout=_check_bytes, stderr=_check_bytes, ts=_check_ts,
+)
+def _apply_complete_task(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
+    """The result of the live attempt; anything else (a late result of an old attempt, a
+    result after a cancel or a repeat) is ``stale_attempt`` and changes nothing."""
+    a = cmd.args
+    record = sm._tasks.get(a["id"])
+    if record is None:
+        return _no_such_task(a["id"])
+    stale = _stale(record, a["attempt"], a["node"])
+    if stale is not None:
+        return stale
+    new = _canon(record)
+    new["stdout"], new["stdout_truncated"] = _tail(a["stdout"])
+    new["stderr"], new["stderr_truncated"] = _tail(a["stderr"])
+    new.update(state=a["outcome"], finished_at=a["ts"], exit_code=a["exit_code"], error=a.get("error"))
+    new["attempts"][-1].update(outcome=a["outcome"], finished_at=a["ts"])
+    sm._task_set(a["id"], new)
+    return ApplyResult(True, value=_canon(sm._tasks[a["id"]]))
+
+
+@_op("expire_task", id=_check_task_id, attempt=_check_attempt, reason=_check_reason, ts=_check_ts)
+def _apply_expire_task(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
+    """The leader declares the live attempt lost: the task waits for another attempt, or
+    fails if that was the last one."""
+    task_id, attempt, reason, ts = (cmd.args[k] for k in ("id", "attempt", "reason", "ts"))
+    record = sm._tasks.get(task_id)
+    if record is None:
+        return _no_such_task(task_id)
+    stale = _stale(record, attempt, None)
+    if stale is not None:
+        return stale
+    new = _canon(record)
+    new["attempts"][-1].update(outcome="lost", finished_at=ts)
+    if attempt < record["max_attempts"]:
+        new.update(state="submitted", node=None)
+    else:
+        new.update(state="failed", finished_at=ts, error=f"lost on every attempt ({reason})")
+    sm._task_set(task_id, new)
+    return ApplyResult(True, value=_canon(sm._tasks[task_id]))
+
+
+@_op("cancel_task", id=_check_task_id, ts=_check_ts)
+def _apply_cancel_task(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
+    task_id, ts = cmd.args["id"], cmd.args["ts"]
+    record = sm._tasks.get(task_id)
+    if record is None:
+        return _no_such_task(task_id)
+    if record["state"] in FINAL_STATES:
+        return ApplyResult(False, value=_canon(record), error=ERR_ALREADY_FINAL,
+                           detail=f"the task is already {record['state']}")
+    new = _canon(record)
+    new.update(state="cancelled", finished_at=ts)
+    effects: tuple = ()
+    if record["state"] in ACTIVE_STATES:
+        new["attempts"][-1].update(outcome="cancelled", finished_at=ts)
+        effects = (("kill", record["node"], task_id, record["attempt"]),)
+    sm._task_set(task_id, new)
+    return ApplyResult(True, value=_canon(sm._tasks[task_id]), effects=effects)
 
 
 # -- replica divergence ---------------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""Tasks on real agents: placement by load, exactly one final result per task through
+node and leader kills, heartbeats unharmed by CPU-heavy tasks, and refused bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+
+import pytest
+
+from console.client import RequestError
+from console.local import LocalCluster
+from nodeagent.protocol import ProtocolError
+
+pytestmark = pytest.mark.integration
+
+FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    made: list[LocalCluster] = []
+
+    def make(n: int, **kw) -> LocalCluster:
+        lc = LocalCluster(tmp_path / f"c{len(made)}", n, **kw)
+        made.append(lc)
+        lc.start_all()
+        return lc
+
+    yield make
+    for lc in made:
+        lc.stop_all()
+
+
+def sleep_tasks(prefix: str, durations_ms: list[int], **extra) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "kind": "sleep", "args": {"ms": d}, "timeout_ms": 30_000,
+             **extra} for i, d in enumerate(durations_ms)]
+
+
+def check_exactly_once(records: list[dict]) -> None:
+    """Each task has one final result, from its last attempt, and no attempt but the last
+    one carries a success."""
+    for r in records:
+        assert r["state"] == "succeeded", r
+        outcomes = [a["outcome"] for a in r["attempts"]]
+        assert outcomes[-1] == "succeeded" and outcomes.count("succeeded") == 1, r
+        assert all(o in ("lost", "cancelled") for o in outcomes[:-1]), r
+        assert r["node"] == r["attempts"][-1]["node"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_two_hundred_tasks_spread_evenly_and_each_finishes_once(make_cluster):
+    lc = make_cluster(5, capacities={n: 2 for n in ("n1", "n2", "n3", "n4", "n5")})
+
+    async def main():
+        async with lc.client() as c:
+            await lc.wait_leader(c)
+            rng = random.Random(7)
+            specs = sleep_tasks("t", [rng.randint(20, 200) for _ in range(200)])
+            await c.submit(specs)
+            records = await c.wait([s["id"] for s in specs], timeout=120)
+            check_exactly_once(records)
+            per_node = collections.Counter(r["node"] for r in records)
+            ideal = len(records) / 5
+            for node in lc.names:
+                assert abs(per_node[node] - ideal) <= 0.2 * ideal, per_node
+            # Every replica agrees on the table.
+            st = await lc.wait_converged(c)
+            assert {s["tasks"]["counts"]["succeeded"] for s in st.values()} == {200}
+
+    run(main())
+
+
+def test_work_follows_capacities_one_two_four(make_cluster):
+    lc = make_cluster(3, capacities={"n1": 1, "n2": 2, "n3": 4})
+
+    async def main():
+        async with lc.client() as c:
+            await lc.wait_leader(c)
+            specs = sleep_tasks("w", [30] * 140)
+            await c.submit(specs)
+            records = await c.wait([s["id"] for s in specs], timeout=120)
+            check_exactly_once(records)
+            per_node = collections.Counter(r["node"] for r in records)
+            for node, cap in (("n1", 1), ("n2", 2), ("n3", 4)):
+                share = 140 * cap / 7
+                assert abs(per_node[node] - share) <= 0.2 * share, per_node
+
+    run(main())
+
+
+@pytest.mark.parametrize("victim", ["worker", "leader"])
+def test_tasks_survive_the_death_of_their_node_or_of_the_leader(make_cluster, victim):
+    lc = make_cluster(3, capacities={"n1": 2, "n2": 2, "n3": 2}, task_lease_ms=2000)
+
+    async def main():
+        async with lc.client(timeout=3.0) as c:
+            leader = await lc.wait_leader(c)
+            specs = sleep_tasks("k", [1500] * 18)
+            await c.submit(specs)
+            # Wait until some tasks run on the victim, then SIGKILL it.
+            target = leader if victim == "leader" else next(n for n in lc.names if n != leader)
+            deadline = time.monotonic() + 30
+            while True:
+                running = await c.tasks(state="running", node=target)
+                if running:
+                    break
+                assert time.monotonic() < deadline, "nothing ever ran on the victim"
+                await asyncio.sleep(0.05)
+            lc.kill(target)
+            records = await c.wait([s["id"] for s in specs], timeout=120)
+            check_exactly_once(records)
+            moved = [r for r in records if len(r["attempts"]) > 1]
+            assert moved, "no task was reassigned after its node died"
+            assert all(r["attempts"][0]["node"] == target for r in moved)
+            assert all(r["node"] != target for r in moved)
+            # The killed node comes back, catches up, and agrees on every result.
+            lc.start(target)
+            st = await lc.wait_converged(c, timeout=60)
+            assert {s["tasks"]["counts"]["succeeded"] for s in st.values()} == {18}
+
+    run(main())
+
+
+def test_cpu_heavy_tasks_cause_no_election(make_cluster):
+    lc = make_cluster(3, capacities={"n1": 2, "n2": 2, "n3": 2})
+
+    async def main():
+        async with lc.client() as c:
+            await lc.wait_leader(c)
+            before = {n: s["term"] for n, s in (await lc.statuses(c)).items()}
+            # Six processes burning 10 s of CPU each: both cores busy for half a minute.
+            specs = [{"id": f"cpu{i}", "kind": "cpu", "args": {"ms": 10_000},
+                      "timeout_ms": 120_000} for i in range(6)]
+            await c.submit(specs)
+            records = await c.wait([s["id"] for s in specs], timeout=180)
+            assert all(r["state"] == "succeeded" for r in records)
+            after = {n: s["term"] for n, s in (await lc.statuses(c)).items()}
+            assert after == before, f"terms moved under CPU load: {before} -> {after}"
+
+    run(main())
+
+
+def test_bad_tasks_are_refused_with_a_clear_error_and_nothing_is_stored(make_cluster):
+    lc = make_cluster(3)
+
+    async def main():
+        async with lc.client() as c:
+            await lc.wait_leader(c)
+            # Refused by the codec before anything is sent: it names the field.
+            for bad, field in (
+                ({"id": "b1", "kind": "nope", "args": {}, "timeout_ms": 10}, "kind"),
+                ({"id": "b2", "kind": "sleep", "args": {"ms": 1}, "timeout_ms": -5}, "timeout_ms"),
+            ):
+                with pytest.raises(ProtocolError) as e:
+                    await c.submit([bad])
+                assert field in str(e.value)
+            # Refused by the agent: an oversized payload, bad args, shell when not allowed.
+            for bad, words in (
+                ({"id": "b3", "kind": "echo", "args": {"data": b"x" * (65 * 1024)},
+                  "timeout_ms": 1000}, "data"),
+                ({"id": "b4", "kind": "sleep", "args": {"ms": -1}, "timeout_ms": 1000}, "ms"),
+                ({"id": "b5", "kind": "shell", "args": {"cmd": "true"}, "timeout_ms": 1000},
+                 "allow_shell"),
+            ):
+                with pytest.raises(RequestError) as e:
+                    await c.submit([bad])
+                assert words in e.value.message, e.value.message
+            for tid in ("b1", "b2", "b3", "b4", "b5"):
+                assert await c.task(tid) is None
+            st = await lc.statuses(c)
+            assert all(sum(s["tasks"]["counts"].values()) == 0 for s in st.values())
+
+    run(main())
+
+
+def test_cancel_a_running_task_and_resubmit_is_idempotent(make_cluster):
+    lc = make_cluster(3)
+
+    async def main():
+        async with lc.client() as c:
+            await lc.wait_leader(c)
+            spec = sleep_tasks("c", [60_000])
+            await c.submit(spec)
+            await c.submit(spec)  # the same id and spec again: a no-op
+            deadline = time.monotonic() + 30
+            while (await c.task("c0"))["state"] != "running":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            rec = await c.cancel("c0")
+            assert rec["state"] == "cancelled"
+            [final] = await c.wait(["c0"], timeout=10)
+            assert final["state"] == "cancelled"
+            # Its process is gone: no node reports it running.
+            deadline = time.monotonic() + 15
+            while True:
+                st = await lc.statuses(c)
+                if all(s["tasks"]["executor"]["running"] == 0 for s in st.values()):
+                    break
+                assert time.monotonic() < deadline, "the cancelled task kept running"
+                await asyncio.sleep(0.1)
+            # The same id with another spec is refused, per task, and changes nothing.
+            r = await c.submit(sleep_tasks("c", [5]))
+            assert r["results"][0]["ok"] is False
+            assert r["results"][0]["error"] == "task_exists", r
+            assert (await c.task("c0"))["state"] == "cancelled"
+
+    run(main())
