@@ -154,6 +154,8 @@ class AgentConnection:
             for fut in self._waiters.values():
                 if not fut.done():
                     fut.set_exception(OutcomeUnknown(f"{self.name}: connection lost"))
+                    # Its caller may have gone (cancelled); do not warn about it then.
+                    fut.add_done_callback(lambda f: f.exception())
             self._waiters.clear()
             if self._updates is not None:
                 with contextlib.suppress(asyncio.QueueFull):
