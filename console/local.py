@@ -37,7 +37,7 @@ class LocalCluster:
                  snapshot_interval: int = 10000, fsync: bool = True, name: str = "test",
                  metrics: bool = False, capacities: dict[str, int] | None = None,
                  task_lease_ms: int = 5000, allow_shell: bool = False,
-                 dispatch_policy: str = "least_loaded"):
+                 dispatch_policy: str = "least_loaded", roles: dict[str, str] | None = None):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.names = [f"n{i + 1}" for i in range(n)]
@@ -62,6 +62,7 @@ class LocalCluster:
         for nm in self.names:
             extra = f", metrics_port: {self.metrics_ports[nm]}" if metrics else ""
             extra += f", capacity: {(capacities or {}).get(nm, 1)}"
+            extra += f", role: {(roles or {}).get(nm, 'voter')}"
             if allow_shell:
                 extra += ", allow_shell: true"
             lines.append(

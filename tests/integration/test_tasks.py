@@ -211,3 +211,24 @@ def test_cancel_a_running_task_and_resubmit_is_idempotent(make_cluster):
             assert (await c.task("c0"))["state"] == "cancelled"
 
     run(main())
+
+
+def test_learners_take_tasks_like_voters(make_cluster):
+    """A cluster of 3 voters and 2 non-voting learners: the learners never vote or lead,
+    but they run their share of the work."""
+    lc = make_cluster(5, roles={"n4": "learner", "n5": "learner"})
+
+    async def main():
+        async with lc.client() as c:
+            leader = await lc.wait_leader(c)
+            assert leader in ("n1", "n2", "n3")
+            st = await c.call(leader, "status")
+            assert st["learners"] == ["n4", "n5"] and st["voters"] == ["n1", "n2", "n3"]
+            specs = sleep_tasks("l", [20] * 50)
+            await c.submit(specs)
+            records = await c.wait([s["id"] for s in specs], timeout=120)
+            check_exactly_once(records)
+            per_node = collections.Counter(r["node"] for r in records)
+            assert per_node["n4"] >= 5 and per_node["n5"] >= 5, per_node
+
+    run(main())
