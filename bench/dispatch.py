@@ -68,7 +68,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.kv import fs_type, percentile
+from bench.kv import fs_type, latency_summary, percentile
 from console.client import ClusterClient
 from console.local import LocalCluster
 from nodeagent.dispatch import lpt_makespan, makespan_lower_bound
@@ -82,14 +82,7 @@ NODES = 3
 
 
 def summary(samples: list[float]) -> dict:
-    s = sorted(samples)
-    return {
-        "p50_ms": percentile(s, 50),
-        "p90_ms": percentile(s, 90),
-        "p99_ms": percentile(s, 99),
-        "max_ms": round(s[-1], 3) if s else None,
-        "mean_ms": round(statistics.fmean(s), 3) if s else None,
-    }
+    return latency_summary(samples)
 
 
 def proc_times(pid: int) -> tuple[float, float] | None:

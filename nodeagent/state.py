@@ -281,14 +281,18 @@ def _utf8_len(s: str) -> int:
         raise CommandError("is not valid UTF-8") from None
 
 
-def _check_key(v: Any) -> str:
+def _check_name(v: Any, max_bytes: int) -> str:
     if type(v) is not str:
         raise CommandError("must be a string")
     if not v:
         raise CommandError("must not be empty")
-    if _utf8_len(v) > MAX_KEY_BYTES:
-        raise CommandError(f"is longer than {MAX_KEY_BYTES} bytes")
+    if _utf8_len(v) > max_bytes:
+        raise CommandError(f"is longer than {max_bytes} bytes")
     return v
+
+
+def _check_key(v: Any) -> str:
+    return _check_name(v, MAX_KEY_BYTES)
 
 
 def _check_bytes(v: Any) -> bytes:
@@ -302,13 +306,7 @@ def _check_opt_bytes(v: Any) -> bytes | None:
 
 
 def _check_client(v: Any) -> str:
-    if type(v) is not str:
-        raise CommandError("must be a string")
-    if not v:
-        raise CommandError("must not be empty")
-    if _utf8_len(v) > MAX_CLIENT_BYTES:
-        raise CommandError(f"is longer than {MAX_CLIENT_BYTES} bytes")
-    return v
+    return _check_name(v, MAX_CLIENT_BYTES)
 
 
 def _check_seq(v: Any) -> int:
