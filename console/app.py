@@ -1,0 +1,455 @@
+"""The raftdeck console: a Textual app over every agent of an inventory.
+
+Network work and drawing are kept apart, as DESIGN.md asks. One asyncio task per agent
+holds a connection with a status subscription and writes what arrives into the pure
+``ClusterModel`` (reconnecting with backoff; a dead agent only greys its own row). One
+render timer (4 Hz) turns the model into the health bar, the node table (which redraws
+only rows whose version changed) and the event log.
+
+Fault keys act on the selected node, or on every node marked with space: kill, restart,
+pause/resume, isolate, heal all, transfer leadership. Destructive keys ask first; heal
+and isolate are sent to every agent (partitions are enforced at both ends). Active faults
+are always in the health bar. ``--readonly`` refuses every action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Footer, Input, Label, RichLog, Static
+
+from console.client import AgentConnection, ClusterClient, ConnectionFailed
+from console.cluster import ClusterModel, NodeInfo, NodeRow
+from console.widgets.node_table import Column, NodeTable, TableRow
+
+COLUMNS = [
+    Column("name", "NODE", 8),
+    Column("address", "ADDRESS", 16),
+    Column("role", "ROLE", 10),
+    Column("term", "TERM", 5, "right"),
+    Column("leader", "LEADER", 7),
+    Column("commit", "COMMIT", 8, "right"),
+    Column("applied", "APPLIED", 8, "right"),
+    Column("lag", "LAG", 6, "right"),
+    Column("digest", "DIGEST", 8),
+    Column("load", "LOAD", 12),
+    Column("tasks", "RUN/Q", 7, "right"),
+    Column("faults", "FAULTS", 7, "right"),
+    Column("reach", "STATE", 12),
+]
+# NodeRow fields that feed each column, for highlighting what just changed.
+FIELDS = {"role": "role", "term": "term", "leader": "leader", "commit": "commit",
+          "applied": "applied", "lag": "lag", "digest": "digest_ok", "load": "load",
+          "reach": "reachable"}
+
+
+class ProcessControl(Protocol):
+    """What the fault keys need from a process manager (local or, later, SSH)."""
+
+    def kill(self, name: str) -> object: ...
+
+    def pause(self, name: str) -> object: ...
+
+    def resume(self, name: str) -> object: ...
+
+    def restart(self, name: str) -> object: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    address: str
+    host: str
+    port: int
+
+
+def bar(fraction: float | None, width: int = 8) -> str:
+    if fraction is None:
+        return ""
+    full = min(width, round(fraction * width))
+    return "█" * full + "·" * (width - full)
+
+
+def render_row(r: NodeRow, now: float, paused: bool) -> tuple[tuple, frozenset[int]]:
+    role = r.role or "?"
+    if r.reachable is False:
+        reach = "paused" if paused else "down"
+    elif r.reachable is None:
+        reach = "connecting"
+    else:
+        reach = "paused?" if paused else "up"
+    digest = "" if r.digest is None else (r.digest[:6] if r.digest_ok is not False else "≠ " + r.digest[:4])
+    role_text = Text(role, style="bold green" if role == "leader" else "")
+    cells = (
+        r.name, r.address, role_text, _s(r.term), _s(r.leader), _s(r.commit), _s(r.applied),
+        _s(r.lag), digest, bar(r.load),
+        "" if r.running is None else f"{r.running}/{r.queued}",
+        str(len(r.faults)) if r.faults else "", reach,
+    )
+    hl = frozenset(i for i, c in enumerate(COLUMNS)
+                   if c.key in FIELDS and r.recently_changed(FIELDS[c.key], now))
+    return cells, hl
+
+
+def _s(v) -> str:
+    return "" if v is None else str(v)
+
+
+class Confirm(ModalScreen[bool]):
+    """Ask before anything destructive; cluster-wide actions need the cluster's name."""
+
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel")]
+
+    def __init__(self, question: str, type_to_confirm: str | None = None):
+        super().__init__()
+        self.question = question
+        self.expect = type_to_confirm
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm"):
+            yield Label(self.question)
+            if self.expect:
+                yield Label(f"Type [b]{self.expect}[/b] to confirm:")
+                yield Input(id="confirm-input")
+            yield Button("Yes (y)", id="yes", variant="error")
+            yield Button("No (n / esc)", id="no")
+
+    def on_key(self, event) -> None:
+        if self.expect is None and event.key == "y":
+            self.dismiss(True)
+        elif self.expect is None and event.key == "n":
+            self.dismiss(False)
+
+    @on(Button.Pressed, "#yes")
+    def yes(self) -> None:
+        if self.expect is not None and self.query_one(Input).value.strip() != self.expect:
+            self.query_one(Input).placeholder = "does not match"
+            return
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#no")
+    def no(self) -> None:
+        self.dismiss(False)
+
+    @on(Input.Submitted)
+    def submitted(self) -> None:
+        self.yes()
+
+
+class Help(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        app = self.app
+        lines = ["[b]raftdeck[/b] keys", ""]
+        for b in app.BINDINGS:
+            if isinstance(b, Binding) and b.description:
+                lines.append(f"  [b]{b.key:<14}[/b] {b.description}")
+        lines += ["", "  [b]up/down[/b]        select a node", "  [b]space[/b]          mark a node",
+                  "", "esc closes this help"]
+        yield Static("\n".join(lines), id="help")
+
+
+class RaftdeckApp(App):
+    TITLE = "raftdeck"
+    CSS = """
+    #health { height: 2; padding: 0 1; background: $boost; }
+    NodeTable { height: 1fr; }
+    #events { height: 8; border-top: solid $primary; }
+    #filter { dock: bottom; display: none; }
+    #filter.visible { display: block; }
+    #confirm { width: 60; height: auto; padding: 1 2; border: thick $error; background: $surface; }
+    Confirm, Help { align: center middle; }
+    #help { width: 60; height: auto; padding: 1 2; border: thick $primary; background: $surface; }
+    """
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="quit"),
+        Binding("question_mark", "help", "Help", id="help"),
+        Binding("k", "kill", "Kill", id="kill"),
+        Binding("x", "restart", "Restart", id="restart"),
+        Binding("p", "pause", "Pause/resume", id="pause"),
+        Binding("i", "isolate", "Isolate", id="isolate"),
+        Binding("h", "heal", "Heal all", id="heal"),
+        Binding("t", "transfer", "Make leader", id="transfer"),
+        Binding("w", "worst", "Worst first", id="worst"),
+        Binding("slash", "filter", "Filter", id="filter"),
+    ]
+    ACTIONS_THAT_CHANGE = {"kill", "restart", "pause", "isolate", "heal", "transfer"}
+
+    def __init__(self, nodes: list[NodeInfo], cluster: str, addresses: dict[str, tuple[str, int]],
+                 *, procs: ProcessControl | None = None, readonly: bool = False,
+                 interval_ms: int = 250):
+        super().__init__()
+        self.model = ClusterModel(nodes)
+        self.cluster = cluster
+        self.addresses = dict(addresses)
+        self.procs = procs
+        self.readonly = readonly
+        self.interval_ms = interval_ms
+        self.client = ClusterClient(self.addresses, cluster, timeout=2.0, op_timeout=5.0)
+        self.paused: set[str] = set()
+        self.worst_first = False
+        self.filter = ""
+        self._events_seen = 0
+        self._tasks: list[asyncio.Task] = []
+
+    # -- layout and lifecycle --
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="health")
+        table = NodeTable(columns=COLUMNS)
+        yield table
+        yield RichLog(id="events", max_lines=500, markup=True)
+        yield Input(placeholder="filter nodes (name, address, role)", id="filter")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for name in self.addresses:
+            self._tasks.append(asyncio.create_task(self._follow(name)))
+        self.set_interval(0.25, self.refresh_view)
+        self.set_interval(1.0, lambda: self.model.tick(time.monotonic()))
+        self.query_one(NodeTable).focus()
+        self.refresh_view()
+
+    async def on_unmount(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        await self.client.close()
+
+    async def _follow(self, name: str) -> None:
+        """One agent: connect, subscribe, feed the model; on failure mark it unreachable
+        and retry with backoff. Never raises."""
+        host, port = self.addresses[name]
+        delay = 0.2
+        while True:
+            conn = AgentConnection(name, host, port, self.cluster, client_id=f"console-{name}",
+                                   connect_timeout=2.0)
+            try:
+                await conn.connect()
+                delay = 0.2
+                async for st in conn.subscribe(self.interval_ms):
+                    self.model.update(name, st, time.monotonic())
+                raise ConnectionFailed("connection closed")
+            except asyncio.CancelledError:
+                await conn.close()
+                raise
+            except Exception as e:
+                self.model.unreachable(name, str(e)[:200], time.monotonic())
+            await conn.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    # -- drawing --
+
+    def refresh_view(self) -> None:
+        now = time.monotonic()
+        m = self.model
+        rows = m.rows(worst_first=self.worst_first, filter=self.filter)
+        table_rows = []
+        for r in rows:
+            cells, hl = render_row(r, now, r.name in self.paused)
+            # The highlight fades with time, so it is part of the row's version.
+            version = r.version * 2 + (1 if hl else 0)
+            table_rows.append(TableRow(r.name, version, cells, dim=r.reachable is not True,
+                                       highlight=hl))
+        self.query_one(NodeTable).set_rows(table_rows)
+        h = m.health(now)
+        line1 = Text.assemble(
+            (self.cluster, "bold"), " (", ("local" if h.local else "REMOTE",
+                                          "" if h.local else "bold reverse"), ")",
+            ("  READ-ONLY" if self.readonly else "", "bold"),
+            "   leader: ",
+            (f"{h.leader} (term {h.leader_term})", "bold green") if h.leader else ("none", "bold red"),
+            "   ", ("quorum", "green") if h.has_quorum else ("NO QUORUM", "bold red"),
+            f"   reachable {h.reachable}/{h.nodes}   leader changes/min: {h.leader_changes_1m}",
+        )
+        faults = ", ".join(f.summary for f in h.faults) if h.faults else "none"
+        line2 = Text.assemble("faults: ", (faults, "bold yellow" if h.faults else ""))
+        if self.paused:
+            line2.append(f"   paused: {', '.join(sorted(self.paused))}", "bold yellow")
+        self.query_one("#health", Static).update(Text("\n").join([line1, line2]))
+        log = self.query_one("#events", RichLog)
+        for ev in m.new_events(self._events_seen):
+            stamp = time.strftime("%H:%M:%S", time.localtime(time.time() - (now - ev.ts)))
+            log.write(Text.assemble(stamp, " ", (ev.kind, "bold"), " ", ev.text))
+        self._events_seen = m.events_total
+
+    def note(self, text: str) -> None:
+        self.query_one("#events", RichLog).write(
+            Text.assemble(time.strftime("%H:%M:%S"), " ", ("console", "bold cyan"), " ",
+                          Text.from_markup(text)))
+
+    # -- which nodes an action applies to --
+
+    def targets(self) -> list[str]:
+        table = self.query_one(NodeTable)
+        marked = sorted(table.marked_keys)
+        if marked:
+            return marked
+        return [table.selected_key] if table.selected_key else []
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if self.readonly and action in self.ACTIONS_THAT_CHANGE:
+            return None  # shown greyed out, refused
+        return True
+
+    # -- actions --
+
+    def action_help(self) -> None:
+        self.push_screen(Help())
+
+    def action_worst(self) -> None:
+        self.worst_first = not self.worst_first
+        self.refresh_view()
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("visible")
+        box.focus()
+
+    @on(Input.Submitted, "#filter")
+    def filter_set(self, event: Input.Submitted) -> None:
+        self.filter = event.value.strip()
+        event.input.remove_class("visible")
+        self.query_one(NodeTable).focus()
+        self.refresh_view()
+
+    async def _confirm(self, question: str, cluster_wide: bool = False) -> bool:
+        return await self.push_screen_wait(Confirm(question, self.cluster if cluster_wide else None))
+
+    def _need_procs(self) -> bool:
+        if self.procs is None:
+            self.note("no process manager for these nodes (remote control needs deploy)")
+            return False
+        return True
+
+    async def _each(self, verb: str, fn, names: list[str]) -> None:
+        for n in names:
+            try:
+                await asyncio.to_thread(fn, n)
+                self.note(f"{verb} {n}")
+            except Exception as e:
+                self.note(f"[red]{verb} {n} failed:[/] {e}")
+
+    @work(group="actions")
+    async def action_kill(self) -> None:
+        names = self.targets()
+        if not names or not self._need_procs():
+            return
+        if await self._confirm(f"SIGKILL {', '.join(names)}?", cluster_wide=len(names) > 1):
+            await self._each("killed", self.procs.kill, names)
+
+    @work(group="actions")
+    async def action_restart(self) -> None:
+        names = self.targets()
+        if names and self._need_procs():
+            for n in names:
+                self.paused.discard(n)
+            await self._each("restarted", self.procs.restart, names)
+
+    @work(group="actions")
+    async def action_pause(self) -> None:
+        names = self.targets()
+        if not names or not self._need_procs():
+            return
+        to_resume = [n for n in names if n in self.paused]
+        to_pause = [n for n in names if n not in self.paused]
+        if to_pause and not await self._confirm(f"SIGSTOP {', '.join(to_pause)}?"):
+            to_pause = []
+        await self._each("paused", self.procs.pause, to_pause)
+        self.paused |= set(to_pause)
+        await self._each("resumed", self.procs.resume, to_resume)
+        self.paused -= set(to_resume)
+
+    @work(group="actions")
+    async def action_isolate(self) -> None:
+        names = self.targets()
+        if not names:
+            return
+        if not await self._confirm(f"Cut {', '.join(names)} off from the rest?",
+                                   cluster_wide=len(names) > 1):
+            return
+        others = [n for n in self.addresses if n not in names]
+        await self._fault_everywhere({"action": "partition", "from": names, "to": others})
+        await self._fault_everywhere({"action": "partition", "from": others, "to": names})
+        self.note(f"isolated {', '.join(names)}")
+
+    @work(group="actions")
+    async def action_heal(self) -> None:
+        await self.heal_all()
+
+    async def heal_all(self) -> None:
+        for n in sorted(self.addresses):
+            try:
+                await self.client.call(n, "heal")
+            except Exception as e:
+                self.note(f"[red]heal {n} failed:[/] {e}")
+        if self.paused and self.procs is not None:
+            await self._each("resumed", self.procs.resume, sorted(self.paused))
+            self.paused.clear()
+        self.note("healed every fault")
+
+    @work(group="actions")
+    async def action_transfer(self) -> None:
+        names = self.targets()
+        if len(names) != 1:
+            return
+        try:
+            await self.client.transfer(names[0])
+            self.note(f"leadership transfer to {names[0]} started")
+        except Exception as e:
+            self.note(f"[red]transfer to {names[0]} failed:[/] {e}")
+
+    async def _fault_everywhere(self, fault: dict) -> None:
+        for n in sorted(self.addresses):
+            try:
+                await self.client.call(n, "fault", **fault)
+            except Exception as e:
+                self.note(f"[red]fault on {n} not confirmed:[/] {e}")
+
+    @work(group="actions")
+    async def action_quit(self) -> None:
+        if self.model.health(time.monotonic()).faults or self.paused:
+            if not self.readonly and await self._confirm("Heal the faults this console injected before leaving?"):
+                await self.heal_all()
+        self.exit()
+
+
+class ClusterProcesses:
+    """ProcessControl over console.local.LocalCluster (the tests' and benchmarks' clusters)."""
+
+    def __init__(self, lc):
+        self.lc = lc
+
+    def kill(self, name: str) -> None:
+        self.lc.kill(name)
+
+    def pause(self, name: str) -> None:
+        self.lc.pause(name)
+
+    def resume(self, name: str) -> None:
+        self.lc.resume(name)
+
+    def restart(self, name: str) -> None:
+        if self.lc.alive(name):
+            self.lc.kill(name)
+        self.lc.start(name)
+
+
+def app_for_local_cluster(lc, **kw) -> RaftdeckApp:
+    nodes = [NodeInfo(n, f"127.0.0.1:{p}", lc.priorities.get(n, 1), 1, True)
+             for n, p in lc.ports.items()]
+    return RaftdeckApp(nodes, lc.cluster, {n: ("127.0.0.1", p) for n, p in lc.ports.items()},
+                       procs=ClusterProcesses(lc), **kw)
