@@ -1,15 +1,1043 @@
-"""`raftdeck` command line."""
+"""`raftdeck` command line: start, stop, watch and poke a cluster described by an inventory.
+
+One sub-command per verb, each a ``_cmd_<verb>(args, inv) -> int`` (async for those that
+talk to agents). Output is text for people, or one JSON document with ``--json``. Errors
+are one line on stderr, ``raftdeck: ...``; exit codes: 0 success, 1 the operation failed
+(an agent refused, nothing reachable, no leader in time, a task did not succeed), 2 bad
+usage, a bad inventory, an unknown node, or a node this machine cannot control.
+"""
+
+from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import re
 import sys
+import time
+import uuid
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+STATUS_TIMEOUT = 2.0  # seconds each agent has to answer `status` (a paused one never does)
+FINAL_STATES = ("succeeded", "failed", "timed_out", "cancelled")
+DEFAULT_ARGS = {"sleep": {"ms": "100"}, "cpu": {"ms": "100"}, "echo": {"data": ""}}
+
+
+class CliError(Exception):
+    """Ends the command: ``str()`` goes to stderr as one line, ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAIL):
+        super().__init__(" ".join(str(message).split()))
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        raise CliError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)
+
+
+# == the parser ==================================================================================
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="raftdeck",
+        description="Operate a raftdeck cluster: start its local agents, watch it, submit "
+        "tasks, inject faults. Every command reads the inventory (--inventory, default "
+        "inventory.yaml) to find the agents.",
+        epilog="Exit codes: 0 success; 1 the operation failed (an agent refused, none "
+        "reachable, no leader in time); 2 bad usage, a bad inventory, an unknown node, or a "
+        "node this machine cannot control. Errors are one line on stderr.",
+    )
+    parser.add_argument("--version", action="version", version="raftdeck 0.1.0")
+    _common(parser, None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = _Parser(add_help=False)
+    _common(common, argparse.SUPPRESS)
+
+    def cmd(name: str, func, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description or help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = cmd("up", _cmd_up, "start the inventory's local agents and wait for a leader",
+            "Start every inventory node that lives on this machine (no ssh:, or host "
+            "127.0.0.1/localhost/::1) and is not already running, as detached background "
+            "processes: pid file <data_dir>.pid, JSON log in the node's log_file or "
+            "<data_dir>/../<name>.log, stdout/stderr in <data_dir>.stderr. Then wait until a "
+            "majority of the voters follow one leader and print one line per node and the leader. Running it again "
+            "starts nothing new. Then the console opens (unless --no-console, or when "
+            "stdout is not a terminal); leaving it (q) leaves the cluster running unless "
+            "--ephemeral.")
+    p.add_argument("--no-console", action="store_true",
+                   help="do not open the console after starting")
+    p.add_argument("--ephemeral", action="store_true",
+                   help="stop the local agents when the console exits")
+    p.add_argument("--readonly", action="store_true",
+                   help="open the console read-only: every action key is refused")
+    p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
+                   help="how long to wait for a leader with a quorum (default 30)")
+
+    p = cmd("console", _cmd_console, "open the console on a running cluster",
+            "Attach the console to every agent of the inventory (what plain `raftdeck` does "
+            "in a terminal). Keys: ? help, arrows select, space marks, k kill, x restart, p "
+            "pause/resume, i isolate, h heal all, t make leader, w worst first, / filter, q quit.")
+    p.add_argument("--readonly", action="store_true", help="refuse every action key")
+
+    p = cmd("down", _cmd_down, "stop the local agents that `up` started",
+            "Stop every local agent that has a pid file: SIGTERM, then SIGKILL after --grace-s. "
+            "Removes the pid files. Agents started by other means are left alone.")
+    p.add_argument("--grace-s", type=_positive_float, default=10.0, metavar="S",
+                   help="seconds between SIGTERM and SIGKILL (default 10)")
+
+    cmd("status", _cmd_status, "one line per agent and a health line",
+        "Ask every agent for its status (each has %g s to answer, so a dead or paused agent "
+        "shows as unreachable instead of stalling) and print one line per node: address, "
+        "role, term, leader, commit, applied, lag (the leader's commit minus this node's "
+        "applied), digest, load running/queued/capacity, active fault rules, and whether it "
+        "answered. The health line says leader or none, quorum or not, and the term. "
+        "Exits 0 when a leader has a quorum, 1 otherwise." % STATUS_TIMEOUT)
+
+    p = cmd("submit", _cmd_submit, "submit tasks (and optionally wait for them)",
+            "Submit COUNT tasks of one kind, with ids PREFIX + a random uuid. Arguments per "
+            "kind: sleep ms=N (default 100), cpu ms=N (default 100), echo data=TEXT (default "
+            "empty), shell cmd=TEXT (required; the node must allow shell). With --wait, wait "
+            "until every task is final and print each result; exit 1 unless all succeeded.")
+    p.add_argument("--kind", required=True, choices=("sleep", "cpu", "echo", "shell"))
+    p.add_argument("--arg", action="append", default=[], metavar="K=V",
+                   help="a task argument (repeatable)")
+    p.add_argument("--count", type=_int_range(1, 100000), default=1, metavar="N",
+                   help="how many tasks (default 1)")
+    p.add_argument("--timeout-ms", type=_int_range(1, 86_400_000), default=60_000, metavar="T",
+                   help="per-attempt time limit (default 60000)")
+    p.add_argument("--max-attempts", type=_int_range(1, 100), default=None, metavar="N",
+                   help="attempts per task (default: the cluster's max_attempts)")
+    p.add_argument("--policy", choices=("least_loaded", "round_robin", "weighted", "hash"),
+                   help="placement policy (default: the cluster's)")
+    p.add_argument("--key", help="placement key for the hash policy")
+    p.add_argument("--id-prefix", default="t-", metavar="X", help="task id prefix (default t-)")
+    p.add_argument("--wait", action="store_true", help="wait for the results")
+    p.add_argument("--wait-s", type=_positive_float, default=120.0, metavar="S",
+                   help="with --wait: give up after this long (default 120)")
+
+    p = cmd("tasks", _cmd_tasks, "list tasks", "List tasks in submission order.")
+    p.add_argument("--state", choices=("submitted", "assigned", "running", "succeeded",
+                                       "failed", "timed_out", "cancelled"))
+    p.add_argument("--node", help="only tasks placed on this node")
+    p.add_argument("--limit", type=_int_range(1, 10000), default=100, metavar="L",
+                   help="at most this many (default 100)")
+    p.add_argument("--after", metavar="ID", help="start after this task id (paging)")
+
+    p = cmd("task", _cmd_task, "show one task", "Show one task's record: state, attempts, output.")
+    p.add_argument("id", metavar="ID")
+
+    p = cmd("cancel", _cmd_cancel, "cancel a task", "Cancel a task that is not final yet.")
+    p.add_argument("id", metavar="ID")
+
+    for verb, what in (("kill", "SIGKILL a local agent (by its pid file) and remove the pid file"),
+                       ("pause", "SIGSTOP a local agent: it stays up but answers nothing"),
+                       ("resume", "SIGCONT a paused local agent"),
+                       ("restart", "SIGKILL a local agent, start it again, wait until it answers")):
+        p = cmd(verb, _cmd_signal, what,
+                what + ". Only nodes on this machine; a remote node needs `raftdeck deploy` "
+                "(not built yet) and exits 2.")
+        p.add_argument("node", metavar="NODE")
+        if verb == "restart":
+            p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
+                           help="how long to wait for it to answer (default 30)")
+
+    p = cmd("partition", None, "cut Raft traffic between nodes",
+            "Inject partition rules on every reachable agent (partitions are enforced by "
+            "sender and receiver). `isolate N`: N can neither send to nor hear from anyone. "
+            "`split A,B C,D`: the two groups cannot talk (both directions). `from A,B to C,D`: "
+            "one direction only. Client traffic is not affected. Undo with `raftdeck heal`.")
+    psub = p.add_subparsers(dest="shape", metavar="SHAPE", parser_class=_Parser, required=True)
+    fault = _Parser(add_help=False)
+    fault.add_argument("--duration-ms", type=_int_range(1, 2**31 - 1), metavar="T",
+                       help="heal by itself after T ms (default: until `raftdeck heal`)")
+    _common(fault, argparse.SUPPRESS)
+    q = psub.add_parser("isolate", parents=[fault], help="cut one node off from all others",
+                        description="Cut NODE off from every other node, both directions.")
+    q.add_argument("node", metavar="NODE")
+    q.set_defaults(func=_cmd_partition)
+    q = psub.add_parser("split", parents=[fault], help="split the nodes into two groups",
+                        description="No Raft traffic between the two comma-separated groups, "
+                        "in either direction.")
+    q.add_argument("a", metavar="A,B")
+    q.add_argument("b", metavar="C,D")
+    q.set_defaults(func=_cmd_partition)
+    q = psub.add_parser("from", parents=[fault], help="drop traffic in one direction",
+                        description="Drop Raft traffic from the first group to the second "
+                        "(one direction): `raftdeck partition from A,B to C,D`.")
+    q.add_argument("a", metavar="A,B")
+    q.add_argument("to", choices=("to",), metavar="to")
+    q.add_argument("b", metavar="C,D")
+    q.set_defaults(func=_cmd_partition)
+
+    cmd("heal", _cmd_heal, "remove every fault rule on every agent",
+        "Send `heal` to every agent: all partition, latency and loss rules are removed.")
+
+    p = cmd("transfer", _cmd_transfer, "move leadership to a node",
+            "Ask the leader to hand leadership to NODE, and wait (up to 10 s) to see it lead. "
+            "Note: a leader hands leadership on to a caught-up node of higher priority.")
+    p.add_argument("node", metavar="NODE")
+
+    p = cmd("put", _cmd_put, "write a key", "Write KEY = VALUE (UTF-8) through the leader.")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE")
+
+    p = cmd("get", _cmd_get, "read a key",
+            "Read KEY: linearizable through the leader, or --stale from one replica "
+            "(--node, default any). Exits 1 if the key is absent.")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--stale", action="store_true", help="read a replica's local state (may lag)")
+    p.add_argument("--node", help="with --stale: the replica to read")
+    return parser
+
+
+def _common(p: argparse.ArgumentParser, default) -> None:
+    """Options every command takes, before or after its name. On the sub-parsers they
+    default to SUPPRESS so a value given before the command name is kept."""
+    sup = default is argparse.SUPPRESS
+    p.add_argument("--inventory", metavar="PATH", default=default if sup else "inventory.yaml",
+                   help="the inventory file (default inventory.yaml)")
+    p.add_argument("--json", action="store_true", default=default if sup else False,
+                   help="print one JSON document instead of text")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   default=default if sup else 10.0,
+                   help="how long one cluster operation may take, retries included (default 10)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return v
+
+
+def _int_range(lo: int, hi: int):
+    def check(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, not {v}")
+        return v
+
+    return check
+
+
+# == main ========================================================================================
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raftdeck", description="raftdeck console")
-    parser.add_argument("--version", action="version", version="raftdeck 0.1.0")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            if not sys.stdout.isatty():
+                parser.print_help()
+                return EXIT_OK
+            args.func, args.readonly = _cmd_console, False  # plain `raftdeck`: attach
+        inv = _load_inventory(args.inventory)
+        result = args.func(args, inv)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        if getattr(args, "func", None) is _cmd_up and result == EXIT_OK and not args.no_console \
+                and not args.json and sys.stdout.isatty():
+            try:
+                _cmd_console(args, inv)
+            finally:
+                if args.ephemeral:
+                    _cmd_down(argparse.Namespace(**{**vars(args), "grace_s": 10.0}), inv)
+        return result
+    except CliError as e:
+        _err(str(e))
+        return e.code
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAIL
+    except Exception as e:  # never a traceback for an operator; RAFTDECK_DEBUG=1 shows it
+        if os.environ.get("RAFTDECK_DEBUG"):
+            raise
+        from console.client import ConnectionFailed, OutcomeUnknown, RequestError
+        from console.procs import ProcError
+
+        if isinstance(e, RequestError):
+            _err(f"{e.code}: {e.message}" + (f" (from {e.node})" if e.node else ""))
+        elif isinstance(e, OutcomeUnknown):
+            _err(f"outcome unknown: {e}")
+        elif isinstance(e, ConnectionFailed):
+            _err(f"cannot reach the cluster: {_clean(str(e))}")
+        elif isinstance(e, ProcError):
+            _err(str(e))
+            return e.exit_code
+        elif isinstance(e, TimeoutError):
+            _err(f"timed out: {e}")
+        else:
+            _err(f"internal error: {type(e).__name__}: {e} (RAFTDECK_DEBUG=1 shows the traceback)")
+        return EXIT_FAIL
+
+
+def _err(msg: str) -> None:
+    print("raftdeck: " + " ".join(msg.split()), file=sys.stderr)
+
+
+def _load_inventory(path: str):
+    from nodeagent.config import ConfigError, load_inventory
+
+    try:
+        return load_inventory(path)
+    except ConfigError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+def _node(inv, name: str):
+    try:
+        return inv.node(name)
+    except KeyError as e:
+        raise CliError(f"{inv.path.name}: {e.args[0]}", EXIT_USAGE) from None
+
+
+def _names(inv, text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise CliError(f"empty node list {text!r}", EXIT_USAGE)
+    for n in names:
+        _node(inv, n)
+    return names
+
+
+def _client(inv, args, *, timeout: float | None = None):
+    from console.client import ClusterClient
+
+    if inv.cluster.tls is not None:
+        raise CliError("the inventory sets cluster.tls, and raftdeck cannot connect with TLS yet",
+                       EXIT_USAGE)
+    return ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
+                         timeout=timeout or min(args.timeout, 5.0), op_timeout=args.timeout)
+
+
+class _Cluster:
+    """``async with _Cluster(inv, args) as client``: a ClusterClient that first checks that
+    at least one agent accepts a connection, so a command against a stopped cluster fails
+    at once instead of retrying for --timeout seconds."""
+
+    def __init__(self, inv, args):
+        self.inv = inv
+        self.client = _client(inv, args)
+
+    async def __aenter__(self):
+        from console.client import ConnectionFailed
+
+        async def one(n: str):
+            try:
+                await asyncio.wait_for(self.client.connection(n), STATUS_TIMEOUT + 0.5)
+                return None
+            except (ConnectionFailed, asyncio.TimeoutError, OSError) as e:
+                return _short_error(n, e) if str(e) else "timed out"
+
+        errors = await asyncio.gather(*(one(n) for n in self.inv.names))
+        if all(e is not None for e in errors):
+            await self.client.close()
+            raise CliError(f"no agent of cluster {self.inv.cluster.name!r} is reachable "
+                           f"({self.inv.names[0]}: {errors[0]}); is it up? (`raftdeck up`, "
+                           "`raftdeck status`)")
+        return self.client
+
+    async def __aexit__(self, *exc):
+        await self.client.close()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", errors="replace")
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    return v
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(_jsonable(data), indent=2))
+
+
+def _table(rows: list[list[Any]], header: list[str] | None = None) -> list[str]:
+    rows = [[("-" if c is None else str(c)) for c in r] for r in rows]
+    if header:
+        rows.insert(0, header)
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
+    return ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _clean(msg: str) -> str:
+    """Friendlier socket errors: asyncio's "Connect call failed ('h', p)" and an empty
+    timeout text."""
+    msg = re.sub(r"Connect call failed \([^)]*\)", "connection refused", msg)
+    msg = re.sub(r"Multiple exceptions: .*", "connection refused", msg)
+    return msg.replace("()", "(timed out)")
+
+
+def _short_error(name: str, e: BaseException) -> str:
+    msg = _clean(str(e) or type(e).__name__)
+    for prefix in (f"{name}: ",):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if msg.startswith(f"{name} (") and "): " in msg:
+        msg = msg.split("): ", 1)[1]
+    return " ".join(msg.split())
+
+
+# == cluster views ===============================================================================
+
+
+async def _statuses(client, names, per_agent: float = STATUS_TIMEOUT) -> dict[str, dict | str]:
+    """name -> status map, or the reason it did not answer; never waits much past
+    2 x ``per_agent`` (connect, then the request)."""
+    from console.client import ConnectionFailed, OutcomeUnknown, RequestError
+
+    async def one(n: str):
+        try:
+            return n, await asyncio.wait_for(client.call(n, "status"), per_agent * 2 + 0.5)
+        except asyncio.TimeoutError:
+            return n, f"no answer within {per_agent * 2 + 0.5:g}s"
+        except (ConnectionFailed, OutcomeUnknown, RequestError, OSError) as e:
+            return n, _short_error(n, e)
+
+    return dict(await asyncio.gather(*(one(n) for n in names)))
+
+
+def _health(inv, sts: dict[str, dict | str]) -> dict:
+    """Leader (the leader-role node of the highest term), its term, and whether a majority
+    of the voters answered and follow it."""
+    up = {n: s for n, s in sts.items() if isinstance(s, dict)}
+    leaders = sorted((s["term"], n) for n, s in up.items() if s.get("role") == "leader")
+    leader, term = (leaders[-1][1], leaders[-1][0]) if leaders else (None, None)
+    if leader is not None:
+        voters = list(up[leader].get("voters") or [n.name for n in inv.voters])
+    else:
+        voters = [n.name for n in inv.voters]
+    agreeing = sorted(n for n in voters if n in up and up[n].get("leader") == leader
+                      and up[n].get("term") == term) if leader else []
+    need = len(voters) // 2 + 1
+    if term is None and up:
+        term = max(s.get("term", 0) for s in up.values())
+    return {"leader": leader, "term": term, "quorum": leader is not None and len(agreeing) >= need,
+            "voters": len(voters), "following": len(agreeing), "needed": need,
+            "reachable": len(up), "nodes": len(sts)}
+
+
+def _health_line(h: dict) -> str:
+    term = "-" if h["term"] is None else h["term"]
+    reach = f"{h['reachable']} of {h['nodes']} agents reachable"
+    if h["leader"] is None:
+        return (f"health: NO LEADER (highest term seen {term}), no quorum "
+                f"({h['needed']} of {h['voters']} voters needed), {reach}")
+    q = "yes" if h["quorum"] else "NO"
+    return (f"health: leader {h['leader']}, term {term}, quorum {q} ({h['following']} of "
+            f"{h['voters']} voters follow it, {h['needed']} needed), {reach}")
+
+
+def _process_states(inv) -> dict[str, str]:
+    from console.procs import LocalProcesses, is_local
+
+    procs = LocalProcesses(inv)
+    out = {}
+    for n in inv.nodes:
+        out[n.name] = procs.process(n).state if is_local(n) else "remote"
+    return out
+
+
+# == up / down ===================================================================================
+
+
+async def _cmd_up(args, inv) -> int:
+    from console.procs import LocalProcesses, ProcError, is_local
+
+    procs = LocalProcesses(inv)
+    rows: dict[str, dict] = {}
+    started = {}
+    for n in inv.nodes:
+        row = {"name": n.name, "address": _addr(n.host, n.port), "action": None, "pid": None}
+        rows[n.name] = row
+        if not is_local(n):
+            row["action"] = "remote"
+            row["note"] = "remote (ssh): not started here; needs `raftdeck deploy` (not built yet)"
+            continue
+        p = procs.process(n)
+        if p.alive:
+            row.update(action="running", pid=p.pid, process=p.state)
+            continue
+        try:
+            r = procs.start(n)
+        except ProcError as e:
+            row.update(action="failed", error=str(e))
+            continue
+        started[n.name] = r
+        row.update(action="started", pid=r.pid, log=str(r.log))
+        if p.state == "stale":
+            row["note"] = "a stale pid file was replaced"
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.wait_s
+    health: dict = {}
+    sts: dict = {}
+    async with _client(inv, args, timeout=1.0) as client:
+        while True:
+            for name, r in list(started.items()):
+                node = inv.node(name)
+                if not procs.process(node).alive:
+                    rc = procs.exit_code(r.pid)
+                    tail = procs.stderr_tail(node, r.stderr_offset)
+                    why = f"exited with code {rc}" if rc is not None else "exited"
+                    rows[name].update(action="failed",
+                                      error=f"{why}: {tail or 'see ' + str(r.stderr)}")
+                    procs.remove_pid_file(node)
+                    del started[name]
+            sts = await _statuses(client, inv.names, per_agent=1.0)
+            health = _health(inv, sts)
+            waiting_for = [n for n in started if not isinstance(sts.get(n), dict)]
+            if health["quorum"] and not waiting_for:  # a majority follows one leader
+                break
+            if not any(isinstance(s, dict) for s in sts.values()) and not started and \
+                    not any(r["action"] == "running" for r in rows.values()):
+                break  # nothing runs that could elect a leader
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+
+    for name, row in rows.items():
+        st = sts.get(name)
+        if isinstance(st, dict):
+            row["role"] = st.get("role")
+            row["term"] = st.get("term")
+        elif row["action"] in ("started", "running"):
+            row["role"] = None
+            row["error"] = f"not answering: {st}"
+    n_started = sum(1 for r in rows.values() if r["action"] == "started")
+    n_local = sum(1 for r in rows.values() if r["action"] != "remote")
+    failed = [r for r in rows.values() if r["action"] == "failed"]
+    result = {"nodes": list(rows.values()), "started": n_started, "leader": health.get("leader"),
+              "term": health.get("term"), "quorum": health.get("quorum")}
+    if args.json:
+        _print_json(result)
+    else:
+        lines = []
+        for r in rows.values():
+            what = {"started": "started", "running": "already running", "failed": "FAILED",
+                    "remote": "remote"}[r["action"]]
+            extra = r.get("error") or r.get("note") or ""
+            lines.append([r["name"], r["address"], what,
+                          f"pid {r['pid']}" if r["pid"] else "", r.get("role") or "",
+                          extra or (f"log {r['log']}" if r.get("log") else "")])
+        for ln in _table(lines):
+            print(ln)
+        if n_started == 0 and not failed:
+            print(f"nothing to start: all {n_local} local agents already run")
+        if health.get("leader"):
+            print(f"leader: {health['leader']} (term {health['term']})"
+                  + ("" if health.get("quorum") else ", without a quorum"))
+        else:
+            print("leader: none")
+    if failed:
+        raise CliError(f"{', '.join(r['name'] for r in failed)} failed to start: "
+                       f"{failed[0]['error']}")
+    if not health.get("quorum"):
+        raise CliError(f"no leader with a quorum within {args.wait_s:g}s "
+                       f"({health.get('reachable', 0)} of {len(inv.nodes)} agents answer)")
+    return EXIT_OK
+
+
+def _cmd_console(args, inv) -> int:
+    """Run the Textual console until the operator leaves it."""
+    from console.app import RaftdeckApp
+    from console.cluster import node_infos
+    from console.procs import LocalProcesses, is_local
+
+    if inv.cluster.tls is not None:
+        raise CliError("this inventory uses TLS, which the console does not speak yet", EXIT_USAGE)
+    procs = LocalProcesses(inv)
+    local = {n.name for n in inv.nodes if is_local(n)}
+
+    class Control:
+        def _check(self, name: str) -> None:
+            if name not in local:
+                raise CliError(f"{name} is remote: controlling it needs `raftdeck deploy` "
+                               "(not built yet)", EXIT_USAGE)
+
+        def kill(self, name: str) -> None:
+            self._check(name)
+            procs.kill(name)
+
+        def pause(self, name: str) -> None:
+            self._check(name)
+            procs.pause(name)
+
+        def resume(self, name: str) -> None:
+            self._check(name)
+            procs.resume(name)
+
+        def restart(self, name: str) -> None:
+            self._check(name)
+            node = inv.node(name)
+            if procs.process(node).alive:
+                procs.kill(name)
+            procs.start(node)
+
+    app = RaftdeckApp(node_infos(inv), inv.cluster.name,
+                      {n.name: (n.host, n.port) for n in inv.nodes},
+                      procs=Control(), readonly=getattr(args, "readonly", False))
+    app.run()
+    return EXIT_OK
+
+
+def _cmd_down(args, inv) -> int:
+    from console.procs import LocalProcesses, is_local
+
+    procs = LocalProcesses(inv)
+    local = [n.name for n in inv.nodes if is_local(n)]
+    res = procs.stop(local, timeout=args.grace_s)
+    rows = []
+    for n in inv.nodes:
+        r = res.get(n.name, {"result": "remote", "pid": None})
+        rows.append({"name": n.name, **r})
+    if args.json:
+        _print_json({"nodes": rows})
+    else:
+        text = {"stopped": "stopped", "killed": f"killed (still running {args.grace_s:g}s after SIGTERM)",
+                "not_running": "not running", "stale": "not running (stale pid file removed)",
+                "failed": "FAILED to stop", "remote": "remote: not managed here"}
+        for ln in _table([[r["name"], text[r["result"]], f"pid {r['pid']}" if r["pid"] else ""]
+                          for r in rows]):
+            print(ln)
+        if not any(r["result"] in ("stopped", "killed") for r in rows):
+            print("nothing was running")
+    bad = [r["name"] for r in rows if r["result"] == "failed"]
+    if bad:
+        raise CliError(f"could not stop {', '.join(bad)}")
+    return EXIT_OK
+
+
+# == status ======================================================================================
+
+
+async def _cmd_status(args, inv) -> int:
+    async with _client(inv, args, timeout=STATUS_TIMEOUT) as client:
+        sts = await _statuses(client, inv.names)
+    health = _health(inv, sts)
+    procs = _process_states(inv)
+    leader_commit = None
+    if health["leader"] is not None:
+        leader_commit = sts[health["leader"]].get("commit")
+    nodes = []
+    for n in inv.nodes:
+        s = sts[n.name]
+        row: dict[str, Any] = {"name": n.name, "address": _addr(n.host, n.port),
+                               "reachable": isinstance(s, dict), "process": procs[n.name]}
+        if isinstance(s, dict):
+            load = s.get("load") or {}
+            applied = s.get("applied", 0)
+            base = leader_commit if leader_commit is not None else s.get("commit", 0)
+            row.update(role=s.get("role"), term=s.get("term"), leader=s.get("leader"),
+                       commit=s.get("commit"), applied=applied, lag=max(0, base - applied),
+                       digest=s.get("digest"),
+                       load={"running": load.get("running"), "queued": load.get("queued"),
+                             "capacity": load.get("capacity", s.get("capacity"))},
+                       faults=len(s.get("faults") or ()), fault_rules=s.get("faults") or [],
+                       pid=s.get("pid"), uptime_s=s.get("uptime_s"), error=None)
+        else:
+            row.update(role=None, term=None, leader=None, commit=None, applied=None, lag=None,
+                       digest=None, load=None, faults=None, fault_rules=None, error=s)
+        nodes.append(row)
+    if args.json:
+        _print_json({"nodes": nodes, "health": health})
+    else:
+        out = []
+        for r in nodes:
+            if r["reachable"]:
+                ld = r["load"]
+                state = "ok" if r["process"] != "paused" else "ok (paused?)"
+                out.append([r["name"], r["address"], r["role"], r["term"], r["leader"] or "-",
+                            r["commit"], r["applied"], r["lag"], (r["digest"] or "")[:8] or "-",
+                            f"{_dash(ld['running'])}/{_dash(ld['queued'])}/{_dash(ld['capacity'])}",
+                            r["faults"], state])
+            else:
+                proc = r["process"]
+                hint = f" (process {proc})" if proc not in ("remote",) else ""
+                out.append([r["name"], r["address"], "-", "-", "-", "-", "-", "-", "-", "-", "-",
+                            f"UNREACHABLE: {r['error']}{hint}"])
+        for ln in _table(out, ["NODE", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED",
+                               "LAG", "DIGEST", "LOAD", "FAULTS", "STATE"]):
+            print(ln)
+        print(_health_line(health))
+    return EXIT_OK if health["quorum"] else EXIT_FAIL
+
+
+def _when(ms) -> str | None:
+    """Milliseconds since the epoch as UTC time."""
+    if not ms:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def _dash(v) -> str:
+    return "-" if v is None else str(v)
+
+
+# == tasks =======================================================================================
+
+
+def _task_args(kind: str, pairs: list[str]) -> dict:
+    raw = dict(DEFAULT_ARGS.get(kind, {}))
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise CliError(f"--arg {p!r}: expected KEY=VALUE", EXIT_USAGE)
+        raw[k] = v
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k == "ms":
+            try:
+                out[k] = int(v)
+            except ValueError:
+                raise CliError(f"--arg ms={v}: not an integer", EXIT_USAGE) from None
+        elif k == "data":
+            out[k] = v.encode()
+        else:
+            out[k] = v
+    return out
+
+
+def _task_line(r: dict) -> list[Any]:
+    dur = None
+    if r.get("finished_at") and r.get("submitted_at"):
+        dur = f"{r['finished_at'] - r['submitted_at']}ms"
+    output = r.get("error") or _jsonable(r.get("stdout") or b"").strip()
+    output = " ".join(str(output).split())
+    if len(output) > 60:
+        output = output[:57] + "..."
+    return [r["id"], r.get("kind"), r.get("state"), r.get("node") or "-", r.get("attempt"),
+            _dash(r.get("exit_code")), dur or "-", output]
+
+
+TASK_HEADER = ["ID", "KIND", "STATE", "NODE", "ATTEMPT", "EXIT", "TIME", "OUTPUT"]
+
+
+async def _cmd_submit(args, inv) -> int:
+    from nodeagent.state import CommandError, check_task_spec
+
+    task_args = _task_args(args.kind, args.arg)
+    specs = []
+    for _ in range(args.count):
+        spec = {"id": f"{args.id_prefix}{uuid.uuid4().hex}", "kind": args.kind,
+                "args": task_args, "timeout_ms": args.timeout_ms}
+        if args.max_attempts is not None:
+            spec["max_attempts"] = args.max_attempts
+        if args.policy:
+            spec["policy"] = args.policy
+        if args.key:
+            spec["key"] = args.key
+        specs.append(spec)
+    try:
+        check_task_spec({"max_attempts": 1, **specs[0]})
+    except CommandError as e:
+        raise CliError(f"bad task: {e}", EXIT_USAGE) from None
+    ids = [s["id"] for s in specs]
+    async with _Cluster(inv, args) as client:
+        r = await client.submit(specs)
+        refused = [(i, x) for i, x in zip(ids, r["results"]) if not x.get("ok")]
+        records = None
+        if args.wait and not refused:
+            try:
+                records = await client.wait(ids, timeout=args.wait_s)
+            except TimeoutError as e:
+                raise CliError(f"waiting for tasks: {e} (they keep running; see `raftdeck tasks`)")
+    result = {"index": r["index"], "ids": ids,
+              "results": [{"id": i, **x} for i, x in zip(ids, r["results"])]}
+    if records is not None:
+        result["tasks"] = records
+    if args.json:
+        _print_json(result)
+    else:
+        if records is None:
+            for i, x in zip(ids, r["results"]):
+                print(f"{i}  {'submitted' if x.get('ok') else 'REFUSED: ' + str(x.get('error'))}")
+        else:
+            for ln in _table([_task_line(rec) for rec in records], TASK_HEADER):
+                print(ln)
+            counts: dict[str, int] = {}
+            for rec in records:
+                counts[rec["state"]] = counts.get(rec["state"], 0) + 1
+            print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if refused:
+        i, x = refused[0]
+        raise CliError(f"{len(refused)} of {len(ids)} tasks refused; {i}: {x.get('error')}"
+                       + (f" ({x['detail']})" if x.get("detail") else ""))
+    if records is not None and any(rec["state"] != "succeeded" for rec in records):
+        bad = [rec for rec in records if rec["state"] != "succeeded"]
+        raise CliError(f"{len(bad)} of {len(records)} tasks did not succeed "
+                       f"(first: {bad[0]['id']} {bad[0]['state']})")
+    return EXIT_OK
+
+
+async def _cmd_tasks(args, inv) -> int:
+    if args.node:
+        _node(inv, args.node)
+    async with _Cluster(inv, args) as client:
+        recs = await client.tasks(state=args.state, node=args.node, limit=args.limit,
+                                  after=args.after)
+    if args.json:
+        _print_json(recs)
+    else:
+        for ln in _table([_task_line(r) for r in recs], TASK_HEADER):
+            print(ln)
+        if not recs:
+            print("no tasks")
+    return EXIT_OK
+
+
+async def _cmd_task(args, inv) -> int:
+    async with _Cluster(inv, args) as client:
+        rec = await client.task(args.id)
+    if rec is None:
+        raise CliError(f"no task {args.id!r}")
+    if args.json:
+        _print_json(rec)
+        return EXIT_OK
+    for k in ("id", "kind", "args", "state", "node", "attempt", "max_attempts", "timeout_ms",
+              "policy", "key", "exit_code", "error", "submitted_at", "finished_at",
+              "submitted_by"):
+        if k in rec:
+            v = rec[k]
+            if k.endswith("_at"):
+                v = _when(v)
+            elif isinstance(v, dict):
+                v = json.dumps(_jsonable(v))
+            print(f"{k + ':':14}{_dash(v)}")
+    for a in rec.get("attempts") or ():
+        print(f"{'attempt ' + str(a.get('attempt')) + ':':14}on {a.get('node')}, "
+              f"{a.get('outcome') or 'in progress'} (assigned {_when(a.get('assigned_at'))}, "
+              f"finished {_when(a.get('finished_at'))})")
+    for k in ("stdout", "stderr"):
+        if rec.get(k):
+            print(f"{k}:")
+            print(_jsonable(rec[k]).rstrip("\n"))
+    return EXIT_OK
+
+
+async def _cmd_cancel(args, inv) -> int:
+    async with _Cluster(inv, args) as client:
+        rec = await client.cancel(args.id)
+    if args.json:
+        _print_json(rec)
+    else:
+        state = rec.get("state") if isinstance(rec, dict) else None
+        print(f"{args.id}: {state or 'cancelled'}")
+    return EXIT_OK
+
+
+# == process control =============================================================================
+
+
+async def _cmd_signal(args, inv) -> int:
+    from console.procs import LocalProcesses
+
+    verb = args.command
+    node = _node(inv, args.node)
+    procs = LocalProcesses(inv)
+    procs.local_node(node.name)  # RemoteNode (exit 2) before anything happens
+    result: dict[str, Any] = {"name": node.name, "action": verb}
+    if verb == "kill":
+        result["pid"] = procs.kill(node.name)
+        text = f"{node.name} killed (pid {result['pid']})"
+    elif verb == "pause":
+        result["pid"] = procs.pause(node.name)
+        text = f"{node.name} paused (pid {result['pid']}); `raftdeck resume {node.name}` continues it"
+    elif verb == "resume":
+        result["pid"] = procs.resume(node.name)
+        text = f"{node.name} resumed (pid {result['pid']})"
+    else:
+        old = procs.process(node)
+        result["old_pid"] = procs.kill(node.name) if old.alive else None
+        if old.state == "stale":
+            procs.remove_pid_file(node)
+        r = procs.start(node)
+        result["pid"] = r.pid
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.wait_s
+        async with _client(inv, args, timeout=1.0) as client:
+            while True:
+                if not procs.process(node).alive:
+                    rc = procs.exit_code(r.pid)
+                    procs.remove_pid_file(node)
+                    tail = procs.stderr_tail(node, r.stderr_offset)
+                    raise CliError(f"{node.name} exited right after the restart"
+                                   f"{f' with code {rc}' if rc is not None else ''}: "
+                                   f"{tail or 'see ' + str(r.stderr)}")
+                st = (await _statuses(client, [node.name], per_agent=1.0))[node.name]
+                if isinstance(st, dict):
+                    result.update(role=st.get("role"), term=st.get("term"))
+                    break
+                if loop.time() >= deadline:
+                    raise CliError(f"{node.name} restarted (pid {r.pid}) but does not answer "
+                                   f"after {args.wait_s:g}s: {st}")
+                await asyncio.sleep(0.1)
+        was = f"pid {result['old_pid']} -> " if result["old_pid"] else "was not running; "
+        text = f"{node.name} restarted ({was}pid {r.pid}), answering as {result['role']}"
+    if args.json:
+        _print_json(result)
+    else:
+        print(text)
+    return EXIT_OK
+
+
+# == faults ======================================================================================
+
+
+async def _cmd_partition(args, inv) -> int:
+    if args.shape == "isolate":
+        n = _node(inv, args.node).name
+        rules = [{"from": [n], "to": None}, {"from": None, "to": [n]}]
+    elif args.shape == "split":
+        a, b = _names(inv, args.a), _names(inv, args.b)
+        if set(a) & set(b):
+            raise CliError(f"split: {', '.join(sorted(set(a) & set(b)))} in both groups", EXIT_USAGE)
+        rules = [{"from": a, "to": b}, {"from": b, "to": a}]
+    else:
+        a, b = _names(inv, args.a), _names(inv, args.b)
+        rules = [{"from": a, "to": b}]
+    for r in rules:
+        r["action"] = "partition"
+        if args.duration_ms:
+            r["duration_ms"] = args.duration_ms
+    per_node = await _on_every_agent(inv, args, "fault", rules)
+    ok = [n for n, e in per_node.items() if e is None]
+    result = {"rules": rules, "nodes": [{"name": n, "ok": e is None, "error": e}
+                                        for n, e in per_node.items()]}
+    if args.json:
+        _print_json(result)
+    else:
+        for r in rules:
+            dur = f" for {r['duration_ms']} ms" if r.get("duration_ms") else " until healed"
+            print(f"injected: partition {_group(r['from'])} -> {_group(r['to'])}{dur}")
+        for ln in _table([[n, "ok" if e is None else f"NOT INJECTED: {e}"]
+                          for n, e in per_node.items()]):
+            print("  " + ln)
+    if not ok:
+        raise CliError("no agent accepted the fault (none reachable?)")
+    return EXIT_OK
+
+
+def _group(names) -> str:
+    return "*" if names is None else ",".join(names)
+
+
+async def _cmd_heal(args, inv) -> int:
+    per_node = await _on_every_agent(inv, args, "heal", [{}])
+    if args.json:
+        _print_json({"nodes": [{"name": n, "ok": e is None, "error": e}
+                               for n, e in per_node.items()]})
+    else:
+        for ln in _table([[n, "healed" if e is None else f"NOT HEALED: {e}"]
+                          for n, e in per_node.items()]):
+            print(ln)
+    if not any(e is None for e in per_node.values()):
+        raise CliError("no agent could be healed (none reachable?)")
+    return EXIT_OK
+
+
+async def _on_every_agent(inv, args, type_: str, requests: list[dict]) -> dict[str, str | None]:
+    """Send each request to every agent in parallel; name -> None (all done) or the error."""
+    from console.client import ConnectionFailed, OutcomeUnknown, RequestError
+
+    async with _client(inv, args, timeout=STATUS_TIMEOUT) as client:
+        async def one(n: str):
+            try:
+                for req in requests:
+                    await asyncio.wait_for(client.call(n, type_, **req), STATUS_TIMEOUT * 2 + 0.5)
+                return n, None
+            except asyncio.TimeoutError:
+                return n, "no answer"
+            except RequestError as e:
+                return n, f"{e.code}: {e.message}"
+            except (ConnectionFailed, OutcomeUnknown, OSError) as e:
+                return n, _short_error(n, e)
+
+        return dict(await asyncio.gather(*(one(n) for n in inv.names)))
+
+
+async def _cmd_transfer(args, inv) -> int:
+    node = _node(inv, args.node).name
+    loop = asyncio.get_running_loop()
+    async with _Cluster(inv, args) as client:
+        await client.transfer(node)
+        deadline = loop.time() + 10.0
+        seen = None
+        while loop.time() < deadline:
+            st = (await _statuses(client, [node], per_agent=1.0))[node]
+            if isinstance(st, dict) and st.get("role") == "leader":
+                seen = st.get("term")
+                break
+            await asyncio.sleep(0.05)
+    if seen is None:
+        raise CliError(f"transfer to {node} started, but it did not become leader within 10s")
+    if args.json:
+        _print_json({"leader": node, "term": seen})
+    else:
+        print(f"{node} leads (term {seen})")
+    return EXIT_OK
+
+
+# == KV ==========================================================================================
+
+
+async def _cmd_put(args, inv) -> int:
+    async with _Cluster(inv, args) as client:
+        index = await client.put(args.key, args.value.encode())
+    if args.json:
+        _print_json({"key": args.key, "index": index})
+    else:
+        print(f"{args.key}: written at index {index}")
+    return EXIT_OK
+
+
+async def _cmd_get(args, inv) -> int:
+    if args.node and not args.stale:
+        raise CliError("--node needs --stale (a linearizable read goes through the leader)",
+                       EXIT_USAGE)
+    node = _node(inv, args.node).name if args.node else None
+    async with _Cluster(inv, args) as client:
+        value = await client.get(args.key, "stale" if args.stale else "linearizable", node=node)
+    if args.json:
+        _print_json({"key": args.key, "found": value is not None,
+                     "value": None if value is None else _jsonable(value)})
+    elif value is not None:
+        print(_jsonable(value))
+    if value is None:
+        raise CliError(f"key {args.key!r} not found")
+    return EXIT_OK
 
 
 if __name__ == "__main__":
