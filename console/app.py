@@ -42,7 +42,8 @@ COLUMNS = [
     Column("applied", "APPLIED", 8, "right"),
     Column("lag", "LAG", 6, "right"),
     Column("digest", "DIGEST", 8),
-    Column("load", "LOAD", 12),
+    Column("load", "LOAD", 10),
+    Column("spark", "LOAD (1m)", 20),
     Column("tasks", "RUN/Q", 7, "right"),
     Column("faults", "FAULTS", 7, "right"),
     Column("reach", "STATE", 12),
@@ -79,7 +80,21 @@ def bar(fraction: float | None, width: int = 8) -> str:
     return "█" * full + "·" * (width - full)
 
 
-def render_row(r: NodeRow, now: float, paused: bool) -> tuple[tuple, frozenset[int]]:
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(history, width: int = 20) -> str:
+    """The last ``width`` load samples as block characters (a gap where unreachable)."""
+    out = []
+    for v in list(history)[-width:]:
+        if v is None:
+            out.append(" ")
+        else:
+            out.append(SPARKS[min(len(SPARKS) - 1, int(max(0.0, v) * (len(SPARKS) - 1) + 0.5))])
+    return "".join(out)
+
+
+def render_row(r: NodeRow, now: float, paused: bool, history=()) -> tuple[tuple, frozenset[int]]:
     role = r.role or "?"
     if r.reachable is False:
         reach = "paused" if paused else "down"
@@ -91,7 +106,7 @@ def render_row(r: NodeRow, now: float, paused: bool) -> tuple[tuple, frozenset[i
     role_text = Text(role, style="bold green" if role == "leader" else "")
     cells = (
         r.name, r.address, role_text, _s(r.term), _s(r.leader), _s(r.commit), _s(r.applied),
-        _s(r.lag), digest, bar(r.load),
+        _s(r.lag), digest, bar(r.load), sparkline(history),
         "" if r.running is None else f"{r.running}/{r.queued}",
         str(len(r.faults)) if r.faults else "", reach,
     )
@@ -180,10 +195,20 @@ class RaftdeckApp(App):
         Binding("i", "isolate", "Isolate", id="isolate"),
         Binding("h", "heal", "Heal all", id="heal"),
         Binding("t", "transfer", "Make leader", id="transfer"),
+        Binding("S", "split", "Split in two", id="split"),
+        Binding("l", "latency", "Latency", id="latency"),
+        Binding("o", "loss", "Loss", id="loss"),
+        Binding("plus", "fault_limit", "Fault time limit", id="fault_limit"),
+        Binding("s", "sort", "Sort", id="sort"),
         Binding("w", "worst", "Worst first", id="worst"),
         Binding("slash", "filter", "Filter", id="filter"),
     ]
-    ACTIONS_THAT_CHANGE = {"kill", "restart", "pause", "isolate", "heal", "transfer"}
+    ACTIONS_THAT_CHANGE = {"kill", "restart", "pause", "isolate", "heal", "transfer", "split",
+                           "latency", "loss"}
+    SORTS = ("name", "role", "term", "commit", "applied", "lag", "load")
+    LATENCY_PRESETS = (50, 200, 1000, 0)  # ms; 0 heals the latency rule
+    LOSS_PRESETS = (0.1, 0.3, 0.0)
+    FAULT_LIMITS = (0, 30_000, 120_000)  # ms a key-injected fault lasts; 0: until healed
 
     def __init__(self, nodes: list[NodeInfo], cluster: str, addresses: dict[str, tuple[str, int]],
                  *, procs: ProcessControl | None = None, readonly: bool = False,
@@ -198,7 +223,12 @@ class RaftdeckApp(App):
         self.client = ClusterClient(self.addresses, cluster, timeout=2.0, op_timeout=5.0)
         self.paused: set[str] = set()
         self.worst_first = False
+        self.sort_by = "name"
         self.filter = ""
+        self._spark_epoch = 0
+        self.latency_step = 0
+        self.loss_step = 0
+        self.fault_limit_step = 0
         self._events_seen = 0
         self._tasks: list[asyncio.Task] = []
 
@@ -216,9 +246,13 @@ class RaftdeckApp(App):
         for name in self.addresses:
             self._tasks.append(asyncio.create_task(self._follow(name)))
         self.set_interval(0.25, self.refresh_view)
-        self.set_interval(1.0, lambda: self.model.tick(time.monotonic()))
+        self.set_interval(1.0, self._tick_model)
         self.query_one(NodeTable).focus()
         self.refresh_view()
+
+    def _tick_model(self) -> None:
+        self.model.tick(time.monotonic())
+        self._spark_epoch += 1
 
     async def on_unmount(self) -> None:
         for t in self._tasks:
@@ -256,12 +290,14 @@ class RaftdeckApp(App):
     def refresh_view(self) -> None:
         now = time.monotonic()
         m = self.model
-        rows = m.rows(worst_first=self.worst_first, filter=self.filter)
+        rows = m.rows(sort=self.sort_by, worst_first=self.worst_first, filter=self.filter)
         table_rows = []
         for r in rows:
-            cells, hl = render_row(r, now, r.name in self.paused)
-            # The highlight fades with time, so it is part of the row's version.
-            version = r.version * 2 + (1 if hl else 0)
+            history = m.load_history(r.name)
+            cells, hl = render_row(r, now, r.name in self.paused, history)
+            # The highlight fades with time and the sparkline moves once a second, so both
+            # are part of the row's version.
+            version = (r.version * 2 + (1 if hl else 0)) * 4096 + self._spark_epoch % 4096
             table_rows.append(TableRow(r.name, version, cells, dim=r.reachable is not True,
                                        highlight=hl))
         self.query_one(NodeTable).set_rows(table_rows)
@@ -309,6 +345,62 @@ class RaftdeckApp(App):
 
     def action_help(self) -> None:
         self.push_screen(Help())
+
+    def action_sort(self) -> None:
+        i = self.SORTS.index(self.sort_by) if self.sort_by in self.SORTS else -1
+        self.sort_by = self.SORTS[(i + 1) % len(self.SORTS)]
+        self.note(f"sorted by {self.sort_by}")
+        self.refresh_view()
+
+    def action_fault_limit(self) -> None:
+        self.fault_limit_step = (self.fault_limit_step + 1) % len(self.FAULT_LIMITS)
+        ms = self.FAULT_LIMITS[self.fault_limit_step]
+        self.note(f"faults injected from now on heal themselves after {ms // 1000} s" if ms
+                  else "faults injected from now on last until healed")
+
+    def _with_limit(self, fault: dict) -> dict:
+        ms = self.FAULT_LIMITS[self.fault_limit_step]
+        return {**fault, "duration_ms": ms} if ms else fault
+
+    @work(group="actions")
+    async def action_split(self) -> None:
+        names = sorted(self.addresses)
+        half = set(names[: len(names) // 2])
+        a, b = sorted(half), [n for n in names if n not in half]
+        if not await self._confirm(f"Split the cluster into {','.join(a)} | {','.join(b)}?",
+                                   cluster_wide=True):
+            return
+        await self._fault_everywhere(self._with_limit({"action": "partition", "from": a, "to": b}))
+        await self._fault_everywhere(self._with_limit({"action": "partition", "from": b, "to": a}))
+        self.note(f"split {','.join(a)} | {','.join(b)}")
+
+    @work(group="actions")
+    async def action_latency(self) -> None:
+        names = self.targets()
+        if not names:
+            return
+        ms = self.LATENCY_PRESETS[self.latency_step]
+        self.latency_step = (self.latency_step + 1) % len(self.LATENCY_PRESETS)
+        if ms:
+            await self._fault_everywhere(self._with_limit({"action": "latency", "from": names, "ms": ms}))
+            self.note(f"latency {ms} ms on messages from {', '.join(names)}")
+        else:
+            await self._fault_everywhere({"action": "heal", "from": names})
+            self.note(f"latency removed from {', '.join(names)}")
+
+    @work(group="actions")
+    async def action_loss(self) -> None:
+        names = self.targets()
+        if not names:
+            return
+        rate = self.LOSS_PRESETS[self.loss_step]
+        self.loss_step = (self.loss_step + 1) % len(self.LOSS_PRESETS)
+        if rate:
+            await self._fault_everywhere(self._with_limit({"action": "loss", "from": names, "rate": rate}))
+            self.note(f"{int(rate * 100)}% loss on messages from {', '.join(names)}")
+        else:
+            await self._fault_everywhere({"action": "heal", "from": names})
+            self.note(f"loss removed from {', '.join(names)}")
 
     def action_worst(self) -> None:
         self.worst_first = not self.worst_first
@@ -382,8 +474,8 @@ class RaftdeckApp(App):
                                    cluster_wide=len(names) > 1):
             return
         others = [n for n in self.addresses if n not in names]
-        await self._fault_everywhere({"action": "partition", "from": names, "to": others})
-        await self._fault_everywhere({"action": "partition", "from": others, "to": names})
+        await self._fault_everywhere(self._with_limit({"action": "partition", "from": names, "to": others}))
+        await self._fault_everywhere(self._with_limit({"action": "partition", "from": others, "to": names}))
         self.note(f"isolated {', '.join(names)}")
 
     @work(group="actions")

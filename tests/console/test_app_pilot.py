@@ -79,3 +79,50 @@ def test_kill_restart_isolate_heal_from_the_keyboard(tmp_path):
         asyncio.run(main())
     finally:
         lc.stop_all()
+
+
+def test_split_latency_loss_and_readonly_keys(tmp_path):
+    lc = LocalCluster(tmp_path, 4)
+    lc.start_all()
+
+    async def main():
+        app = app_for_local_cluster(lc)
+        async with app.run_test(size=(180, 40)) as pilot:
+            await until(pilot, lambda: len(leader_rows(app)) == 1, 30, "a leader")
+            faults = lambda: [f.summary for f in app.model.health(time.monotonic()).faults]  # noqa: E731
+            # Split in two asks for the cluster's name; then neither half of 2 has quorum.
+            await pilot.press("S")
+            await pilot.pause(0.3)
+            await pilot.press(*lc.cluster, "enter")
+            await until(pilot, lambda: len(faults()) >= 2, 20, "split listed as faults")
+            await until(pilot, lambda: not app.model.health(time.monotonic()).has_quorum
+                        or app.model.health(time.monotonic()).leader is None, 30, "no quorum")
+            await pilot.press("h")
+            await until(pilot, lambda: not faults() and len(leader_rows(app)) == 1, 30, "healed")
+            # Latency and loss presets on the selected node, cycled by key.
+            app.query_one(NodeTable).select("n1")
+            await pilot.press("l")
+            await until(pilot, lambda: any("latency" in f for f in faults()), 20, "latency fault")
+            await pilot.press("o")
+            await until(pilot, lambda: any("loss" in f for f in faults()), 20, "loss fault")
+            await pilot.press("h")
+            await until(pilot, lambda: not faults(), 20, "healed again")
+            await pilot.press("q")
+
+        # Read-only: the action keys do nothing.
+        ro = app_for_local_cluster(lc, readonly=True)
+        async with ro.run_test(size=(180, 40)) as pilot:
+            await until(pilot, lambda: len(leader_rows(ro)) == 1, 30, "a leader")
+            leader = leader_rows(ro)[0]
+            ro.query_one(NodeTable).select(leader)
+            await pilot.press("k")
+            await pilot.pause(0.5)
+            await pilot.press("y")
+            await pilot.pause(1.0)
+            assert lc.alive(leader), "read-only console killed a node"
+            await pilot.press("q")
+
+    try:
+        asyncio.run(main())
+    finally:
+        lc.stop_all()
