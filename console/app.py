@@ -202,6 +202,7 @@ class RaftdeckApp(App):
         Binding("s", "sort", "Sort", id="sort"),
         Binding("w", "worst", "Worst first", id="worst"),
         Binding("slash", "filter", "Filter", id="filter"),
+        Binding("colon", "command_palette", "Commands", id="palette", show=False),
     ]
     ACTIONS_THAT_CHANGE = {"kill", "restart", "pause", "isolate", "heal", "transfer", "split",
                            "latency", "loss"}
