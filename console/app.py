@@ -160,6 +160,9 @@ class Confirm(ModalScreen[bool]):
         self.yes()
 
 
+KEY_NAMES = {"question_mark": "?", "plus": "+", "slash": "/", "colon": ":"}
+
+
 class Help(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
 
@@ -168,8 +171,9 @@ class Help(ModalScreen[None]):
         lines = ["[b]raftdeck[/b] keys", ""]
         for b in app.BINDINGS:
             if isinstance(b, Binding) and b.description:
-                lines.append(f"  [b]{b.key:<14}[/b] {b.description}")
-        lines += ["", "  [b]up/down[/b]        select a node", "  [b]space[/b]          mark a node",
+                key = KEY_NAMES.get(b.key, b.key)
+                lines.append(f"  [b]{key:<14}[/b] {b.description}")
+        lines += ["", f"  [b]{'up/down':<14}[/b] select a node", f"  [b]{'space':<14}[/b] mark a node",
                   "", "esc closes this help"]
         yield Static("\n".join(lines), id="help")
 
@@ -213,8 +217,15 @@ class RaftdeckApp(App):
 
     def __init__(self, nodes: list[NodeInfo], cluster: str, addresses: dict[str, tuple[str, int]],
                  *, procs: ProcessControl | None = None, readonly: bool = False,
-                 interval_ms: int = 250):
+                 interval_ms: int = 250, follow: bool = True, mono=time.monotonic,
+                 wall=time.time):
+        """``follow=False`` connects to nothing (the model is fed by the caller: demos
+        and snapshot tests); ``mono`` and ``wall`` are the clocks, injectable for the same
+        reason."""
         super().__init__()
+        self.follow = follow
+        self.mono = mono
+        self.wall = wall
         self.model = ClusterModel(nodes)
         self.cluster = cluster
         self.addresses = dict(addresses)
@@ -244,15 +255,16 @@ class RaftdeckApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        for name in self.addresses:
-            self._tasks.append(asyncio.create_task(self._follow(name)))
+        if self.follow:
+            for name in self.addresses:
+                self._tasks.append(asyncio.create_task(self._follow(name)))
         self.set_interval(0.25, self.refresh_view)
         self.set_interval(1.0, self._tick_model)
         self.query_one(NodeTable).focus()
         self.refresh_view()
 
     def _tick_model(self) -> None:
-        self.model.tick(time.monotonic())
+        self.model.tick(self.mono())
         self._spark_epoch += 1
 
     async def on_unmount(self) -> None:
@@ -275,13 +287,13 @@ class RaftdeckApp(App):
                 await conn.connect()
                 delay = 0.2
                 async for st in conn.subscribe(self.interval_ms):
-                    self.model.update(name, st, time.monotonic())
+                    self.model.update(name, st, self.mono())
                 raise ConnectionFailed("connection closed")
             except asyncio.CancelledError:
                 await conn.close()
                 raise
             except Exception as e:
-                self.model.unreachable(name, str(e)[:200], time.monotonic())
+                self.model.unreachable(name, str(e)[:200], self.mono())
             await conn.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -289,7 +301,7 @@ class RaftdeckApp(App):
     # -- drawing --
 
     def refresh_view(self) -> None:
-        now = time.monotonic()
+        now = self.mono()
         m = self.model
         rows = m.rows(sort=self.sort_by, worst_first=self.worst_first, filter=self.filter)
         table_rows = []
@@ -319,13 +331,14 @@ class RaftdeckApp(App):
         self.query_one("#health", Static).update(Text("\n").join([line1, line2]))
         log = self.query_one("#events", RichLog)
         for ev in m.new_events(self._events_seen):
-            stamp = time.strftime("%H:%M:%S", time.localtime(time.time() - (now - ev.ts)))
+            stamp = time.strftime("%H:%M:%S", time.localtime(self.wall() - (now - ev.ts)))
             log.write(Text.assemble(stamp, " ", (ev.kind, "bold"), " ", ev.text))
         self._events_seen = m.events_total
 
     def note(self, text: str) -> None:
         self.query_one("#events", RichLog).write(
-            Text.assemble(time.strftime("%H:%M:%S"), " ", ("console", "bold cyan"), " ",
+            Text.assemble(time.strftime("%H:%M:%S", time.localtime(self.wall())), " ",
+                          ("console", "bold cyan"), " ",
                           Text.from_markup(text)))
 
     # -- which nodes an action applies to --
@@ -514,7 +527,7 @@ class RaftdeckApp(App):
 
     @work(group="actions")
     async def action_quit(self) -> None:
-        if self.model.health(time.monotonic()).faults or self.paused:
+        if self.model.health(self.mono()).faults or self.paused:
             if not self.readonly and await self._confirm("Heal the faults this console injected before leaving?"):
                 await self.heal_all()
         self.exit()
