@@ -204,6 +204,8 @@ class RaftdeckApp(App):
         Binding("o", "loss", "Loss", id="loss"),
         Binding("plus", "fault_limit", "Fault time limit", id="fault_limit"),
         Binding("s", "sort", "Sort", id="sort"),
+        Binding("d", "divergence", "Divergence", id="divergence"),
+        Binding("T", "tasks", "Tasks", id="tasks"),
         Binding("w", "worst", "Worst first", id="worst"),
         Binding("slash", "filter", "Filter", id="filter"),
         Binding("colon", "command_palette", "Commands", id="palette", show=False),
@@ -351,9 +353,22 @@ class RaftdeckApp(App):
         return [table.selected_key] if table.selected_key else []
 
     def check_action(self, action: str, parameters) -> bool | None:
-        if self.readonly and action in self.ACTIONS_THAT_CHANGE:
-            return None  # shown greyed out, refused
+        if action in self.ACTIONS_THAT_CHANGE or action in ("sort", "worst", "filter"):
+            if self.screen is not self.screen_stack[0]:
+                return False  # another view is open: node keys would act on a hidden table
+            if self.readonly and action in self.ACTIONS_THAT_CHANGE:
+                return None  # shown greyed out, refused
         return True
+
+    def action_divergence(self) -> None:
+        from console.screens import DivergenceScreen
+
+        self.push_screen(DivergenceScreen())
+
+    def action_tasks(self) -> None:
+        from console.screens import TasksScreen
+
+        self.push_screen(TasksScreen())
 
     # -- actions --
 

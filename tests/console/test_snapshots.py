@@ -20,3 +20,7 @@ def test_help_screen(snap_compare):
 def test_worst_first_and_marks(snap_compare):
     assert snap_compare(demo_app(), press=["w", "down", "space", "down", "space"],
                         terminal_size=SIZE)
+
+
+def test_divergence_screen(snap_compare):
+    assert snap_compare(demo_app(), press=["d"], terminal_size=SIZE)
