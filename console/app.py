@@ -405,31 +405,29 @@ class RaftdeckApp(App):
 
     @work(group="actions")
     async def action_latency(self) -> None:
-        names = self.targets()
-        if not names:
-            return
         ms = self.LATENCY_PRESETS[self.latency_step]
         self.latency_step = (self.latency_step + 1) % len(self.LATENCY_PRESETS)
-        if ms:
-            await self._fault_everywhere(self._with_limit({"action": "latency", "from": names, "ms": ms}))
-            self.note(f"latency {ms} ms on messages from {', '.join(names)}")
-        else:
-            await self._fault_everywhere({"action": "heal", "from": names})
-            self.note(f"latency removed from {', '.join(names)}")
+        await self._preset_fault("latency", {"ms": ms} if ms else None, f"latency {ms} ms")
 
     @work(group="actions")
     async def action_loss(self) -> None:
+        rate = self.LOSS_PRESETS[self.loss_step]
+        self.loss_step = (self.loss_step + 1) % len(self.LOSS_PRESETS)
+        await self._preset_fault("loss", {"rate": rate} if rate else None,
+                                 f"{int(rate * 100)}% loss")
+
+    async def _preset_fault(self, action: str, params: dict | None, what: str) -> None:
+        """Apply one preset of a cycled fault to messages from the target nodes, or
+        remove it (``params`` None: the cycle's "off" step)."""
         names = self.targets()
         if not names:
             return
-        rate = self.LOSS_PRESETS[self.loss_step]
-        self.loss_step = (self.loss_step + 1) % len(self.LOSS_PRESETS)
-        if rate:
-            await self._fault_everywhere(self._with_limit({"action": "loss", "from": names, "rate": rate}))
-            self.note(f"{int(rate * 100)}% loss on messages from {', '.join(names)}")
+        if params:
+            await self._fault_everywhere(self._with_limit({"action": action, "from": names, **params}))
+            self.note(f"{what} on messages from {', '.join(names)}")
         else:
             await self._fault_everywhere({"action": "heal", "from": names})
-            self.note(f"loss removed from {', '.join(names)}")
+            self.note(f"{action} removed from {', '.join(names)}")
 
     def action_worst(self) -> None:
         self.worst_first = not self.worst_first

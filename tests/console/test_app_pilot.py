@@ -10,19 +10,10 @@ import pytest
 
 from console.app import app_for_local_cluster
 from console.local import LocalCluster
+from console.testing import until
 from console.widgets.node_table import NodeTable
 
 pytestmark = pytest.mark.integration
-
-
-async def until(pilot, cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for: {what}")
 
 
 def leader_rows(app):

@@ -15,20 +15,11 @@ from textual.widgets import DataTable, Input, Select, Static
 from console.app import app_for_local_cluster
 from console.cluster import ClusterModel, NodeInfo
 from console.local import LocalCluster
+from console.testing import until
 from console.screens import NO_DUMP_MESSAGE, DivergenceScreen, SubmitTaskForm, TasksScreen
 
 NAMES = ["n1", "n2", "n3", "n4"]
 SIZE = (160, 45)
-
-
-async def until(pilot, cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for: {what() if callable(what) else what}")
 
 
 def plain(v) -> str:
