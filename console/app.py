@@ -205,6 +205,8 @@ class RaftdeckApp(App):
         Binding("plus", "fault_limit", "Fault time limit", id="fault_limit"),
         Binding("s", "sort", "Sort", id="sort"),
         Binding("d", "divergence", "Divergence", id="divergence"),
+        Binding("r", "reachability", "Reachability", id="reachability"),
+        Binding("L", "logs", "Logs", id="logs"),
         Binding("T", "tasks", "Tasks", id="tasks"),
         Binding("w", "worst", "Worst first", id="worst"),
         Binding("slash", "filter", "Filter", id="filter"),
@@ -353,7 +355,7 @@ class RaftdeckApp(App):
         return [table.selected_key] if table.selected_key else []
 
     def check_action(self, action: str, parameters) -> bool | None:
-        if action in self.ACTIONS_THAT_CHANGE or action in ("sort", "worst", "filter"):
+        if action in self.ACTIONS_THAT_CHANGE or action in ("sort", "worst", "filter", "logs"):
             if self.screen is not self.screen_stack[0]:
                 return False  # another view is open: node keys would act on a hidden table
             if self.readonly and action in self.ACTIONS_THAT_CHANGE:
@@ -364,6 +366,23 @@ class RaftdeckApp(App):
         from console.screens import DivergenceScreen
 
         self.push_screen(DivergenceScreen())
+
+    def action_reachability(self) -> None:
+        from console.screens import ReachabilityScreen
+
+        self.push_screen(ReachabilityScreen())
+
+    def action_logs(self) -> None:
+        from console.screens import LogsScreen
+
+        names = self.targets()
+        if len(names) != 1:
+            return
+        path = getattr(self.procs, "log_path", lambda n: None)(names[0])
+        if path is None:
+            self.note(f"no log file known for {names[0]} (remote logs need deploy)")
+            return
+        self.push_screen(LogsScreen(names[0], path))
 
     def action_tasks(self) -> None:
         from console.screens import TasksScreen
@@ -565,6 +584,9 @@ class ClusterProcesses:
         if self.lc.alive(name):
             self.lc.kill(name)
         self.lc.start(name)
+
+    def log_path(self, name: str):
+        return self.lc.log_path(name)
 
 
 def app_for_local_cluster(lc, **kw) -> RaftdeckApp:

@@ -606,6 +606,9 @@ def _cmd_console(args, inv) -> int:
                 procs.kill(name)
             procs.start(node)
 
+        def log_path(self, name: str):
+            return procs.log_file(inv.node(name)) if name in local else None
+
     app = RaftdeckApp(node_infos(inv), inv.cluster.name,
                       {n.name: (n.host, n.port) for n in inv.nodes},
                       procs=Control(), readonly=getattr(args, "readonly", False))

@@ -8,6 +8,10 @@
 
 from console.screens.divergence import NO_DUMP_MESSAGE, DivergenceScreen, FetchDumps, no_dumps
 from console.screens.tasks import SubmitTaskForm, TasksScreen
+from console.screens.reachability import Matrix, ReachabilityScreen, reachability_matrix
+from console.screens.logs import LogsScreen
 
 __all__ = ["DivergenceScreen", "FetchDumps", "NO_DUMP_MESSAGE", "SubmitTaskForm", "TasksScreen",
            "no_dumps"]
+__all__ += ["Matrix", "ReachabilityScreen", "reachability_matrix"]
+__all__ += ["LogsScreen"]

@@ -117,3 +117,29 @@ def test_split_latency_loss_and_readonly_keys(tmp_path):
         asyncio.run(main())
     finally:
         lc.stop_all()
+
+
+def test_reachability_and_log_views_on_a_real_cluster(tmp_path):
+    lc = LocalCluster(tmp_path, 3)
+    lc.start_all()
+
+    async def main():
+        app = app_for_local_cluster(lc)
+        async with app.run_test(size=(180, 40)) as pilot:
+            await until(pilot, lambda: len(leader_rows(app)) == 1, 30, "a leader")
+            await pilot.press("r")
+            screen = app.screen
+            await until(pilot, lambda: screen.matrix is not None and all(
+                c.connected for (a, b), c in screen.matrix.cells.items() if a != b), 20,
+                "every link connected in the matrix")
+            await pilot.press("escape")
+            app.query_one(NodeTable).select("n1")
+            await pilot.press("L")
+            await until(pilot, lambda: type(app.screen).__name__ == "LogsScreen", 5, "logs view")
+            await pilot.press("escape")
+            await pilot.press("q")
+
+    try:
+        asyncio.run(main())
+    finally:
+        lc.stop_all()

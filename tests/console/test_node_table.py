@@ -303,3 +303,20 @@ def test_bench_console_short_run():
     assert latency["samples"] > 0
     assert 0 <= latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"] < 2000
     assert result["row_renders_per_s"] <= result["render_lines_per_s"]
+
+
+def test_bench_console_full_short_run():
+    from bench.console import run_full
+
+    result = asyncio.run(run_full(20, rate=5, tick_hz=4, seconds=0.5, feed=True))
+    assert result["mode"] == "full" and result["agents"] == 20
+    assert result["transport_links_per_agent"] == 19
+    assert result["status_bytes"]["leader"] > result["status_bytes"]["follower"] > 1000
+    assert 20 <= result["changes_per_s"] <= 200  # 100/s asked
+    assert 0 < result["cpu_cores_console"] <= result["cpu_cores_process"] < 2
+    parts = result["cpu_ms_per_s"]
+    assert parts["decode"] > 0 and parts["model_update_and_tick"] > 0
+    assert parts["render_tick_rows_to_set_rows_and_health"] > 0
+    latency = result["decode_to_render_ms"]
+    assert latency["samples"] > 0
+    assert 0 <= latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"] < 2000
