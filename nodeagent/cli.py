@@ -145,6 +145,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except StorageLocked as e:
         print(f"nodeagent run: node {cfg.node.name}: {e}", file=sys.stderr)
         return EXIT_STORAGE
+    except OSError as e:
+        print(f"nodeagent run: node {cfg.node.name}: cannot use the data directory "
+              f"{cfg.node.data_dir}: {e.strerror or e}; check its path and permissions",
+              file=sys.stderr)
+        return EXIT_STORAGE
 
     async def main_task() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

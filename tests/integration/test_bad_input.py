@@ -495,6 +495,16 @@ def test_an_unknown_node_name_is_one_line_naming_the_node(tmp_path):
     assert "inv.yaml" in msg and "'nosuch'" in msg and "n1, n2" in msg, msg
 
 
+def test_a_data_dir_that_is_a_file_is_one_clear_line(tmp_path):
+    (p1,) = free_ports(1)
+    (tmp_path / "inv.yaml").write_text(_inventory([_node("n1", p1) + "    data_dir: blocker\n"]))
+    (tmp_path / "blocker").write_text("not a directory")
+    r = nodeagent_run(tmp_path, "--inventory", "inv.yaml", "--name", "n1")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    msg = assert_one_clear_line(r.stderr)
+    assert "data directory" in msg and "blocker" in msg, msg
+
+
 def test_an_agent_whose_port_is_taken_exits_with_one_clear_line(cluster_factory):
     lc = cluster_factory(1)
     port = lc.ports["n1"]
