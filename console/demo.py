@@ -39,6 +39,7 @@ def demo_app(**kw) -> RaftdeckApp:
     addresses = {n: ("127.0.0.1", 7101 + i) for i, n in enumerate(names)}
     app = RaftdeckApp(nodes, "local", addresses, follow=False, mono=lambda: T0 + 31.0,
                       wall=lambda: WALL, **kw)
+    app.client = ReplicaClient(demo_tasks())
     m = app.model
     lat = {"action": "latency", "from": ["n4"], "to": None, "ms": 200}
     progress = {n: {"match": 1480 if n != "n5" else 1204, "next": 1481, "state": "replicate",
@@ -65,6 +66,61 @@ def demo_app(**kw) -> RaftdeckApp:
             m.unreachable("n5", "connection refused", now)
         m.tick(now)
     return app
+
+
+class ReplicaClient:
+    """The task-reading part of ``ClusterClient``, answered from a local replica of the
+    state machine (a real ``nodeagent.state.StateMachine``): the demo's tasks view reads a
+    fixed task table through it, with no network."""
+
+    def __init__(self, state):
+        self.state = state
+
+    async def tasks(self, state=None, node=None, limit=100, after=None):
+        return self.state.list_tasks(state=state, node=node, limit=limit, after_id=after)
+
+    async def task(self, task_id):
+        return self.state.task(task_id)
+
+    async def close(self):
+        pass
+
+
+def demo_tasks():
+    """A task table built by applying real commands with fixed timestamps."""
+    from nodeagent import state as st
+
+    sm = st.StateMachine()
+    index = 0
+
+    def apply(op, **fields):
+        nonlocal index
+        index += 1
+        return sm.apply(index, st.encode_command(op, **fields))
+
+    t0 = 1_795_000_000_000
+    specs = [
+        {"id": "echo-1", "kind": "echo", "args": {"data": b"hello from n2"}, "timeout_ms": 5000},
+        {"id": "sleep-2", "kind": "sleep", "args": {"ms": 1500}, "timeout_ms": 5000},
+        {"id": "cpu-3", "kind": "cpu", "args": {"ms": 800}, "timeout_ms": 2000},
+        {"id": "sleep-4", "kind": "sleep", "args": {"ms": 60000}, "timeout_ms": 90000},
+        {"id": "sleep-5", "kind": "sleep", "args": {"ms": 200}, "timeout_ms": 5000},
+    ]
+    apply("submit_tasks", tasks=[st.check_task_spec({**t, "max_attempts": 3}) for t in specs], ts=t0)
+    for i, (tid, node) in enumerate([("echo-1", "n2"), ("sleep-2", "n3"), ("cpu-3", "n1"),
+                                     ("sleep-4", "n4")]):
+        apply("assign_task", id=tid, node=node, attempt=1, ts=t0 + 40 + i)
+        apply("start_task", id=tid, node=node, attempt=1, ts=t0 + 60 + i)
+    apply("complete_task", id="echo-1", node="n2", attempt=1, outcome="succeeded", exit_code=0,
+          stdout=b"hello from n2", stderr=b"", ts=t0 + 180)
+    apply("expire_task", id="sleep-2", attempt=1, reason="node n3 silent for 5.0s", ts=t0 + 5200)
+    apply("assign_task", id="sleep-2", node="n2", attempt=2, ts=t0 + 5300)
+    apply("start_task", id="sleep-2", node="n2", attempt=2, ts=t0 + 5320)
+    apply("complete_task", id="sleep-2", node="n2", attempt=2, outcome="succeeded", exit_code=0,
+          stdout=b"", stderr=b"", ts=t0 + 6850)
+    apply("complete_task", id="cpu-3", node="n1", attempt=1, outcome="timed_out", exit_code=-15,
+          stdout=b"", stderr=b"", error="timed out after 2000 ms", ts=t0 + 2070)
+    return sm
 
 
 async def save_screenshot(path: str, size=(150, 32)) -> None:

@@ -24,3 +24,9 @@ def test_worst_first_and_marks(snap_compare):
 
 def test_divergence_screen(snap_compare):
     assert snap_compare(demo_app(), press=["d"], terminal_size=SIZE)
+
+
+def test_tasks_screen(snap_compare):
+    """The task table of console/demo.py (built by applying real commands to a real state
+    machine): a success, a retried task, a timeout, a running and a waiting task."""
+    assert snap_compare(demo_app(), press=["T", "down"], terminal_size=SIZE)
