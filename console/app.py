@@ -203,6 +203,8 @@ class RaftdeckApp(App):
         Binding("l", "latency", "Latency", id="latency"),
         Binding("o", "loss", "Loss", id="loss"),
         Binding("plus", "fault_limit", "Fault time limit", id="fault_limit"),
+        Binding("g", "select_leader", "Select leader", id="select_leader"),
+        Binding("m", "mark_minority", "Mark a minority", id="mark_minority"),
         Binding("s", "sort", "Sort", id="sort"),
         Binding("d", "divergence", "Divergence", id="divergence"),
         Binding("r", "reachability", "Reachability", id="reachability"),
@@ -355,7 +357,8 @@ class RaftdeckApp(App):
         return [table.selected_key] if table.selected_key else []
 
     def check_action(self, action: str, parameters) -> bool | None:
-        if action in self.ACTIONS_THAT_CHANGE or action in ("sort", "worst", "filter", "logs"):
+        if action in self.ACTIONS_THAT_CHANGE or action in ("sort", "worst", "filter", "logs",
+                                                            "select_leader", "mark_minority"):
             if self.screen is not self.screen_stack[0]:
                 return False  # another view is open: node keys would act on a hidden table
             if self.readonly and action in self.ACTIONS_THAT_CHANGE:
@@ -393,6 +396,28 @@ class RaftdeckApp(App):
 
     def action_help(self) -> None:
         self.push_screen(Help())
+
+    def action_select_leader(self) -> None:
+        """Target the leader by role: select it (so k, p, i, l, o... act on it)."""
+        leader = self.model.health(self.mono()).leader
+        table = self.query_one(NodeTable)
+        table.clear_marks()
+        if leader is None:
+            self.note("no leader to select")
+        else:
+            table.select(leader)
+
+    def action_mark_minority(self) -> None:
+        """Target a minority by role: mark the largest minority of followers (the leader
+        excluded), so isolating or killing them leaves the majority a quorum."""
+        table = self.query_one(NodeTable)
+        table.clear_marks()
+        leader = self.model.health(self.mono()).leader
+        followers = [r.name for r in self.model.rows() if r.name != leader and r.reachable]
+        size = (len(self.addresses) - 1) // 2
+        for name in followers[:size]:
+            table.toggle_mark(name)
+        self.note(f"marked a minority: {', '.join(followers[:size]) or 'none'}")
 
     def action_sort(self) -> None:
         i = self.SORTS.index(self.sort_by) if self.sort_by in self.SORTS else -1

@@ -143,3 +143,39 @@ def test_reachability_and_log_views_on_a_real_cluster(tmp_path):
         asyncio.run(main())
     finally:
         lc.stop_all()
+
+
+def test_targets_by_role_leader_and_minority(tmp_path):
+    """g selects the leader and m marks a minority, so any fault key can target a role:
+    isolating the marked minority leaves the majority with its leader."""
+    lc = LocalCluster(tmp_path, 5)
+    lc.start_all()
+
+    async def main():
+        app = app_for_local_cluster(lc)
+        async with app.run_test(size=(180, 40)) as pilot:
+            leader = await until(pilot, lambda: len(leader_rows(app)) == 1 and leader_rows(app)[0],
+                                 30, "a leader")
+            table = app.query_one(NodeTable)
+            await pilot.press("g")
+            assert table.selected_key == leader and not table.marked_keys
+            await pilot.press("m")
+            minority = set(table.marked_keys)
+            assert len(minority) == 2 and leader not in minority
+            await pilot.press("i")
+            await pilot.pause(0.3)
+            await pilot.press(*lc.cluster, "enter")
+            await until(pilot, lambda: all(app.model.row(n).role != "leader" and
+                                           app.model.row(n).leader in (None, n) or
+                                           app.model.row(n).leader == leader for n in minority)
+                        and len(app.model.health(app.mono()).faults) >= 2, 20, "minority cut off")
+            h = app.model.health(app.mono())
+            assert h.leader == leader and h.has_quorum
+            await pilot.press("h")
+            await until(pilot, lambda: not app.model.health(app.mono()).faults, 20, "healed")
+            await pilot.press("q")
+
+    try:
+        asyncio.run(main())
+    finally:
+        lc.stop_all()
