@@ -86,6 +86,7 @@ from console import app as console_app
 from console.cluster import ClusterModel, NodeInfo
 from console.widgets.node_table import Column, NodeTable, TableRow
 from nodeagent import protocol
+from nodeagent.statusmap import compact_status
 
 SIZE = (160, 50)
 FEED_HZ = 50
@@ -290,6 +291,11 @@ def digest_of(applied: int) -> str:
     return f"{(applied * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
+# Agents push the compact status (nodeagent.statusmap) to subscribers; --full-status
+# measures the full map a `status` request returns, as pushes carried before.
+FULL_STATUS = False
+
+
 class SimAgent:
     """One simulated agent: a full status map shaped like nodeagent.agent.Agent.status()
     (driver fields, progress/peer_reports on the leader, transport with one link per peer,
@@ -421,7 +427,8 @@ class SimAgent:
             r["at"], r["running"], r["queued"], r["load1"] = tr["now"], running, queued, load1
 
     def frame(self) -> bytes:
-        return protocol.encode({"type": "status_update", "id": 1, "status": self.s})
+        status = self.s if FULL_STATUS else compact_status(self.s)
+        return protocol.encode({"type": "status_update", "id": 1, "status": status})
 
 
 class CpuTable(NodeTable):
@@ -709,7 +716,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="the old mode: prebuilt TableRows, no encode/decode, no ClusterModel")
     p.add_argument("--links", type=int, default=-1,
                    help="full mode: transport links per agent status (default: all peers)")
+    p.add_argument("--full-status", action="store_true",
+                   help="push the full status map (as a `status` request answers) instead of "
+                   "the compact one subscriptions push")
     a = p.parse_args(argv)
+    global FULL_STATUS
+    FULL_STATUS = a.full_status
     args = sys.argv[1:] if argv is None else argv
     counts = [int(x) for x in a.agents.split(",") if x.strip()]
 

@@ -25,6 +25,7 @@ from .raft.core import Config as RaftConfig
 from .raft.core import RaftNode
 from .raft.messages import ConfChange, ConfChangeOp, ConfState, Role
 from .metrics import serve_metrics
+from .statusmap import compact_status
 from .storage import DiskStorage
 from .tasks import TaskManager, now_ms, report_command
 from .telemetry import AgentMetrics, TimedStorage
@@ -240,7 +241,7 @@ class Agent:
                 if driver.version != last_version:
                     last_version = driver.version
                     await session.conn.send({"type": "status_update", "id": rid,
-                                             "status": self.status()})
+                                             "status": self.status(compact=True)})
                 await trio.sleep(interval)
                 if driver.version == last_version:
                     # Nothing changed: wait for a change, but still push now and then so a
@@ -355,7 +356,17 @@ class Agent:
 
     # == status ===================================================================================
 
-    def status(self) -> dict[str, Any]:
+    def status(self, compact: bool = False) -> dict[str, Any]:
+        """The status map (docs/OPERATIONS.md). ``compact`` is what subscriptions push
+        several times a second to every console: per-peer transport counters cut to what
+        the console shows (connected, sent, dropped, the error of a down link), and the
+        leader's per-node load table and raw load reports left out. Those grow with the
+        cluster and dominated the console's decoding cost; a ``status`` request still
+        returns everything."""
+        full = self._status()
+        return compact_status(full) if compact else full
+
+    def _status(self) -> dict[str, Any]:
         s = self.driver.status()
         storage = self.storage.stats() if self.storage is not None else {}
         s.update({
