@@ -368,7 +368,18 @@ class RaftdeckApp(App):
     def action_divergence(self) -> None:
         from console.screens import DivergenceScreen
 
-        self.push_screen(DivergenceScreen())
+        self.push_screen(DivergenceScreen(fetch_dumps=self.fetch_dumps))
+
+    async def fetch_dumps(self) -> dict[str, dict[str, bytes]]:
+        """Every reachable replica's key-value pairs, for the key-level diff."""
+        async def one(name: str):
+            try:
+                return name, (await self.client.call(name, "dump"))["kv"]
+            except Exception:
+                return name, None
+
+        results = await asyncio.gather(*(one(n) for n in sorted(self.addresses)))
+        return {n: kv for n, kv in results if kv is not None}
 
     def action_reachability(self) -> None:
         from console.screens import ReachabilityScreen

@@ -327,6 +327,18 @@ class Agent:
         per = [{"ok": r["ok"], "error": r["error"], "detail": r["detail"]} for r in (result.value or [])]
         return {"index": index, "results": per}, None
 
+    async def _rq_dump(self, session, msg):
+        state = self.driver.state
+        kv, size, truncated = {}, 0, False
+        for key in state.keys():
+            value = state.get(key)
+            size += len(key) + len(value) + 8
+            if len(kv) >= msg.get("limit", 20_000) or size > 3 << 20:
+                truncated = True
+                break
+            kv[key] = value
+        return {"applied": state.applied_index, "kv": kv, "truncated": truncated}, None
+
     async def _rq_task_get(self, session, msg):
         return self.driver.state.task(msg["task"]), None
 

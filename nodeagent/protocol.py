@@ -615,6 +615,10 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         doc="submit 1 to 1000 tasks; a task's id makes its submission idempotent",
     ),
     "task_get": _request("viewer", req("task", TASK_ID), doc="one task's record"),
+    "dump": _request(
+        "viewer", opt("limit", Int(1, 1_000_000), 20_000),
+        doc="this replica's key-value pairs (for the divergence view), at most limit keys",
+    ),
     "task_list": _request(
         "viewer",
         opt("state", Nullable(Str(choices=TASK_STATES)), None),

@@ -31,7 +31,7 @@ __all__ = ["DivergenceScreen", "FetchDumps", "NO_DUMP_MESSAGE", "no_dumps", "syn
 
 FetchDumps = Callable[[], Awaitable[dict[str, dict[str, bytes]]]]
 
-NO_DUMP_MESSAGE = "key-level diff needs the dump request (not in protocol v1 yet)"
+NO_DUMP_MESSAGE = "no dump source given: the key-level diff needs the agents' dump request"
 KEYS_SHOWN = 50  # per replica and kind (differs / missing)
 
 

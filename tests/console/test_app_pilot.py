@@ -179,3 +179,29 @@ def test_targets_by_role_leader_and_minority(tmp_path):
         asyncio.run(main())
     finally:
         lc.stop_all()
+
+
+def test_divergence_view_fetches_a_key_level_diff_from_real_agents(tmp_path):
+    lc = LocalCluster(tmp_path, 3)
+    lc.start_all()
+
+    async def main():
+        app = app_for_local_cluster(lc)
+        async with app.run_test(size=(180, 40)) as pilot:
+            await until(pilot, lambda: len(leader_rows(app)) == 1, 30, "a leader")
+            for i in range(12):
+                await app.client.put(f"k{i}", b"v%d" % i)
+            await until(pilot, lambda: len({r.applied for r in app.model.rows()}) == 1, 20,
+                        "replicas converged")
+            await pilot.press("d")
+            screen = app.screen
+            await pilot.press("f")
+            kd = await until(pilot, lambda: screen.key_diff, 20, "the key diff")
+            assert kd.converged and kd.agreed == 12, kd
+            await pilot.press("escape")
+            await pilot.press("q")
+
+    try:
+        asyncio.run(main())
+    finally:
+        lc.stop_all()
