@@ -327,13 +327,7 @@ def _check_int_in(v: Any, lo: int, hi: int) -> int:
 
 def _check_str_bytes(v: Any, hi: int) -> str:
     """A non-empty string of at most ``hi`` bytes of UTF-8."""
-    if type(v) is not str:
-        raise CommandError("must be a string")
-    if not v:
-        raise CommandError("must not be empty")
-    if _utf8_len(v) > hi:
-        raise CommandError(f"is longer than {hi} bytes")
-    return v
+    return _check_name(v, hi)
 
 
 def _check_ts(v: Any) -> int:

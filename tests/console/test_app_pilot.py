@@ -9,7 +9,6 @@ import time
 import pytest
 
 from console.app import app_for_local_cluster
-from console.local import LocalCluster
 from console.testing import until
 from console.widgets.node_table import NodeTable
 
@@ -20,9 +19,8 @@ def leader_rows(app):
     return [r.name for r in app.model.rows() if r.role == "leader" and r.reachable]
 
 
-def test_kill_restart_isolate_heal_from_the_keyboard(tmp_path):
-    lc = LocalCluster(tmp_path, 3)
-    lc.start_all()
+def test_kill_restart_isolate_heal_from_the_keyboard(make_cluster):
+    lc = make_cluster(3)
 
     async def main():
         app = app_for_local_cluster(lc)
@@ -66,15 +64,11 @@ def test_kill_restart_isolate_heal_from_the_keyboard(tmp_path):
                         and all(r.reachable for r in app.model.rows()), 30, "healed")
             await pilot.press("q")
 
-    try:
-        asyncio.run(main())
-    finally:
-        lc.stop_all()
+    asyncio.run(main())
 
 
-def test_split_latency_loss_and_readonly_keys(tmp_path):
-    lc = LocalCluster(tmp_path, 4)
-    lc.start_all()
+def test_split_latency_loss_and_readonly_keys(make_cluster):
+    lc = make_cluster(4)
 
     async def main():
         app = app_for_local_cluster(lc)
@@ -113,15 +107,11 @@ def test_split_latency_loss_and_readonly_keys(tmp_path):
             assert lc.alive(leader), "read-only console killed a node"
             await pilot.press("q")
 
-    try:
-        asyncio.run(main())
-    finally:
-        lc.stop_all()
+    asyncio.run(main())
 
 
-def test_reachability_and_log_views_on_a_real_cluster(tmp_path):
-    lc = LocalCluster(tmp_path, 3)
-    lc.start_all()
+def test_reachability_and_log_views_on_a_real_cluster(make_cluster):
+    lc = make_cluster(3)
 
     async def main():
         app = app_for_local_cluster(lc)
@@ -139,17 +129,13 @@ def test_reachability_and_log_views_on_a_real_cluster(tmp_path):
             await pilot.press("escape")
             await pilot.press("q")
 
-    try:
-        asyncio.run(main())
-    finally:
-        lc.stop_all()
+    asyncio.run(main())
 
 
-def test_targets_by_role_leader_and_minority(tmp_path):
+def test_targets_by_role_leader_and_minority(make_cluster):
     """g selects the leader and m marks a minority, so any fault key can target a role:
     isolating the marked minority leaves the majority with its leader."""
-    lc = LocalCluster(tmp_path, 5)
-    lc.start_all()
+    lc = make_cluster(5)
 
     async def main():
         app = app_for_local_cluster(lc)
@@ -175,15 +161,11 @@ def test_targets_by_role_leader_and_minority(tmp_path):
             await until(pilot, lambda: not app.model.health(app.mono()).faults, 20, "healed")
             await pilot.press("q")
 
-    try:
-        asyncio.run(main())
-    finally:
-        lc.stop_all()
+    asyncio.run(main())
 
 
-def test_divergence_view_fetches_a_key_level_diff_from_real_agents(tmp_path):
-    lc = LocalCluster(tmp_path, 3)
-    lc.start_all()
+def test_divergence_view_fetches_a_key_level_diff_from_real_agents(make_cluster):
+    lc = make_cluster(3)
 
     async def main():
         app = app_for_local_cluster(lc)
@@ -201,7 +183,4 @@ def test_divergence_view_fetches_a_key_level_diff_from_real_agents(tmp_path):
             await pilot.press("escape")
             await pilot.press("q")
 
-    try:
-        asyncio.run(main())
-    finally:
-        lc.stop_all()
+    asyncio.run(main())

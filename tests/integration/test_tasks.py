@@ -11,27 +11,11 @@ import time
 import pytest
 
 from console.client import RequestError
-from console.local import LocalCluster
 from nodeagent.protocol import ProtocolError
 
 pytestmark = pytest.mark.integration
 
 FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
-
-
-@pytest.fixture
-def make_cluster(tmp_path):
-    made: list[LocalCluster] = []
-
-    def make(n: int, **kw) -> LocalCluster:
-        lc = LocalCluster(tmp_path / f"c{len(made)}", n, **kw)
-        made.append(lc)
-        lc.start_all()
-        return lc
-
-    yield make
-    for lc in made:
-        lc.stop_all()
 
 
 def sleep_tasks(prefix: str, durations_ms: list[int], **extra) -> list[dict]:

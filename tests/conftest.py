@@ -1,0 +1,24 @@
+"""Fixtures shared by the process-level tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from console.local import LocalCluster
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    """``make_cluster(n, **options)``: a started LocalCluster of real agent processes;
+    every cluster made is stopped (by PID) when the test ends, whatever happened."""
+    made: list[LocalCluster] = []
+
+    def make(n: int, **kw) -> LocalCluster:
+        lc = LocalCluster(tmp_path / f"c{len(made)}", n, **kw)
+        made.append(lc)
+        lc.start_all()
+        return lc
+
+    yield make
+    for lc in made:
+        lc.stop_all()
