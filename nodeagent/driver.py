@@ -32,11 +32,10 @@ from .raft.messages import (
     NotLeader,
     ProposalDropped,
     RaftError,
-    Role,
     Snapshot,
 )
 from .raft.ready import process_ready
-from .state import ApplyResult, StateMachine
+from .state import StateMachine
 
 log = logging.getLogger("nodeagent.driver")
 

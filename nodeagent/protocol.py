@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
