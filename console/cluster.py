@@ -340,6 +340,7 @@ class ClusterModel:
         self._version = 0
         self._v_open = False  # the current operation already bumped the version
         self._now = 0.0
+        self._sampled_at: float | None = None  # when tick() last took load samples
         self._ops = 0  # per-node work outside the updated node (see stats())
         self._updates = 0
         self._reachable_n = 0
@@ -607,19 +608,25 @@ class ClusterModel:
             self._bump(st)
 
     def tick(self, now: float) -> None:
-        """Render-rate housekeeping: stale nodes become unreachable; one load sample each."""
+        """Render-rate housekeeping: stale nodes become unreachable; one load sample each,
+        at most once a second of ``now`` (so a late or repeated tick never shifts the
+        sparklines by an extra sample)."""
         self._begin(now)
         down = False
+        sample = self._sampled_at is None or now - self._sampled_at >= 0.999
+        if sample:
+            self._sampled_at = now
         for st in self._nodes.values():
             if st.reachable is True and now - st.last_seen > self.stale_after:
                 self._go_down(st, f"no status for {now - st.last_seen:.1f}s")
                 down = True
-            st.load_hist.append(st.load if st.reachable is True else None)
+            if sample:
+                st.load_hist.append(st.load if st.reachable is True else None)
         if down:
             self._recompute_leader()
         while self._leader_changes and now - self._leader_changes[0] >= 60.0:
             self._leader_changes.popleft()
-        if self._nodes:
+        if self._nodes and sample:
             self._bump_global()  # the load histories changed
 
     # == reachability internals =========================================================

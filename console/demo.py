@@ -65,6 +65,7 @@ def demo_app(**kw) -> RaftdeckApp:
                                capacity=4), now) if step < 10 else \
             m.unreachable("n5", "connection refused", now)
         m.tick(now)
+    m.tick(T0 + 31.0)  # the app's clock: its own ticks then add no sample (deterministic)
     return app
 
 

@@ -458,6 +458,13 @@ def test_load_history_for_sparklines():
     m.unreachable("n1", "x", 9.0)
     m.tick(9.0)
     assert m.load_history("n1")[-1] is None
+    # A late or repeated tick within the same second adds no sample: the snapshot tests
+    # (fixed clock, real timers) depend on it.
+    m.tick(9.0)
+    m.tick(9.5)
+    assert m.load_history("n1")[-2:] == [2 / 4, None]
+    m.tick(10.0)
+    assert m.load_history("n1")[-2:] == [None, None]
 
 
 def test_key_diff():
