@@ -192,6 +192,8 @@ class RaftdeckApp(App):
     """
     BINDINGS = [
         Binding("q", "quit", "Quit", id="quit"),
+        # Operators expect Ctrl-C to leave (k9s, top); Textual's default only hints at ctrl+q.
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("question_mark", "help", "Help", id="help"),
         Binding("k", "kill", "Kill", id="kill"),
         Binding("x", "restart", "Restart", id="restart"),

@@ -45,21 +45,48 @@ def wait_screen(session: str, cond, timeout: float, what: str) -> str:
     raise AssertionError(f"never saw {what}; screen was:\n{text}")
 
 
-def test_raftdeck_up_opens_the_console_in_a_real_terminal(tmp_path):
+def write_inventory(tmp_path: Path, name: str) -> Path:
     ports = free_ports(3)
     inv = tmp_path / "inventory.yaml"
     inv.write_text(
-        "cluster: {name: tmuxdemo}\nnodes:\n" + "".join(
+        f"cluster: {{name: {name}}}\nnodes:\n" + "".join(
             f"  - {{name: n{i + 1}, host: 127.0.0.1, port: {p}, priority: {3 - i}}}\n"
             for i, p in enumerate(ports)))
-    session = f"raftdeck-test-{os.getpid()}"
-    env_path = f"PYTHONPATH={ROOT}"
+    return inv
+
+
+def start_up(tmp_path: Path, inv: Path, session: str, *flags: str) -> None:
     # pytest exports COLUMNS/LINES (80x24); the console must size itself from the terminal.
-    cmd = (f"cd {tmp_path} && env -u COLUMNS -u LINES {env_path} "
-           f"{sys.executable} -m console.cli --inventory {inv} up")
+    cmd = (f"cd {tmp_path} && env -u COLUMNS -u LINES PYTHONPATH={ROOT} "
+           f"{sys.executable} -m console.cli --inventory {inv} up {' '.join(flags)}")
     tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "40", cmd)
     tmux("set-option", "-t", session, "window-size", "manual", check=False)
     tmux("resize-window", "-t", session, "-x", "160", "-y", "40", check=False)
+
+
+def agent_pids(tmp_path: Path) -> dict[str, int]:
+    """The agents `up` started, from their pid files (JSON or a bare number)."""
+    import json
+
+    out = {}
+    for f in (tmp_path / ".raftdeck").glob("*.pid"):
+        text = f.read_text().strip()
+        out[f.stem] = int(text) if text.isdigit() else int(json.loads(text)["pid"])
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def test_raftdeck_up_opens_the_console_in_a_real_terminal(tmp_path):
+    inv = write_inventory(tmp_path, "tmuxdemo")
+    session = f"raftdeck-test-{os.getpid()}"
+    start_up(tmp_path, inv, session)
     try:
         text = wait_screen(session, lambda t: "leader: n" in t and "quorum" in t, 60,
                            "the console with a leader")
@@ -76,8 +103,34 @@ def test_raftdeck_up_opens_the_console_in_a_real_terminal(tmp_path):
                                  "status", "--json"], cwd=tmp_path, capture_output=True,
                                 text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert status.returncode == 0, status.stderr
+        pids = agent_pids(tmp_path)
+        assert len(pids) == 3 and all(alive(p) for p in pids.values()), pids
     finally:
         tmux("kill-session", "-t", session, check=False)
         subprocess.run([sys.executable, "-m", "console.cli", "--inventory", str(inv), "down"],
                        cwd=tmp_path, capture_output=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_up_ephemeral_stops_the_cluster_when_the_console_closes_with_ctrl_c(tmp_path):
+    inv = write_inventory(tmp_path, "ephemeral")
+    session = f"raftdeck-eph-{os.getpid()}"
+    start_up(tmp_path, inv, session, "--ephemeral")
+    pids: dict[str, int] = {}
+    try:
+        wait_screen(session, lambda t: "leader: n" in t and "quorum" in t, 60,
+                    "the console with a leader")
+        pids = agent_pids(tmp_path)
+        assert len(pids) == 3 and all(alive(p) for p in pids.values()), pids
+        tmux("send-keys", "-t", session, "C-c")
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids.values()):
+            assert time.monotonic() < deadline, \
+                f"agents still running after Ctrl-C with --ephemeral: {pids}\n{screen(session)}"
+            time.sleep(0.2)
+        assert not agent_pids(tmp_path), "pid files left behind"
+    finally:
+        tmux("kill-session", "-t", session, check=False)
+        for pid in pids.values():  # only if the test failed before the console stopped them
+            if alive(pid):
+                os.kill(pid, 9)
