@@ -38,6 +38,7 @@ from nodeagent.protocol import (
     ProtocolError,
     encode,
 )
+from nodeagent.statusmap import apply_delta
 
 # "internal": the agent failed while handling the request; the outcome is unknown.
 # Error codes after which a write certainly had no effect and may be retried elsewhere.
@@ -85,6 +86,7 @@ class AgentConnection:
         self._ids = itertools.count(1)
         self._recv_task: asyncio.Task | None = None
         self._updates: asyncio.Queue | None = None
+        self._pushed: dict | None = None  # the newest pushed status map (deltas apply to it)
         self._closed = asyncio.Event()
 
     @property
@@ -141,14 +143,21 @@ class AgentConnection:
                         fut.set_result(msg)
                 elif t == "status_update":
                     if self._updates is not None:
+                        # Deltas are applied here, in order, before any push is dropped.
+                        if msg.get("delta"):
+                            if self._pushed is None:
+                                break  # a delta with no map before it: a broken stream
+                            self._pushed = apply_delta(self._pushed, msg["status"])
+                        else:
+                            self._pushed = msg["status"]
                         if self._updates.full():
                             with contextlib.suppress(asyncio.QueueEmpty):
                                 self._updates.get_nowait()  # keep only the newest
-                        self._updates.put_nowait(msg["status"])
+                        self._updates.put_nowait(self._pushed)
                 elif t == "error":
                     break
-        except (OSError, ProtocolError, asyncio.IncompleteReadError):
-            pass
+        except (OSError, ProtocolError, asyncio.IncompleteReadError, ValueError):
+            pass  # ValueError: a status delta that does not fit the map it follows
         finally:
             self._closed.set()
             for fut in self._waiters.values():
@@ -185,10 +194,13 @@ class AgentConnection:
             raise RequestError(err["code"], err["message"], reply.get("leader"), self.name)
         return reply.get("result")
 
-    async def subscribe(self, interval_ms: int = 250) -> AsyncIterator[dict]:
-        """Status maps pushed by the agent; ends when the connection closes."""
+    async def subscribe(self, interval_ms: int = 250, *, delta: bool = True) -> AsyncIterator[dict]:
+        """Status maps pushed by the agent; ends when the connection closes. With ``delta``
+        the agent sends only what changed after its first push; the maps yielded here are
+        whole either way (and must not be mutated: they share unchanged parts)."""
         self._updates = asyncio.Queue(maxsize=4)
-        await self.request("subscribe", interval_ms=interval_ms)
+        self._pushed = None
+        await self.request("subscribe", interval_ms=interval_ms, delta=delta)
         while True:
             st = await self._updates.get()
             if st is None:

@@ -25,7 +25,7 @@ from .raft.core import Config as RaftConfig
 from .raft.core import RaftNode
 from .raft.messages import ConfChange, ConfChangeOp, ConfState, Role
 from .metrics import serve_metrics
-from .statusmap import compact_status
+from .statusmap import compact_status, status_delta
 from .storage import DiskStorage
 from .tasks import TaskManager, now_ms, report_command
 from .telemetry import AgentMetrics, TimedStorage
@@ -233,15 +233,24 @@ class Agent:
     async def _rq_subscribe(self, session, msg):
         interval = max(0.1, msg["interval_ms"] / 1000.0)
         rid = msg["id"]
+        deltas = msg.get("delta", False)
 
         async def pusher() -> None:
             last_version = -1
+            pushed: dict | None = None  # the map the client holds (deltas only)
             while True:
                 driver = self.driver
                 if driver.version != last_version:
                     last_version = driver.version
-                    await session.conn.send({"type": "status_update", "id": rid,
-                                             "status": self.status(compact=True)})
+                    st = self.status(compact=True)
+                    if deltas and pushed is not None:
+                        out = {"type": "status_update", "id": rid, "delta": True,
+                               "status": status_delta(pushed, st)}
+                    else:
+                        out = {"type": "status_update", "id": rid, "status": st}
+                    await session.conn.send(out)
+                    if deltas:
+                        pushed = st
                 await trio.sleep(interval)
                 if driver.version == last_version:
                     # Nothing changed: wait for a change, but still push now and then so a

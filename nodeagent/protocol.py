@@ -546,7 +546,8 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
     ),
     # client requests
     "status": _request("viewer", doc="one status snapshot of the agent"),
-    "subscribe": _request("viewer", req("interval_ms", Int(10, 2**31 - 1)), doc="status_update every interval_ms"),
+    "subscribe": _request("viewer", req("interval_ms", Int(10, 2**31 - 1)), opt("delta", Bool()),
+                          doc="status_update every interval_ms; delta: later pushes carry changes only"),
     "unsubscribe": _request("viewer", doc="stop status_update pushes"),
     "get": _request(
         "operator",
@@ -670,7 +671,9 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         "reply",
         req("status", AnyValue(map_only=True)),
         opt("id", REQUEST_ID),
-        doc="pushed while subscribed; id is the subscribe request's",
+        opt("delta", Bool()),
+        doc="pushed while subscribed; id is the subscribe request's; delta: status holds the "
+            "changes since the previous push (nodeagent.statusmap.status_delta)",
     ),
 }
 

@@ -11,6 +11,7 @@ import pytest
 
 from console.client import AgentConnection
 from console.local import LocalCluster
+from nodeagent.statusmap import compact_status
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +74,19 @@ def test_metrics_subscription_and_logs_on_a_real_cluster(tmp_path):
                 applied.append(st["applied"])
             stop.set()
             await w
+            # The pushes are deltas after the first (the default); the maps they rebuild
+            # match what a status request says once the cluster is quiet.
+            want = compact_status(await c.call(follower, "status"))
+            deadline = time.monotonic() + 20
+            while True:
+                st = await asyncio.wait_for(stream.__anext__(), 5)
+                if (st["applied"], st["digest"]) == (want["applied"], want["digest"]):
+                    break
+                assert time.monotonic() < deadline, (st["applied"], want["applied"])
+            assert set(st) == set(want)
+            assert {k: st[k] for k in ("role", "term", "leader", "commit")} == \
+                {k: want[k] for k in ("role", "term", "leader", "commit")}
+            assert set(st["transport"]["peers"]) == set(want["transport"]["peers"])
             await conn.close()
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
             assert min(gaps) >= 0.05, gaps  # 100 ms, with slack for delivery jitter

@@ -743,6 +743,7 @@ SAMPLES: list[dict[str, Any]] = [
     *({"type": "raft", "group": 0, "msg": m} for m in RAFT_SAMPLES),
     {"type": "status", "id": 1},
     {"type": "subscribe", "id": 1, "interval_ms": 250},
+    {"type": "subscribe", "id": 2, "interval_ms": 250, "delta": True},
     {"type": "unsubscribe", "id": 1},
     {"type": "get", "id": 1, "key": "k", "consistency": "stale"},
     PUT,
@@ -766,6 +767,7 @@ SAMPLES: list[dict[str, Any]] = [
      "outcome": "failed", "exit_code": 3, "stdout": b"o", "stderr": b"e", "error": "x", "ts": 5},
     {"type": "reply", "id": 1, "ok": False, "result": {"a": [1, b"x"]}, "error": ERR, "leader": "n2"},
     {"type": "status_update", "status": {"node": "n1", "peers": [{"match": 3}]}, "id": 1},
+    {"type": "status_update", "status": {"set": {"commit": 4}}, "id": 2, "delta": True},
 ]
 MUTANTS = [None, True, 0, -1, 2**63, 2**64 - 1, 1.5, "", "x", b"", b"x", [], [1], [[1, 2]], {}, {"k": 1}]
 
