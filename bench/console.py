@@ -77,6 +77,7 @@ import statistics
 import sys
 import time
 
+import msgpack
 from textual.app import App, ComposeResult
 
 from rich.text import Text
@@ -86,7 +87,7 @@ from console import app as console_app
 from console.cluster import ClusterModel, NodeInfo
 from console.widgets.node_table import Column, NodeTable, TableRow
 from nodeagent import protocol
-from nodeagent.statusmap import compact_status
+from nodeagent.statusmap import apply_delta, compact_status, status_delta
 
 SIZE = (160, 50)
 FEED_HZ = 50
@@ -294,6 +295,9 @@ def digest_of(applied: int) -> str:
 # Agents push the compact status (nodeagent.statusmap) to subscribers; --full-status
 # measures the full map a `status` request returns, as pushes carried before.
 FULL_STATUS = False
+# Subscriptions ask for deltas (nodeagent.statusmap.status_delta) as the console does;
+# --no-delta pushes the whole compact map every time.
+DELTA = True
 
 
 class SimAgent:
@@ -304,6 +308,7 @@ class SimAgent:
     def __init__(self, i: int, names: list[str], peers: int, leader: bool, rng: random.Random):
         self.name = names[i]
         self.leader = leader
+        self.leader_name = names[0]
         others = [n for n in names if n != self.name]
         links = others if peers < 0 else others[:peers]
         self.pushes = 0
@@ -398,14 +403,17 @@ class SimAgent:
         st["fsync_latency_ms_max"] = round(max(st["fsync_latency_ms_max"], lat), 3)
         tr = s["transport"]
         tr["now"] = round(now, 3)
-        for link in tr["peers"].values():
+        # The leader sends to every peer; a follower answers only the leader.
+        links = list(tr["peers"].values()) if self.leader else \
+            [tr["peers"][p] for p in (self.leader_name,) if p in tr["peers"]]
+        for link in links:
             link["sent"] += n + 1
             link["batches"] += 1
             link["bytes_sent"] += 80 * (n + 1)
             link["received"] += 1
             link["last_sent_at"] = link["last_received_at"] = tr["now"]
         tot = tr["totals"]
-        k = len(tr["peers"])
+        k = len(links)
         tot["sent"] += k * (n + 1)
         tot["batches"] += k
         tot["bytes_sent"] += k * 80 * (n + 1)
@@ -429,6 +437,25 @@ class SimAgent:
     def frame(self) -> bytes:
         status = self.s if FULL_STATUS else compact_status(self.s)
         return protocol.encode({"type": "status_update", "id": 1, "status": status})
+
+    def delta_frames(self, count: int, t0: float, rate: float) -> list[bytes]:
+        """``count`` successive pushes of a ``delta: true`` subscription, built as the agent
+        builds them (compact map, private copy, ``status_delta`` against the previous one):
+        the first whole, the rest deltas. Built before the measured window, because
+        computing 5,000 deltas a second over 1,000-peer maps is the agents' work, spread
+        over a thousand processes, not the console's."""
+        out, prev = [], None
+        for k in range(count):
+            now = t0 + k / rate
+            self.change(now, int(k / rate * COMMIT_RATE) + 10_000)
+            cur = msgpack.unpackb(msgpack.packb(compact_status(self.s)), raw=False)
+            if prev is None:
+                out.append(protocol.encode({"type": "status_update", "id": 1, "status": cur}))
+            else:
+                out.append(protocol.encode({"type": "status_update", "id": 1, "delta": True,
+                                            "status": status_delta(prev, cur)}))
+            prev = cur
+        return out
 
 
 class CpuTable(NodeTable):
@@ -456,12 +483,26 @@ class FullApp(App):
     CSS = "NodeTable { height: 1fr; }"
 
     def __init__(self, agents: int, rate: float, tick_hz: float, feed: bool, peers: int = -1,
-                 seed: int = 1):
+                 seed: int = 1, frames_s: float = 10.0):
         super().__init__()
         self.rng = random.Random(seed)
         names = [f"node-{i:04d}" for i in range(agents)]
         self.sims = [SimAgent(i, names, peers, i == 0, self.rng) for i in range(agents)]
         self.decoders = [protocol.FrameDecoder() for _ in range(agents)]
+        # Delta mode: every agent replays the pushes of one of a few templates (the leader
+        # its own), and the console side keeps each agent's map as AgentConnection does.
+        self.feeds: list[list[bytes]] | None = None
+        self.feed_pos = [0] * agents
+        self.bases: list[dict | None] = [None] * agents
+        self.delta_bytes = 0
+        if DELTA and not FULL_STATUS:
+            count = int(rate * (frames_s + WARMUP_S + 2)) + 2
+            templates = [self.sims[0].delta_frames(count, 0.0, rate)] + [
+                self.sims[t].delta_frames(count, 0.0, rate) for t in range(1, min(agents, 17))]
+            self.feeds = [templates[0]] + [templates[1 + (i - 1) % (len(templates) - 1)]
+                                           for i in range(1, agents)]
+            self.delta_bytes = statistics.mean(len(f) for f in templates[-1][1:]) \
+                if count > 1 and len(templates) > 1 else 0
         self.model = ClusterModel([NodeInfo(s.name, s.s["address"]) for s in self.sims])
         self.order = list(range(agents))
         self.rng.shuffle(self.order)
@@ -477,6 +518,7 @@ class FullApp(App):
                     "render_line": 0.0}
         self.ticks = 0
         self.spark_epoch = 0
+        self.row_cache = console_app.RowCache()
         self.pending: dict[str, dict[int, float]] = {}  # name -> {model row version: stamp}
         self.window_start = math.inf
         self.latencies_ms: list[float] = []
@@ -503,17 +545,26 @@ class FullApp(App):
         pt = time.process_time
         sim = self.sims[i]
         c0 = pt()
-        sim.change(now, int((now - self.t0) * COMMIT_RATE) + 10_000)
-        data = sim.frame()
+        if self.feeds is None:
+            sim.change(now, int((now - self.t0) * COMMIT_RATE) + 10_000)
+            data = sim.frame()
+        else:
+            feed = self.feeds[i]
+            data = feed[self.feed_pos[i] % len(feed)]
+            self.feed_pos[i] += 1
         c1 = pt()
         dec = self.decoders[i]
         dec.receive_data(data)
         msg = dec.next_message()
+        if msg.get("delta"):
+            status = self.bases[i] = apply_delta(self.bases[i], msg["status"])
+        else:
+            status = self.bases[i] = msg["status"]
         stamp = time.perf_counter()
         c2 = pt()
         model = self.model
         before = model.row_version(sim.name)
-        model.update(sim.name, msg["status"], time.monotonic())
+        model.update(sim.name, status, time.monotonic())
         after = model.row_version(sim.name)
         c3 = pt()
         if after != before:
@@ -560,13 +611,8 @@ class FullApp(App):
         self.ticks += 1
         now = time.monotonic()
         m = self.model
-        table_rows = []
-        for r in m.rows(sort="name"):
-            history = m.load_history(r.name)
-            cells, hl = console_app.render_row(r, now, False, history)
-            version = (r.version * 2 + (1 if hl else 0)) * 4096 + self.spark_epoch % 4096
-            table_rows.append(TableRow(r.name, version, cells, dim=r.reachable is not True,
-                                       highlight=hl))
+        table_rows = self.row_cache.table_rows(m, m.rows(sort="name"), now, frozenset(),
+                                               self.spark_epoch)
         self.query_one(CpuTable).set_rows(table_rows)
         h = m.health(now)
         line1 = Text.assemble(
@@ -600,7 +646,7 @@ class FullApp(App):
 async def run_full(agents: int, rate: float, tick_hz: float, seconds: float, feed: bool,
                    peers: int = -1) -> dict:
     gc.collect()
-    app = FullApp(agents, rate, tick_hz, feed, peers)
+    app = FullApp(agents, rate, tick_hz, feed, peers, frames_s=seconds)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         await asyncio.sleep(WARMUP_S)
@@ -634,6 +680,8 @@ async def run_full(agents: int, rate: float, tick_hz: float, seconds: float, fee
             "leader": len(protocol.encode({"type": "status_update", "id": 1, "status": leader_status})),
         },
         "visible_rows": visible_rows,
+        "pushes": "delta" if app.feeds is not None else ("full" if FULL_STATUS else "compact"),
+        "delta_bytes_follower_mean": round(app.delta_bytes, 1),
         "feed": feed,
         "wall_s": round(wall, 3),
         "changes_per_s": round(changes / wall, 1),
@@ -716,12 +764,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="the old mode: prebuilt TableRows, no encode/decode, no ClusterModel")
     p.add_argument("--links", type=int, default=-1,
                    help="full mode: transport links per agent status (default: all peers)")
+    p.add_argument("--no-delta", action="store_true",
+                   help="push the whole compact map every time (subscriptions without delta)")
     p.add_argument("--full-status", action="store_true",
                    help="push the full status map (as a `status` request answers) instead of "
                    "the compact one subscriptions push")
     a = p.parse_args(argv)
-    global FULL_STATUS
+    global FULL_STATUS, DELTA
     FULL_STATUS = a.full_status
+    DELTA = not a.no_delta
     args = sys.argv[1:] if argv is None else argv
     counts = [int(x) for x in a.agents.split(",") if x.strip()]
 

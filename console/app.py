@@ -31,6 +31,7 @@ from textual.widgets import Button, Footer, Input, Label, RichLog, Static
 from console.client import AgentConnection, ClusterClient, ConnectionFailed
 from console.cluster import ClusterModel, NodeInfo, NodeRow
 from console.widgets.node_table import Column, NodeTable, TableRow
+from nodeagent.statusmap import keepalive_s
 
 COLUMNS = [
     Column("name", "NODE", 8),
@@ -73,6 +74,14 @@ class Target:
     port: int
 
 
+def push_interval_ms(agents: int) -> int:
+    """How often the console lets each agent push its status: 4 times a second up to 250
+    agents, then slower so that the whole cluster sends about 1,000 pushes a second (one a
+    second each at 1,000 agents, the rate one Python thread decodes with room to spare:
+    bench/console.py)."""
+    return max(250, agents)
+
+
 def bar(fraction: float | None, width: int = 8) -> str:
     if fraction is None:
         return ""
@@ -94,7 +103,56 @@ def sparkline(history, width: int = 20) -> str:
     return "".join(out)
 
 
+_HIGHLIGHTED = tuple((FIELDS[c.key], i) for i, c in enumerate(COLUMNS) if c.key in FIELDS)
+
+
+def row_highlight(r: NodeRow, now: float, window: float = 1.5) -> frozenset[int]:
+    """The indexes of the cells whose field changed less than ``window`` seconds ago."""
+    changed = r.changed_at
+    return frozenset(i for f, i in _HIGHLIGHTED
+                     if (t := changed.get(f)) is not None and now - t < window)
+
+
+class RowCache:
+    """``TableRow``s by node, rebuilt only when the row's version, its highlight, its
+    paused mark or the second (the sparkline moves once a second) changed. At 1,000 nodes
+    a render tick then formats the rows that changed since the last tick, not all of them."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[tuple, TableRow]] = {}
+
+    def table_rows(self, model, rows: list[NodeRow], now: float, paused: set[str] | frozenset,
+                   epoch: int) -> list[TableRow]:
+        out = []
+        cache = self._rows
+        for r in rows:
+            hl = row_highlight(r, now)
+            is_paused = r.name in paused
+            key = (r.version, hl, is_paused, epoch)
+            hit = cache.get(r.name)
+            if hit is not None and hit[0] == key:
+                out.append(hit[1])
+                continue
+            cells = row_cells(r, is_paused, model.load_history(r.name))
+            # The highlight fades with time and the sparkline moves once a second, so both
+            # are part of the row's version.
+            version = (r.version * 2 + (1 if hl else 0)) * 4096 + epoch % 4096
+            tr = TableRow(r.name, version, cells, dim=r.reachable is not True, highlight=hl)
+            cache[r.name] = (key, tr)
+            out.append(tr)
+        if len(cache) > 2 * len(rows) + 64:  # nodes filtered out or gone
+            keep = {r.name for r in rows}
+            for name in [n for n in cache if n not in keep]:
+                del cache[name]
+        return out
+
+
 def render_row(r: NodeRow, now: float, paused: bool, history=()) -> tuple[tuple, frozenset[int]]:
+    """One row's cells and highlighted cell indexes."""
+    return row_cells(r, paused, history), row_highlight(r, now)
+
+
+def row_cells(r: NodeRow, paused: bool, history=()) -> tuple:
     role = r.role or "?"
     if r.reachable is False:
         reach = "paused" if paused else "down"
@@ -110,9 +168,7 @@ def render_row(r: NodeRow, now: float, paused: bool, history=()) -> tuple[tuple,
         "" if r.running is None else f"{r.running}/{r.queued}",
         str(len(r.faults)) if r.faults else "", reach,
     )
-    hl = frozenset(i for i, c in enumerate(COLUMNS)
-                   if c.key in FIELDS and r.recently_changed(FIELDS[c.key], now))
-    return cells, hl
+    return cells
 
 
 def _s(v) -> str:
@@ -225,16 +281,19 @@ class RaftdeckApp(App):
 
     def __init__(self, nodes: list[NodeInfo], cluster: str, addresses: dict[str, tuple[str, int]],
                  *, procs: ProcessControl | None = None, readonly: bool = False,
-                 interval_ms: int = 250, follow: bool = True, mono=time.monotonic,
+                 interval_ms: int | None = None, follow: bool = True, mono=time.monotonic,
                  wall=time.time):
         """``follow=False`` connects to nothing (the model is fed by the caller: demos
         and snapshot tests); ``mono`` and ``wall`` are the clocks, injectable for the same
-        reason."""
+        reason. ``interval_ms`` (how often each agent may push) defaults to
+        ``push_interval_ms(len(nodes))``."""
         super().__init__()
         self.follow = follow
         self.mono = mono
         self.wall = wall
-        self.model = ClusterModel(nodes)
+        if interval_ms is None:
+            interval_ms = push_interval_ms(len(nodes))
+        self.model = ClusterModel(nodes, stale_after=max(8.0, 3 * keepalive_s(interval_ms / 1000)))
         self.cluster = cluster
         self.addresses = dict(addresses)
         self.procs = procs
@@ -246,6 +305,7 @@ class RaftdeckApp(App):
         self.sort_by = "name"
         self.filter = ""
         self._spark_epoch = 0
+        self._row_cache = RowCache()
         self.latency_step = 0
         self.loss_step = 0
         self.fault_limit_step = 0
@@ -312,15 +372,7 @@ class RaftdeckApp(App):
         now = self.mono()
         m = self.model
         rows = m.rows(sort=self.sort_by, worst_first=self.worst_first, filter=self.filter)
-        table_rows = []
-        for r in rows:
-            history = m.load_history(r.name)
-            cells, hl = render_row(r, now, r.name in self.paused, history)
-            # The highlight fades with time and the sparkline moves once a second, so both
-            # are part of the row's version.
-            version = (r.version * 2 + (1 if hl else 0)) * 4096 + self._spark_epoch % 4096
-            table_rows.append(TableRow(r.name, version, cells, dim=r.reachable is not True,
-                                       highlight=hl))
+        table_rows = self._row_cache.table_rows(m, rows, now, self.paused, self._spark_epoch)
         self.query_one(NodeTable).set_rows(table_rows)
         h = m.health(now)
         line1 = Text.assemble(

@@ -25,7 +25,7 @@ from .raft.core import Config as RaftConfig
 from .raft.core import RaftNode
 from .raft.messages import ConfChange, ConfChangeOp, ConfState, Role
 from .metrics import serve_metrics
-from .statusmap import compact_status, status_delta
+from .statusmap import compact_status, keepalive_s, status_delta
 from .storage import DiskStorage
 from .tasks import TaskManager, now_ms, report_command
 from .telemetry import AgentMetrics, TimedStorage
@@ -250,12 +250,15 @@ class Agent:
                         out = {"type": "status_update", "id": rid, "status": st}
                     await session.conn.send(out)
                     if deltas:
-                        pushed = st
+                        # A private copy: parts of a status map may be live objects that
+                        # change in place, and the next delta must compare against what
+                        # the client really holds.
+                        pushed = msgpack.unpackb(msgpack.packb(st), raw=False)
                 await trio.sleep(interval)
                 if driver.version == last_version:
                     # Nothing changed: wait for a change, but still push now and then so a
                     # client sees the agent is alive.
-                    with trio.move_on_after(max(1.0, interval * 10)):
+                    with trio.move_on_after(keepalive_s(interval)):
                         await driver.changed.wait()
                     last_version = -1 if driver.version == last_version else last_version
 

@@ -18,6 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def keepalive_s(interval_s: float) -> float:
+    """How long a subscription may stay silent when nothing changes: the agent pushes its
+    status at least this often, so a client can tell a quiet agent from a dead one (the
+    console marks an agent unreachable after three keepalives without a push)."""
+    return max(1.0, 4.0 * interval_s)
+
+
 def compact_status(full: dict[str, Any]) -> dict[str, Any]:
     out = dict(full)
     tr = full.get("transport") or {}
