@@ -212,7 +212,7 @@ def repack_installed(name: str, out_dir: Path) -> Path:
     path = out_dir / f"{dist_name}-{version}-{tag}.whl"
     out_dir.mkdir(parents=True, exist_ok=True)
     record = []
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         for arc, src in sorted(files):
             data = src.read_bytes()
             info = zipfile.ZipInfo(arc, _ZIP_TIME)
@@ -383,7 +383,7 @@ class DeployProgress:
 
     def update(self, name: str, *, step: str | None = None, state: str | None = None,
                message: str | None = None, changed: Iterable[str] | None = None) -> None:
-        row = self.rows[name]
+        row = self.rows.get(name) or self.rows.setdefault(name, HostRow(name, ""))
         if step is not None:
             row.step = step
         if state is not None:
@@ -404,14 +404,18 @@ class DeployProgress:
     def failed(self) -> list[HostRow]:
         return [r for r in self.rows.values() if r.state == "failed"]
 
-    def line(self, row: HostRow) -> str:
-        el = f" ({row.elapsed:.1f}s)" if row.done and row.elapsed is not None else ""
-        what = row.message if row.done else f"{row.step}..."
+    @staticmethod
+    def line(row: HostRow) -> str:
+        """One host's line: its step while it runs, the outcome once done (a failure is
+        the host's one-line error)."""
         if row.state == "failed":
             return f"FAILED {row.message}"
-        return f"{row.name}  {row.address}  {row.state if row.done else row.step}" + \
-            (f": {row.message}" if row.done and row.message else "") + el if row.done else \
-            f"{row.name}  {row.address}  {what}"
+        el = f" ({row.elapsed:.1f}s)" if row.done and row.elapsed is not None else ""
+        if row.done:
+            return f"{row.name}  {row.address}  {row.message or row.state}{el}"
+        if row.state == "pending":
+            return f"{row.name}  {row.address}  waiting"
+        return f"{row.name}  {row.address}  {row.step}..."
 
 
 # == SSH =========================================================================================
@@ -545,13 +549,13 @@ async def _run(conn, command: str, *, input: str | None = None, timeout: float =
     return await asyncio.wait_for(conn.run(command, input=input, check=False), timeout)
 
 
-async def remote_op(conn, node: NodeConfig, op: str, timeout: float = 300.0, **fields) -> dict:
+async def remote_op(conn, node: NodeConfig, op: str, /, *, wait: float = 300.0, **fields) -> dict:
     """Run one ``console/remote.py`` operation on the host; its JSON answer."""
     assert node.ssh is not None
     arg = json.dumps({"op": op, **{k: (str(v) if isinstance(v, PurePosixPath) else v)
                                    for k, v in fields.items()}})
     r = await _run(conn, f"{shlex.quote(node.ssh.python)} - {shlex.quote(arg)}",
-                   input=_REMOTE_PROGRAM, timeout=timeout)
+                   input=_REMOTE_PROGRAM, timeout=wait)
     for ln in reversed((r.stdout or "").splitlines()):
         if ln.startswith("{"):
             try:
@@ -780,7 +784,7 @@ class Deployer:
                                     pip_wheel=lay.wheels / self.artifacts.pip.name,
                                     deps=[str(lay.wheels / w.name) for w in self.artifacts.deps],
                                     project_wheel=lay.wheels / self.artifacts.project.name,
-                                    timeout=self.opts.command_timeout)
+                                    wait=self.opts.command_timeout)
                 if not r.get("ok"):
                     raise HostError(_install_error(node, r, version, machine))
             self._step(name, "config")
@@ -1120,3 +1124,216 @@ def _describe_io(node: NodeConfig, e: BaseException, doing: str = "") -> str:
         return (f"{who(node)}: permission denied on the host{where} ({text}); check the "
                 "ownership of ssh.install_dir")
     return f"{who(node)}: SSH error{where}: {text}; check the host and run again"
+
+
+# == the raftdeck commands (console/cli.py has only their parsers) ================================
+
+
+def ssh_options_from(args) -> SSHOptions:
+    kh = getattr(args, "known_hosts", None) or os.environ.get("RAFTDECK_KNOWN_HOSTS")
+    opts = SSHOptions(accept_new=getattr(args, "accept_new_host_keys", False),
+                      connect_timeout=getattr(args, "connect_timeout", None) or 10.0)
+    if kh:
+        opts.known_hosts = Path(kh).expanduser()
+    return opts
+
+
+class ProgressPrinter:
+    """The CLI's progress display: on a terminal, one live line per host redrawn in
+    place; otherwise one plain line per step change."""
+
+    def __init__(self, progress: DeployProgress, out=None, tty: bool | None = None):
+        self.p = progress
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        self.drawn = 0
+        self.last: dict[str, str] = {}
+        progress.listeners.append(self.changed)
+
+    def changed(self, row: HostRow) -> None:
+        if self.tty:
+            self.redraw()
+            return
+        text = self.p.line(row)
+        if self.last.get(row.name) != text:
+            self.last[row.name] = text
+            print(text, file=self.out, flush=True)
+
+    def redraw(self) -> None:
+        if self.drawn:
+            self.out.write(f"\x1b[{self.drawn}F")
+        rows = list(self.p.rows.values())
+        for r in rows:
+            self.out.write("\x1b[2K" + self.p.line(r) + "\n")
+        self.drawn = len(rows)
+        self.out.flush()
+
+
+def _artifacts(args, work: Path) -> Artifacts:
+    wheel = getattr(args, "wheel", None)
+    wheelhouse = getattr(args, "wheelhouse", None)
+    return build_artifacts(work, wheel=Path(wheel) if wheel else None,
+                           wheelhouse=Path(wheelhouse) if wheelhouse else None)
+
+
+def _names_arg(inv: Inventory, text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+async def _run_action(args, inv: Inventory, action: str) -> tuple[dict[str, HostResult], Deployer]:
+    from console.cli import EXIT_USAGE, CliError
+
+    try:
+        nodes = remote_nodes(inv, _names_arg(inv, getattr(args, "hosts", None)))
+    except KeyError as e:
+        raise CliError(f"{inv.path.name}: --hosts: {e.args[0]}", EXIT_USAGE) from None
+    except DeployError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    if not nodes:
+        raise CliError(f"no node in {inv.path.name} has ssh: settings; nothing to {action} "
+                       "(see docs/OPERATIONS.md, Deploying to real hosts)", EXIT_USAGE)
+    progress = DeployProgress(action)
+    if not args.json:
+        ProgressPrinter(progress)
+    with tempfile.TemporaryDirectory(prefix="raftdeck-deploy-") as work:
+        artifacts = None
+        if action in ("deploy", "upgrade"):
+            try:
+                artifacts = await asyncio.to_thread(_artifacts, args, Path(work))
+            except DeployError as e:
+                raise CliError(str(e)) from None
+        d = Deployer(inv, ssh=ssh_options_from(args), artifacts=artifacts,
+                     parallel=getattr(args, "parallel", 4), progress=progress)
+        names = [n.name for n in nodes]
+        if action == "deploy":
+            res = await d.deploy(names)
+        elif action == "upgrade":
+            res = await d.upgrade(names, catch_up_s=args.catch_up_s)
+        else:
+            res = await d.undeploy(names, purge_data=args.purge_data, grace_s=args.grace_s)
+    return res, d
+
+
+def _finish(args, inv, action: str, res: dict[str, HostResult], extra: dict | None = None) -> int:
+    from console.cli import EXIT_OK, CliError, _print_json
+
+    failed = [r for r in res.values() if not r.ok]
+    counts: dict[str, int] = {}
+    for r in res.values():
+        counts[r.action] = counts.get(r.action, 0) + 1
+    if args.json:
+        _print_json({"action": action, "hosts": [r.to_json() for r in res.values()],
+                     **(extra or {})})
+    else:
+        print(f"{action}: {len(res)} hosts: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+        if extra and "leader" in extra:
+            print(f"leader: {extra['leader']} (term {extra.get('term')})" if extra["leader"]
+                  else "leader: none")
+    if failed:
+        raise CliError(f"{action} failed on {len(failed)} of {len(res)} hosts: "
+                       + ", ".join(r.name for r in failed))
+    return EXIT_OK
+
+
+async def cmd_deploy(args, inv: Inventory) -> int:
+    from console.cli import CliError
+
+    res, d = await _run_action(args, inv, "deploy")
+    extra: dict[str, Any] = {}
+    if all(r.ok for r in res.values()):
+        members = [n.name for n in inv.nodes]
+        from console.client import ClusterClient
+
+        async with ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
+                                 timeout=2.0, op_timeout=5.0, ssl=d.client_ssl) as client:
+            leader = await _leader(client, members, wait_s=args.wait_s)
+            term = None
+            if leader:
+                try:
+                    term = (await client.call(leader, "status")).get("term")
+                except Exception:
+                    pass
+        extra = {"leader": leader, "term": term}
+    rc = _finish(args, inv, "deploy", res, extra)
+    if extra and not extra.get("leader"):
+        raise CliError(f"every host is deployed but no leader within {args.wait_s:g}s; see "
+                       "`raftdeck status` and `raftdeck logs NODE`")
+    return rc
+
+
+async def cmd_upgrade(args, inv: Inventory) -> int:
+    res, _ = await _run_action(args, inv, "upgrade")
+    return _finish(args, inv, "upgrade", res)
+
+
+async def cmd_undeploy(args, inv: Inventory) -> int:
+    res, _ = await _run_action(args, inv, "undeploy")
+    return _finish(args, inv, "undeploy", res)
+
+
+async def cmd_logs(args, inv: Inventory) -> int:
+    """`raftdeck logs NODE`: the last lines of a node's agent log (and stderr file), local
+    or over SSH."""
+    from console.cli import EXIT_OK, CliError, _node, _print_json
+    from console.procs import LocalProcesses, is_local
+
+    node = _node(inv, args.node)
+    if is_local(node):
+        procs = LocalProcesses(inv)
+        paths = {"log": procs.log_file(node), "stderr": procs.stderr_file(node)}
+        out: dict[str, Any] = {"log_file": str(paths["log"]), "stderr_file": str(paths["stderr"])}
+        for k, p in paths.items():
+            try:
+                out[k] = p.read_text(errors="replace").splitlines()[-args.lines:]
+            except OSError:
+                out[k] = []
+    else:
+        try:
+            out = await Deployer(inv, ssh=ssh_options_from(args)).logs(node, args.lines)
+        except HostError as e:
+            raise CliError(str(e)) from None
+    if args.json:
+        _print_json({"node": node.name, **out})
+        return EXIT_OK
+    if out["stderr"] and getattr(args, "stderr", False):
+        print(f"== {out['stderr_file']}")
+        for ln in out["stderr"]:
+            print(ln)
+    print(f"== {out['log_file']}")
+    for ln in out["log"]:
+        print(ln)
+    if not out["log"]:
+        print("(empty or missing)")
+    return EXIT_OK
+
+
+async def remote_signal_command(args, inv: Inventory, node: NodeConfig) -> int:
+    """`raftdeck kill|pause|resume|restart NODE` for a node on another host (over SSH)."""
+    from console.cli import EXIT_OK, CliError, _print_json
+
+    d = Deployer(inv, ssh=ssh_options_from(args))
+    verb = args.command
+    result: dict[str, Any] = {"name": node.name, "action": verb, "host": node.ssh.host}
+    try:
+        if verb == "restart":
+            old, pid = await d.restart(node)
+            st = await d._health(node, getattr(args, "wait_s", 30.0))
+            result.update(old_pid=old, pid=pid, role=st.get("role"), term=st.get("term"))
+            was = f"pid {old} -> " if old else "was not running; "
+            text = f"{node.name} restarted on {node.ssh.host} ({was}pid {pid}), answering as {st.get('role')}"
+        else:
+            sig = {"kill": "KILL", "pause": "STOP", "resume": "CONT"}[verb]
+            result["pid"] = await d.signal(node, sig)
+            text = {"kill": f"{node.name} killed on {node.ssh.host} (pid {result['pid']})",
+                    "pause": f"{node.name} paused on {node.ssh.host} (pid {result['pid']}); "
+                             f"`raftdeck resume {node.name}` continues it",
+                    "resume": f"{node.name} resumed on {node.ssh.host} (pid {result['pid']})"}[verb]
+    except HostError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        _print_json(result)
+    else:
+        print(text)
+    return EXIT_OK

@@ -319,14 +319,14 @@ def op_signal(a):
         if state == "stale":
             _unlink(a["pid_file"])
         return _out(ok=False, kind="not_running", state=state,
-                    error="not running (%s)" % ("its pid file was stale and is removed"
-                                                if state == "stale" else "no pid file"))
+                    error=("its pid file was stale and is removed" if state == "stale"
+                           else "no pid file"))
     sig = a["signal"]
     try:
         os.kill(info["pid"], SIGNALS[sig])
     except ProcessLookupError:
         _unlink(a["pid_file"])
-        return _out(ok=False, kind="not_running", state="stale", error="not running (pid gone)")
+        return _out(ok=False, kind="not_running", state="stale", error="its pid is gone")
     if sig == "KILL":
         if not _wait_gone(info, a.get("timeout", 10)):
             return _out(ok=False, kind="stuck", error="pid %d did not die within %ss of SIGKILL"
