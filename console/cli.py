@@ -139,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("cancel", _cmd_cancel, "cancel a task", "Cancel a task that is not final yet.")
     p.add_argument("id", metavar="ID")
 
-    for verb, what in (("kill", "SIGKILL a local agent (by its pid file) and remove the pid file"),
-                       ("pause", "SIGSTOP a local agent: it stays up but answers nothing"),
-                       ("resume", "SIGCONT a paused local agent"),
-                       ("restart", "SIGKILL a local agent, start it again, wait until it answers")):
+    for verb, what in (("kill", "SIGKILL an agent (by its pid file) and remove the pid file"),
+                       ("pause", "SIGSTOP an agent: it stays up but answers nothing"),
+                       ("resume", "SIGCONT a paused agent"),
+                       ("restart", "SIGKILL an agent, start it again, wait until it answers")):
         p = cmd(verb, _cmd_signal, what,
-                what + ". Only nodes on this machine; a remote node needs `raftdeck deploy` "
-                "(not built yet) and exits 2.")
+                what + ". A local node directly; a node with ssh: on another host over SSH "
+                "(deployed with `raftdeck deploy`; known_hosts from $RAFTDECK_KNOWN_HOSTS or "
+                "~/.ssh/known_hosts).")
         p.add_argument("node", metavar="NODE")
         if verb == "restart":
             p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
@@ -563,7 +564,7 @@ async def _cmd_up(args, inv) -> int:
         rows[n.name] = row
         if not is_local(n):
             row["action"] = "remote"
-            row["note"] = "remote (ssh): not started here; needs `raftdeck deploy` (not built yet)"
+            row["note"] = "remote (ssh): not started here; `raftdeck deploy` starts it"
             continue
         p = procs.process(n)
         if p.alive:
@@ -653,44 +654,15 @@ def _cmd_console(args, inv) -> int:
     """Run the Textual console until the operator leaves it."""
     from console.app import RaftdeckApp
     from console.cluster import node_infos
-    from console.procs import LocalProcesses, is_local
+    from console.procs import Processes
 
     if inv.cluster.tls is not None:
         raise CliError("this inventory uses TLS, which the console does not speak yet", EXIT_USAGE)
-    procs = LocalProcesses(inv)
-    local = {n.name for n in inv.nodes if is_local(n)}
-
-    class Control:
-        def _check(self, name: str) -> None:
-            if name not in local:
-                raise CliError(f"{name} is remote: controlling it needs `raftdeck deploy` "
-                               "(not built yet)", EXIT_USAGE)
-
-        def kill(self, name: str) -> None:
-            self._check(name)
-            procs.kill(name)
-
-        def pause(self, name: str) -> None:
-            self._check(name)
-            procs.pause(name)
-
-        def resume(self, name: str) -> None:
-            self._check(name)
-            procs.resume(name)
-
-        def restart(self, name: str) -> None:
-            self._check(name)
-            node = inv.node(name)
-            if procs.process(node).alive:
-                procs.kill(name)
-            procs.start(node)
-
-        def log_path(self, name: str):
-            return procs.log_file(inv.node(name)) if name in local else None
+    procs = Processes(inv)  # local nodes by pid file, remote ones over SSH
 
     app = RaftdeckApp(node_infos(inv), inv.cluster.name,
                       {n.name: (n.host, n.port) for n in inv.nodes},
-                      procs=Control(), readonly=getattr(args, "readonly", False))
+                      procs=procs, readonly=getattr(args, "readonly", False))
     app.run()
     return EXIT_OK
 

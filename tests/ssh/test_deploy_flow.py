@@ -128,6 +128,42 @@ def proc_state(pid: int) -> str | None:
     return data[data.rfind(")") + 2]
 
 
+def console_kill_and_restart(inv, known_hosts: Path) -> None:
+    """The console's fault keys on remote nodes: k (kill, confirmed) the leader over SSH,
+    see another leader, x (restart) it over SSH, see it back."""
+    from console.app import RaftdeckApp
+    from console.cluster import node_infos
+    from console.deploy import SSHOptions
+    from console.procs import Processes
+    from console.testing import until
+    from console.widgets.node_table import NodeTable
+
+    async def main():
+        app = RaftdeckApp(node_infos(inv), inv.cluster.name,
+                          {n.name: (n.host, n.port) for n in inv.nodes},
+                          procs=Processes(inv, ssh=SSHOptions(known_hosts=known_hosts)))
+        async with app.run_test(size=(160, 40)) as pilot:
+            def leader():
+                h = app.model.health(time.monotonic())
+                return h.leader if h.leader and all(
+                    app.model.row(n).reachable for n in inv.names) else None
+
+            old = await until(pilot, leader, 40, "a leader, every node up")
+            app.query_one(NodeTable).select(old)
+            await pilot.press("k")
+            await pilot.pause(0.3)
+            await pilot.press("y")
+            await until(pilot, lambda: app.model.row(old).reachable is False, 30, "killed node down")
+            await until(pilot, lambda: (app.model.health(time.monotonic()).leader or old) != old,
+                        30, "another leader")
+            app.query_one(NodeTable).select(old)
+            await pilot.press("x")
+            await until(pilot, lambda: app.model.row(old).reachable, 40, "restarted node up")
+            await pilot.press("q")
+
+    asyncio.run(main())
+
+
 def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     t_start = time.monotonic()
     project, house, upgrade = wheels
@@ -193,6 +229,7 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     r = raftdeck("restart", leader, "--inventory", str(inv_path), env_extra=env)
     assert r.returncode == 0, r.stderr
     assert f"{leader} restarted on " in r.stdout and "was not running" in r.stdout
+    console_kill_and_restart(inv, hs.known_hosts)
     follower = next(n for n in inv.names if n not in (leader, new_leader))
     r = raftdeck("pause", follower, "--inventory", str(inv_path), env_extra=env)
     assert r.returncode == 0, r.stderr
