@@ -66,7 +66,8 @@ def ssh_mode() -> str:
     return "netns" if why is None else "loopback"
 
 
-def pytest_report_header(config):
+def report_header() -> str:
+    """The line `pytest` prints at its start (tests/conftest.py asks for it)."""
     if not os.path.exists(SSHD):
         return "ssh tests: no sshd (install openssh-server); they are skipped"
     mode = ssh_mode()
@@ -292,8 +293,14 @@ def free_port_on(addr: str) -> int:
     return _free_port(addr) if not addr.startswith("10.77.") else _free_port("0.0.0.0")
 
 
-@pytest.fixture(scope="session")
-def ssh_mode_name() -> str:
+def _mode_param() -> str:
+    return ssh_mode() if os.path.exists(SSHD) else "no-sshd"
+
+
+@pytest.fixture(scope="session", params=[_mode_param()])
+def ssh_mode_name(request) -> str:
+    """netns or loopback; it is also in every ssh test's id (``test_x[netns]``), so any
+    report that lists the tests says which mode ran."""
     if not os.path.exists(SSHD):
         pytest.skip("no /usr/sbin/sshd: install openssh-server (.ci/run does)")
     mode = ssh_mode()
