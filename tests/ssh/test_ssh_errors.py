@@ -104,3 +104,59 @@ def test_wrong_key_unreachable_and_no_python_each_one_line(ssh_hosts):
         f"nopython ({u}@{h.addr}:{bare_port}): no Python on the host (python3: command not "
         "found); install Python 3.11 or newer there, or set ssh.python to its path")
     assert all(not r.ok and "\n" not in r.message for r in res.values())
+
+
+def test_disk_full_is_one_line_and_the_other_host_goes_on(ssh_hosts, tmp_path):
+    """A host whose install_dir has too little space fails before anything is uploaded;
+    another host in the same run is not held up by it (it gets as far as the same check
+    and passes it; the tiny dummy wheels are not installable, which is its own error)."""
+    import os
+    import shutil
+    import subprocess
+    import zipfile
+
+    import pytest
+
+    from console.deploy import Artifacts, Wheel
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root")
+    hs = ssh_hosts(2)
+    for h in hs.hosts:
+        hs.trust(h)
+    full = hs.hosts[0].root / "raftdeck"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        # `ip netns exec` gave the host's sshd its own copy of the mount table: start it
+        # again so that its copy has the small disk too
+        h = hs.hosts[0]
+        for p in h.sshds:
+            p.kill()
+            p.wait()
+        h.sshds.clear()
+        hs.start_sshd(h)
+        wheels = []
+        for name in ("raftdeck-0.1.0-py3-none-any.whl", "pip-1-py3-none-any.whl",
+                     "dep-1-py3-none-any.whl"):
+            p = tmp_path / name
+            with zipfile.ZipFile(p, "w") as z:
+                z.writestr("x/data.bin", os.urandom(2 * 1024 * 1024))
+            wheels.append(Wheel.of(p))
+        art = Artifacts(wheels[0], (wheels[2],), wheels[1])
+        inv = inventory(hs, hs.node_yaml("full", hs.hosts[0], 7101)
+                        + hs.node_yaml("roomy", hs.hosts[1], 7102))
+        d = Deployer(inv, ssh=SSHOptions(known_hosts=hs.known_hosts), artifacts=art)
+        res = asyncio.run(d.deploy())
+        free = os.statvfs(full).f_bavail * os.statvfs(full).f_frsize // (1 << 20)
+        need = (art.size + 64 * 1024 * 1024) // (1 << 20)
+        assert res["full"].message == (
+            f"full ({hs.user}@{hs.hosts[0].addr}:{hs.hosts[0].ssh_port}): not enough disk space: "
+            f"{free} MiB free under {full}, about {need} MiB needed; free some space or point "
+            "ssh.install_dir elsewhere")
+        assert os.listdir(full) == []  # nothing was uploaded
+        roomy = res["roomy"]
+        assert not roomy.ok and "install failed" in roomy.message  # it got past upload
+        assert (hs.hosts[1].root / "raftdeck" / "wheels" / wheels[0].name).exists()
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
