@@ -741,9 +741,10 @@ class Deployer:
         return want, config, tls_src
 
     async def deploy_one(self, node: NodeConfig, *, restart: bool = True,
-                         force_restart: bool = False) -> HostResult:
+                         force_restart: bool = False, check_only: bool = False) -> HostResult:
         """Bring one host to the desired state; restart its agent only if its inputs
-        changed (or ``force_restart``), or start it if it does not run."""
+        changed (or ``force_restart``), or start it if it does not run. ``check_only``:
+        change nothing; the result's action is ``unchanged`` or ``would_change``."""
         name = node.name
         self._step(name, "connect")
         conn = await ssh_connect(node, self.opts)
@@ -775,6 +776,10 @@ class Deployer:
                 return HostResult(name, True, "unchanged",
                                   f"unchanged (agent pid {agent.get('pid')} answers)", (),
                                   agent.get("pid"))
+            if check_only:
+                return HostResult(name, True, "would_change" if changed or not venv_ok or
+                                  state not in ("running", "paused") else "unchanged",
+                                  "", tuple(changed), agent.get("pid"))
             need_install = not venv_ok or bool({"new", "project", "deps"} & set(changed))
             if need_install:
                 self._step(name, "upload")
@@ -1008,6 +1013,9 @@ class Deployer:
                            catch_up_s: float) -> HostResult:
         leader = await _leader(client, members)
         if leader == node.name:
+            self._step(node.name, "probe")
+            if (await self.deploy_one(node, check_only=True)).action == "unchanged":
+                return await self.deploy_one(node)  # nothing to do: no transfer either
             others = [m for m in members if m != node.name]
             self._step(node.name, "transfer leadership")
             target = await _best_follower(client, others, self.inv)

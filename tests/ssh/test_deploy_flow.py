@@ -261,9 +261,16 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
         assert pid_of(d, name) != pids[name]
     wait_leader(inv)
     assert kv(inv, "get", "before") == b"1" and kv(inv, "get", "after-kill") == b"2"
+    # the same upgrade again: nothing to do, nobody restarted, leadership not moved
+    upids = {n: pid_of(d, n) for n, d in inst.items()}
+    lead = wait_leader(inv)
+    r = raftdeck("upgrade", *base, "--wheel", str(upgrade), "--wheelhouse", str(house))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"(?m)^upgrade: 3 hosts: 3 unchanged$", r.stdout), r.stdout
+    assert {n: pid_of(d, n) for n, d in inst.items()} == upids
+    assert wait_leader(inv) == lead
 
     # -- undeploy: agents stopped, installed files gone, data kept --
-    upids = {n: pid_of(d, n) for n, d in inst.items()}
     r = raftdeck("undeploy", *base)
     assert r.returncode == 0, r.stderr
     assert re.search(r"(?m)^undeploy: 3 hosts: 3 removed$", r.stdout)
