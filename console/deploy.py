@@ -377,6 +377,7 @@ class DeployProgress:
         self.rows: dict[str, HostRow] = {}
         self.listeners: list[Callable[[HostRow], None]] = []
         self.version = 0
+        self.error: str | None = None  # the run itself failed (e.g. building the wheels)
 
     def add(self, name: str, address: str) -> None:
         self.rows[name] = HostRow(name, address)
@@ -1177,24 +1178,58 @@ class ProgressPrinter:
         self.out.flush()
 
 
-def _artifacts(args, work: Path) -> Artifacts:
-    wheel = getattr(args, "wheel", None)
-    wheelhouse = getattr(args, "wheelhouse", None)
-    return build_artifacts(work, wheel=Path(wheel) if wheel else None,
-                           wheelhouse=Path(wheelhouse) if wheelhouse else None)
-
-
 def _names_arg(inv: Inventory, text: str | None) -> list[str] | None:
     if not text:
         return None
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+async def run(inv: Inventory, action: str, progress: DeployProgress, *,
+              names: Iterable[str] | None = None, ssh: SSHOptions | None = None,
+              wheel: Path | None = None, wheelhouse: Path | None = None, parallel: int = 4,
+              client_ssl=None, purge_data: bool = False, grace_s: float = 10.0,
+              catch_up_s: float = 60.0) -> tuple[dict[str, HostResult], Deployer]:
+    """One whole ``deploy`` / ``upgrade`` / ``undeploy`` run, reporting into ``progress``
+    (what the CLI and the console's deploy screen both start): the wheels are built once,
+    in a temporary folder, then every host is worked on. Raises ``DeployError`` if the
+    wheels cannot be built and ``KeyError`` for an unknown node name."""
+    nodes = remote_nodes(inv, names)
+    for n in nodes:  # every host is listed from the start, "waiting"
+        if n.name not in progress.rows:
+            progress.add(n.name, who(n).split(" ", 1)[1].strip("()"))
+    with tempfile.TemporaryDirectory(prefix="raftdeck-deploy-") as work:
+        artifacts = None
+        if action in ("deploy", "upgrade"):
+            artifacts = await asyncio.to_thread(build_artifacts, Path(work), wheel=wheel,
+                                                wheelhouse=wheelhouse)
+        d = Deployer(inv, ssh=ssh, artifacts=artifacts, parallel=parallel, progress=progress,
+                     client_ssl=client_ssl)
+        names = [n.name for n in nodes]
+        if action == "deploy":
+            res = await d.deploy(names)
+        elif action == "upgrade":
+            res = await d.upgrade(names, catch_up_s=catch_up_s)
+        elif action == "undeploy":
+            res = await d.undeploy(names, purge_data=purge_data, grace_s=grace_s)
+        else:
+            raise ValueError(action)
+    return res, d
+
+
+def _client_ssl(inv: Inventory, args):
+    """The TLS context the CLI's cluster client uses (None without TLS): the health checks
+    speak to the agents the way every other command does."""
+    from console.cli import _client
+
+    return _client(inv, args).ssl
+
+
 async def _run_action(args, inv: Inventory, action: str) -> tuple[dict[str, HostResult], Deployer]:
     from console.cli import EXIT_USAGE, CliError
 
+    names = _names_arg(inv, getattr(args, "hosts", None))
     try:
-        nodes = remote_nodes(inv, _names_arg(inv, getattr(args, "hosts", None)))
+        nodes = remote_nodes(inv, names)
     except KeyError as e:
         raise CliError(f"{inv.path.name}: --hosts: {e.args[0]}", EXIT_USAGE) from None
     except DeployError as e:
@@ -1205,23 +1240,19 @@ async def _run_action(args, inv: Inventory, action: str) -> tuple[dict[str, Host
     progress = DeployProgress(action)
     if not args.json:
         ProgressPrinter(progress)
-    with tempfile.TemporaryDirectory(prefix="raftdeck-deploy-") as work:
-        artifacts = None
-        if action in ("deploy", "upgrade"):
-            try:
-                artifacts = await asyncio.to_thread(_artifacts, args, Path(work))
-            except DeployError as e:
-                raise CliError(str(e)) from None
-        d = Deployer(inv, ssh=ssh_options_from(args), artifacts=artifacts,
-                     parallel=getattr(args, "parallel", 4), progress=progress)
-        names = [n.name for n in nodes]
-        if action == "deploy":
-            res = await d.deploy(names)
-        elif action == "upgrade":
-            res = await d.upgrade(names, catch_up_s=args.catch_up_s)
-        else:
-            res = await d.undeploy(names, purge_data=args.purge_data, grace_s=args.grace_s)
-    return res, d
+    wheel = getattr(args, "wheel", None)
+    wheelhouse = getattr(args, "wheelhouse", None)
+    try:
+        return await run(inv, action, progress, names=[n.name for n in nodes],
+                         ssh=ssh_options_from(args), wheel=Path(wheel) if wheel else None,
+                         wheelhouse=Path(wheelhouse) if wheelhouse else None,
+                         parallel=getattr(args, "parallel", 4),
+                         client_ssl=_client_ssl(inv, args),
+                         purge_data=getattr(args, "purge_data", False),
+                         grace_s=getattr(args, "grace_s", 10.0),
+                         catch_up_s=getattr(args, "catch_up_s", 60.0))
+    except DeployError as e:
+        raise CliError(str(e)) from None
 
 
 def _finish(args, inv, action: str, res: dict[str, HostResult], extra: dict | None = None) -> int:
@@ -1321,7 +1352,7 @@ async def remote_signal_command(args, inv: Inventory, node: NodeConfig) -> int:
     """`raftdeck kill|pause|resume|restart NODE` for a node on another host (over SSH)."""
     from console.cli import EXIT_OK, CliError, _print_json
 
-    d = Deployer(inv, ssh=ssh_options_from(args))
+    d = Deployer(inv, ssh=ssh_options_from(args), client_ssl=_client_ssl(inv, args))
     verb = args.command
     result: dict[str, Any] = {"name": node.name, "action": verb, "host": node.ssh.host}
     try:

@@ -53,6 +53,8 @@ def summary(p: DeployProgress) -> str:
     text = f"{p.action}: {done} of {len(rows)} hosts done"
     if failed:
         text += f", {failed} FAILED"
+    if p.error:
+        text += f"; stopped: {p.error}"
     return text
 
 
@@ -69,6 +71,23 @@ class DeployScreen(Screen):
         self._seen = -1
         self.rendered: Table | None = None  # what is on screen (tests read it)
         self.summary_text = ""
+
+    @classmethod
+    def for_inventory(cls, inv, action: str = "deploy", **kw) -> "DeployScreen":
+        """A screen that runs ``console.deploy.run(inv, action, ...)`` (``kw``: its
+        options: names, ssh, wheel, wheelhouse, parallel, client_ssl...) and follows it."""
+        from console.deploy import run
+
+        progress = DeployProgress(action)
+
+        async def go() -> None:
+            try:
+                await run(inv, action, progress, **kw)
+            except Exception as e:  # shown in the summary line, never a crash of the console
+                progress.error = " ".join(str(e).split()) or type(e).__name__
+                progress.version += 1
+
+        return cls(progress, go)
 
     def compose(self) -> ComposeResult:
         yield Static(id="deploy-summary")

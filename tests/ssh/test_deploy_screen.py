@@ -56,3 +56,33 @@ def test_deploy_screen_shows_steps_outcomes_and_failures():
             await until(pilot, lambda: not isinstance(app.screen, DeployScreen), 5, "closed")
 
     asyncio.run(main())
+
+
+def test_deploy_screen_runs_a_real_run(tmp_path):
+    """for_inventory starts the run itself: here an undeploy of a node whose sshd port is
+    closed (on loopback), which fails in its one line on the screen."""
+    from console.local import free_ports
+    from nodeagent.config import parse_inventory
+
+    port = free_ports(1)[0]
+    text = ("cluster: {name: scr}\nnodes:\n"
+            f"  - {{name: r1, host: 10.255.0.9, port: 7100, ssh: {{host: 127.0.0.1, port: {port}, "
+            "user: ops}}\n")
+    inv = parse_inventory(text, tmp_path / "inventory.yaml")
+
+    class Host(App):
+        def on_mount(self):
+            self.push_screen(DeployScreen.for_inventory(inv, "undeploy"))
+
+    async def main():
+        app = Host()
+        async with app.run_test(size=(200, 20)) as pilot:
+            screen = await until(pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen,
+                                 5, "screen open")
+            rows = await until(pilot, lambda: (r := table_cells(screen)) and r[0][2] == "failed"
+                               and r, 20, "the host's failure shown")
+            assert rows[0][4] == (f"r1 (ops@127.0.0.1:{port}): cannot connect: connection refused; "
+                                  "check ssh.port and that sshd runs on the host")
+            assert screen.summary_text == "undeploy: 1 of 1 hosts done, 1 FAILED"
+
+    asyncio.run(main())
