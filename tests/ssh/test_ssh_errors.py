@@ -84,8 +84,6 @@ def test_wrong_key_unreachable_and_no_python_each_one_line(ssh_hosts):
     bare_port = 2222
     hs.start_sshd(h, port=bare_port, extra="SetEnv PATH=/nonexistent")
     hs.trust(h, bare_port)
-    from tests.ssh.conftest import free_port_on
-
     closed_port = 2299
     nodes = (hs.node_yaml("wrongkey", h, 7101, key=hs.wrong_key)
              + hs.node_yaml("closed", h, 7102, ssh_port=closed_port)
