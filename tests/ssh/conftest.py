@@ -127,9 +127,13 @@ class SSHHosts:
             except OSError:
                 f.close()
                 continue
-            if self.mode == "netns" and _run("ip", "link", "show", f"rdbr{k}", check=False).returncode == 0:
-                # left over by a killed run: ours now that we hold the lock
-                _run("ip", "link", "del", f"rdbr{k}", check=False)
+            if self.mode == "netns":
+                if _run("ip", "link", "show", f"rdbr{k}", check=False).returncode == 0:
+                    # left over by a killed run: ours now that we hold the lock
+                    _run("ip", "link", "del", f"rdbr{k}", check=False)
+                if _run("ip", "route", "show", f"10.77.{k}.0/24", check=False).stdout.strip():
+                    f.close()  # someone else on this machine uses that network
+                    continue
             self.slot, self._lock = k, f
             return
         raise RuntimeError("no free test network slot")
