@@ -303,6 +303,9 @@ def tls_sources(inv: Inventory, node: NodeConfig) -> dict[str, Path] | None:
     tls = inv.cluster.tls
     if tls is None:
         return None
+    if hasattr(tls, "for_node"):  # the TLSConfig that knows the init layout ({dir: D} / on)
+        mine = tls.for_node(node.name)
+        return {"ca": Path(mine.ca), "cert": Path(mine.cert), "key": Path(mine.key)}
     base = getattr(tls, "dir", None)
     ca = getattr(tls, "ca", None)
     base = Path(base) if base else Path(ca).parent

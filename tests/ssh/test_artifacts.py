@@ -88,14 +88,24 @@ def test_node_config_for_a_host_is_valid_and_carries_the_cluster(tmp_path):
     assert node_config_text(inv, a, lay, None) == text  # the same inputs, the same bytes
 
 
+def tls_setting(tls: Path) -> str:
+    """cluster.tls for the `raftdeck init` layout in ``tls``: ``{dir: ...}`` where the
+    config knows that form, else explicit files (from which deploy finds nodes/<name>)."""
+    from nodeagent.config import TLSConfig
+
+    if hasattr(TLSConfig, "for_node"):
+        return f"{{dir: {tls}}}"
+    return (f"{{ca: {tls}/ca.crt, cert: {tls}/operators/admin.crt, "
+            f"key: {tls}/operators/admin.key}}")
+
+
 def test_tls_material_for_a_node_never_includes_the_ca_key(tmp_path):
     tls = tmp_path / ".raftdeck" / "tls"
     (tls / "nodes").mkdir(parents=True)
     for f in ("ca.crt", "ca.key", "nodes/a.crt", "nodes/a.key"):
         (tls / f).write_text(f)
     text = INV.replace("  dispatch_policy: round_robin\n",
-                       f"  dispatch_policy: round_robin\n  tls: {{ca: {tls}/ca.crt, "
-                       f"cert: {tls}/operators/admin.crt, key: {tls}/operators/admin.key}}\n")
+                       f"  dispatch_policy: round_robin\n  tls: {tls_setting(tls)}\n")
     inv = parse_inventory(text, tmp_path / "inventory.yaml")
     src = tls_sources(inv, inv.node("a"))
     assert src == {"ca": tls / "ca.crt", "cert": tls / "nodes" / "a.crt",

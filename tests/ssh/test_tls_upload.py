@@ -11,6 +11,7 @@ import stat
 from console.deploy import (Deployer, SSHOptions, layout, node_config_text, ssh_connect,
                             tls_sources)
 from nodeagent.config import parse_inventory, parse_node_config
+from tests.ssh.test_artifacts import tls_setting
 
 
 def test_tls_files_uploaded_with_safe_modes_and_never_the_ca_key(ssh_hosts, tmp_path):
@@ -25,7 +26,7 @@ def test_tls_files_uploaded_with_safe_modes_and_never_the_ca_key(ssh_hosts, tmp_
     for name, text in files.items():
         (tls / name).write_text(text)
     text = ("cluster:\n  name: tlsup\n"
-            f"  tls: {{ca: {tls}/ca.crt, cert: {tls}/operators/admin.crt, key: {tls}/operators/admin.key}}\n"
+            f"  tls: {tls_setting(tls)}\n"
             "nodes:\n" + hs.node_yaml("n1", h, 7101))
     inv = parse_inventory(text, tmp_path / "inv" / "inventory.yaml")
     node = inv.node("n1")
