@@ -791,7 +791,8 @@ class Deployer:
                 self._step(name, "install")
                 r = await remote_op(conn, node, "install", venv=lay.venv,
                                     pip_wheel=lay.wheels / self.artifacts.pip.name,
-                                    deps=[str(lay.wheels / w.name) for w in self.artifacts.deps],
+                                    deps=[str(lay.wheels / w.name) for w in self.artifacts.deps]
+                                    if not venv_ok or {"new", "deps"} & set(changed) else [],
                                     project_wheel=lay.wheels / self.artifacts.project.name,
                                     wait=self.opts.command_timeout)
                 if not r.get("ok"):
