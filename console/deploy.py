@@ -1124,6 +1124,10 @@ def _install_error(node: NodeConfig, r: dict, version, machine: str) -> str:
         return (f"{who(node)}: install failed: the wheelhouse was built for Python {here}, the "
                 f"host has Python {there} ({err}); pass --wheelhouse DIR with wheels for the "
                 "host (pip download --only-binary :all: --python-version ...)")
+    if r.get("kind") == "import":
+        return (f"{who(node)}: install failed: the new version does not import on the host "
+                f"({err}); a running agent was not restarted and still runs the previous "
+                "version; fix the wheel and run again")
     return f"{who(node)}: install failed ({r.get('kind')}): {err}"
 
 

@@ -282,3 +282,65 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     timings["total"] = time.monotonic() - t_start
     print(f"ssh deploy flow ({ssh_mode_name} mode): " + json.dumps(
         {k: round(v, 1) for k, v in timings.items()}), file=sys.stderr)
+
+
+def broken_wheel(src: Path, out_dir: Path) -> Path:
+    """A wheel whose agent cannot start (a syntax error in nodeagent/cli.py)."""
+    out_dir.mkdir()
+    dest = out_dir / src.name
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == "nodeagent/cli.py":
+                data += b"\ndef broken(:\n"
+            zout.writestr(name, data)
+    return dest
+
+
+@pytest.mark.slow
+def test_a_failing_upgrade_stops_at_the_first_node_and_the_cluster_keeps_going(
+        ssh_hosts, wheels, tmp_path):
+    """Rolling means one at a time: an upgrade to a wheel that does not import fails on the
+    first follower before its agent is stopped, touches no other node, and the cluster
+    keeps its leader and takes writes; a good upgrade then goes through."""
+    project, house, upgrade = wheels
+    hs = ssh_hosts(3)
+    from tests.ssh.conftest import free_port_on
+
+    ports = [7101 if hs.mode == "netns" else free_port_on(h.addr) for h in hs.hosts]
+    nodes = "".join(hs.node_yaml(f"n{i + 1}", h, ports[i]) for i, h in enumerate(hs.hosts))
+    inv_path = hs.tmp / "inventory.yaml"
+    inv_path.write_text("cluster:\n  name: rolltest\nnodes:\n" + nodes)
+    inv = load_inventory(inv_path)
+    base = ["--inventory", str(inv_path), "--known-hosts", str(hs.known_hosts)]
+    inst = {n.name: hs.hosts[i].root / "raftdeck" for i, n in enumerate(inv.nodes)}
+    r = raftdeck("deploy", *base, "--wheel", str(project), "--wheelhouse", str(house),
+                 "--accept-new-host-keys")
+    assert r.returncode == 0, r.stderr
+    leader = wait_leader(inv)
+    pids = {n: pid_of(d, n) for n, d in inst.items()}
+    bad = broken_wheel(project, tmp_path / "bad")
+    r = raftdeck("upgrade", *base, "--wheel", str(bad), "--wheelhouse", str(house))
+    assert r.returncode == 1
+    first = sorted(n for n in inv.names if n != leader)[0]
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"(?m)^FAILED (n\d) .*$", r.stdout)}
+    assert set(lines) == set(inv.names), r.stdout
+    assert lines[first] == (
+        f"FAILED {first} ({hs.user}@{inv.node(first).host}:"
+        f"{hs.hosts[inv.names.index(first)].ssh_port}): install "
+        "failed: the new version does not import on the host (SyntaxError: invalid syntax); a "
+        "running agent was not restarted and still runs the previous version; fix the wheel "
+        "and run again")
+    for n in inv.names:
+        if n != first:
+            assert lines[n].endswith("not upgraded: an earlier node failed; fix it and run again")
+    assert {n: pid_of(d, n) for n, d in inst.items()} == pids  # nobody was restarted
+    assert r.stderr.strip() == "raftdeck: upgrade failed on 3 of 3 hosts: " + ", ".join(
+        sorted(inv.names, key=lambda n: (n == leader, n)))
+    wait_leader(inv)
+    assert kv(inv, "put", "during", b"x") > 0
+    r = raftdeck("upgrade", *base, "--wheel", str(upgrade), "--wheelhouse", str(house))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"(?m)^upgrade: 3 hosts: 3 upgraded$", r.stdout), r.stdout
+    wait_leader(inv)
+    assert kv(inv, "get", "during") == b"x"
