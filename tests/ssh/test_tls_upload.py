@@ -8,7 +8,7 @@ import asyncio
 import os
 import stat
 
-from console.deploy import (Deployer, SSHOptions, layout, node_config_text, ssh_connect,
+from console.deploy import (Deployer, SSHOptions, node_config_text, ssh_connect,
                             tls_sources)
 from nodeagent.config import parse_inventory, parse_node_config
 from tests.ssh.test_artifacts import tls_setting
