@@ -21,7 +21,10 @@ The other hosts carry on.
 
 Remote layout, under ``install_dir`` (relative paths: under the login directory)::
 
-    venv/                 the agent's Python environment (created --without-pip)
+    venv/                 the agent's dependencies (a venv created --without-pip)
+    releases/<digest>/    one folder per project version (pip --target); the agent runs with
+                          PYTHONPATH=<its release>, so installing a new one never touches the
+                          files of the running agent; the current and previous are kept
     wheels/               the uploaded wheels (kept: a rerun uploads only what changed)
     tls/                  ca.crt, node.crt, node.key (0600), when the inventory has TLS
     node.yaml             the node config (0600)
@@ -271,11 +274,16 @@ class Layout:
         return self.install_dir / name
 
     venv = property(lambda self: self._p("venv"))
+    releases = property(lambda self: self._p("releases"))
     wheels = property(lambda self: self._p("wheels"))
     tls = property(lambda self: self._p("tls"))
     config = property(lambda self: self._p("node.yaml"))
     manifest = property(lambda self: self._p("manifest.json"))
     python = property(lambda self: self._p("venv") / "bin" / "python")
+
+    def release(self, project_digest: str) -> PurePosixPath:
+        """The folder one version of the project is installed in (pip --target)."""
+        return self.releases / project_digest[:16]
 
     @property
     def pid_file(self) -> PurePosixPath:
@@ -739,6 +747,7 @@ class Deployer:
         want = {"version": MANIFEST_VERSION, "node": node.name,
                 "project": self.artifacts.project.digest,
                 "project_wheel": self.artifacts.project.name,
+                "release": str(lay.release(self.artifacts.project.digest)),
                 "deps": self.artifacts.deps_digest,
                 "config": hashlib.sha256(config.encode()).hexdigest(),
                 "tls": tls_hashes}
@@ -759,18 +768,20 @@ class Deployer:
             probe = await remote_op(conn, node, "probe", install_dir=lay.install_dir,
                                     wheel_dir=lay.wheels, manifest=lay.manifest,
                                     pid_file=lay.pid_file, config=lay.config,
-                                    hash_files=[str(lay.python)])
+                                    hash_files=[str(lay.python)], exists=[want["release"]])
             _check_ok(node, "probe", probe)
             have = probe.get("manifest") or {}
             have_inputs = {k: have.get(k) for k in want}
             venv_ok = probe["files"].get(str(lay.python)) is not None
+            release_ok = probe["exists"].get(want["release"], False)
             changed = [k for k in ("project", "deps", "config", "tls")
                        if have_inputs.get(k) != want[k]]
             if not have:
                 changed = ["new"]
             agent = probe.get("agent") or {}
             state = agent.get("state")
-            if not changed and venv_ok and state in ("running", "paused") and not force_restart:
+            if not changed and venv_ok and release_ok and state in ("running", "paused") \
+                    and not force_restart:
                 if state == "paused":
                     return HostResult(name, True, "unchanged",
                                       f"unchanged; the agent (pid {agent.get('pid')}) is PAUSED: "
@@ -782,14 +793,17 @@ class Deployer:
                                   agent.get("pid"))
             if check_only:
                 return HostResult(name, True, "would_change" if changed or not venv_ok or
-                                  state not in ("running", "paused") else "unchanged",
+                                  not release_ok or state not in ("running", "paused")
+                                  else "unchanged",
                                   "", tuple(changed), agent.get("pid"))
-            need_install = not venv_ok or bool({"new", "project", "deps"} & set(changed))
+            need_install = not (venv_ok and release_ok) or \
+                bool({"new", "project", "deps"} & set(changed))
             if need_install:
                 self._step(name, "upload")
                 await self._upload_wheels(conn, node, lay, probe)
                 self._step(name, "install")
                 r = await remote_op(conn, node, "install", venv=lay.venv,
+                                    release=want["release"],
                                     pip_wheel=lay.wheels / self.artifacts.pip.name,
                                     deps=[str(lay.wheels / w.name) for w in self.artifacts.deps]
                                     if not venv_ok or {"new", "deps"} & set(changed) else [],
@@ -809,11 +823,14 @@ class Deployer:
                 r = await remote_op(conn, node, "stop", pid_file=lay.pid_file, config=lay.config,
                                     grace_s=10)
                 _check_ok(node, "stop", r)
-            pid = await self._start(conn, node, lay)
+            pid = await self._start(conn, node, lay, want["release"])
             # only now: a failed run leaves the old manifest, and the next run tries again
             await self._put_bytes(conn, node, lay.manifest,
                                   json.dumps({**want, "deployed_at": round(time.time(), 3),
                                               "python": list(version)}, indent=1).encode(), 0o644)
+            # keep this release and the one before (to go back to); remove older ones
+            await remote_op(conn, node, "prune", releases=lay.releases,
+                            keep=[want["release"], have.get("release") or want["release"]])
         self._step(name, "health")
         st = await self._health(node)
         if "new" in changed:
@@ -828,9 +845,16 @@ class Deployer:
                                       f"started as pid {pid}")
         return HostResult(name, True, action, msg, tuple(changed), pid)
 
-    async def _start(self, conn, node: NodeConfig, lay: Layout) -> int:
+    async def _start(self, conn, node: NodeConfig, lay: Layout, release: str | None = None) -> int:
         self._step(node.name, "start")
+        if release is None:  # the deployed one
+            probe = await remote_op(conn, node, "probe", manifest=lay.manifest)
+            release = (probe.get("manifest") or {}).get("release")
+            if not release:
+                raise HostError(f"{who(node)}: nothing deployed under {lay.install_dir}; run "
+                                "`raftdeck deploy` first")
         r = await remote_op(conn, node, "start", python=lay.python, config=lay.config,
+                            pythonpath=release,
                             pid_file=lay.pid_file, stderr_file=lay.stderr_file,
                             log_file=lay.log_file, data_dir=lay.data_dir, cwd=lay.install_dir,
                             node=node.name, host=node.host, port=node.port, wait_s=20)
@@ -968,7 +992,8 @@ class Deployer:
                                     grace_s=grace_s)
                 _check_ok(node, "stop", r)
                 self._step(node.name, "remove")
-                paths = [lay.venv, lay.wheels, lay.tls, lay.config, lay.manifest, lay.pid_file]
+                paths = [lay.venv, lay.releases, lay.wheels, lay.tls, lay.config, lay.manifest,
+                         lay.pid_file]
                 if purge_data:
                     paths += [lay.data_dir, lay.stderr_file, lay.log_file]
                 rm = await remote_op(conn, node, "remove", paths=[str(p) for p in paths],

@@ -13,8 +13,10 @@ Operations:
   already lie in the wheel directory (name -> sha256), the manifest of the last
   successful deploy, and the agent's process state.
 * ``install``: create the venv (``--without-pip``: pip runs from the uploaded pip wheel,
-  so a host without ensurepip works), then install the uploaded wheels with
-  ``--no-index`` (the hosts need no internet).
+  so a host without ensurepip works) and install the dependency wheels in it with
+  ``--no-index`` (the hosts need no internet); install the project wheel into its own
+  release folder (``pip --target``), and check that it imports there. ``prune`` removes
+  the release folders no longer needed.
 * ``start``: start the agent detached (its own session, stdio to files) and write the pid
   file; wait until its port accepts connections or it exits (then say why, with the tail
   of its stderr file).
@@ -207,6 +209,7 @@ def op_probe(a):
         except OSError:
             files[path] = None
     out["files"] = files
+    out["exists"] = {p: os.path.exists(p) for p in a.get("exists") or ()}
     if a.get("pid_file"):
         state, info = _process(a)
         out["agent"] = {"state": state, "pid": info and info.get("pid")}
@@ -238,15 +241,40 @@ def op_install(a):
         r = subprocess.run(pip + a["deps"], capture_output=True, text=True)
         if r.returncode != 0:
             return _out(ok=False, kind="pip", error=_last(r.stderr or r.stdout))
-    r = subprocess.run(pip + ["--force-reinstall", a["project_wheel"]], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        return _out(ok=False, kind="pip", error=_last(r.stderr or r.stdout))
+    # The project goes into its own release folder (pip --target), never over the files a
+    # running agent uses: the agent is started with PYTHONPATH=<release>.
+    rel = a["release"]
+    if not os.path.isdir(rel):
+        os.makedirs(os.path.dirname(rel), exist_ok=True)
+        tmp = rel + ".part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        r = subprocess.run(pip + ["--target", tmp, a["project_wheel"]], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _out(ok=False, kind="pip", error=_last(r.stderr or r.stdout))
+        os.rename(tmp, rel)
+    env = dict(os.environ, PYTHONPATH=rel)
     r = subprocess.run([vpy, "-c", "import nodeagent.cli, trio, msgpack, yaml, cryptography"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env, cwd=rel)
     if r.returncode != 0:
+        shutil.rmtree(rel, ignore_errors=True)  # never started from; the next run builds it again
         return _out(ok=False, kind="import", error=_last(r.stderr or r.stdout))
     _out(ok=True, fresh_venv=fresh)
+
+
+def op_prune(a):
+    """Remove the release folders other than ``keep``."""
+    removed = []
+    d = a["releases"]
+    keep = set(a.get("keep") or ())
+    if os.path.isdir(d):
+        for name in os.listdir(d):
+            path = os.path.join(d, name)
+            if path not in keep and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    _out(ok=True, removed=removed)
 
 
 def _last(text):
@@ -266,6 +294,8 @@ def op_start(a):
             "--log-file", a["log_file"]]
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "USER",
                                                          "LOGNAME", "TMPDIR")}
+    if a.get("pythonpath"):
+        env["PYTHONPATH"] = a["pythonpath"]
     with open(a["stderr_file"], "ab") as err:
         offset = err.tell()
         err.write(("--- %s raftdeck deploy starts %s: %s\n" % (
@@ -383,7 +413,7 @@ def op_remove(a):
     _out(ok=True, removed=removed)
 
 
-OPS = {"probe": op_probe, "install": op_install, "start": op_start, "status": op_status,
+OPS = {"probe": op_probe, "install": op_install, "prune": op_prune, "start": op_start, "status": op_status,
        "signal": op_signal, "stop": op_stop, "logs": op_logs, "remove": op_remove}
 
 

@@ -197,8 +197,10 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
         assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
         agent_cfg = load_node_config(cfg)  # what the agent reads is a valid node config
         assert agent_cfg.node.name == name and len(agent_cfg.peers) == 2
-        assert json.loads((d / "manifest.json").read_text())["project"] == content_digest(project)
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert manifest["project"] == content_digest(project)
         assert (d / "venv" / "bin" / "python").exists()
+        assert os.listdir(d / "releases") == [Path(manifest["release"]).name]
     pids = {n: pid_of(d, n) for n, d in inst.items()}
     leader = wait_leader(inv)
     assert kv(inv, "put", "before", b"1") > 0
@@ -253,12 +255,19 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     assert sorted(n for n, _, _ in done) == ["n1", "n2", "n3"], r.stdout
     assert all(int(a) >= int(c) for _, a, c in done)
     for name, d in inst.items():
-        assert json.loads((d / "manifest.json").read_text())["project"] == content_digest(upgrade)
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert manifest["project"] == content_digest(upgrade)
+        release = manifest["release"]
         v = subprocess.run([str(d / "venv" / "bin" / "python"), "-c",
                             "import importlib.metadata as m; print(m.version('raftdeck'))"],
-                           capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, cwd=d)
+                           capture_output=True, text=True, cwd=d,
+                           env={"PATH": os.environ["PATH"], "PYTHONPATH": release})
         assert v.stdout.strip() == "0.1.0+up2"
-        assert pid_of(d, name) != pids[name]
+        pid = pid_of(d, name)
+        assert pid != pids[name]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"PYTHONPATH={release}".encode() in environ  # the agent runs the new release
+        assert len(os.listdir(d / "releases")) == 2  # and the previous one is kept
     wait_leader(inv)
     assert kv(inv, "get", "before") == b"1" and kv(inv, "get", "after-kill") == b"2"
     # the same upgrade again: nothing to do, nobody restarted, leadership not moved
@@ -277,6 +286,7 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     for name, d in inst.items():
         assert proc_state(upids[name]) in (None, "Z")
         assert not (d / "venv").exists() and not (d / "node.yaml").exists()
+        assert not (d / "releases").exists()
         assert not (d / "manifest.json").exists() and not (d / "wheels").exists()
         assert (d / ".raftdeck" / name).is_dir()  # the data stays
     timings["total"] = time.monotonic() - t_start
