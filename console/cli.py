@@ -139,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("cancel", _cmd_cancel, "cancel a task", "Cancel a task that is not final yet.")
     p.add_argument("id", metavar="ID")
 
-    for verb, what in (("kill", "SIGKILL a local agent (by its pid file) and remove the pid file"),
-                       ("pause", "SIGSTOP a local agent: it stays up but answers nothing"),
-                       ("resume", "SIGCONT a paused local agent"),
-                       ("restart", "SIGKILL a local agent, start it again, wait until it answers")):
+    for verb, what in (("kill", "SIGKILL an agent (by its pid file) and remove the pid file"),
+                       ("pause", "SIGSTOP an agent: it stays up but answers nothing"),
+                       ("resume", "SIGCONT a paused agent"),
+                       ("restart", "SIGKILL an agent, start it again, wait until it answers")):
         p = cmd(verb, _cmd_signal, what,
-                what + ". Only nodes on this machine; a remote node needs `raftdeck deploy` "
-                "(not built yet) and exits 2.")
+                what + ". A local node directly; a node with ssh: on another host over SSH "
+                "(deployed with `raftdeck deploy`; known_hosts from $RAFTDECK_KNOWN_HOSTS or "
+                "~/.ssh/known_hosts).")
         p.add_argument("node", metavar="NODE")
         if verb == "restart":
             p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
@@ -197,7 +198,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", metavar="KEY")
     p.add_argument("--stale", action="store_true", help="read a replica's local state (may lag)")
     p.add_argument("--node", help="with --stale: the replica to read")
+    _deploy_parsers(cmd)
     return parser
+
+
+def _deploy_parsers(cmd) -> None:
+    """deploy / upgrade / undeploy / logs (their code is console/deploy.py)."""
+    ssh = _Parser(add_help=False)
+    ssh.add_argument("--hosts", metavar="A,B", help="only these nodes (default: every node with ssh:)")
+    ssh.add_argument("--parallel", type=_int_range(1, 256), default=4, metavar="N",
+                     help="hosts worked on at once (default 4)")
+    ssh.add_argument("--known-hosts", metavar="PATH", help="known_hosts file (default "
+                     "$RAFTDECK_KNOWN_HOSTS, else ~/.ssh/known_hosts)")
+    ssh.add_argument("--accept-new-host-keys", action="store_true",
+                     help="learn the key of a host not in known_hosts (a changed key is never accepted)")
+    ssh.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="S",
+                     help="seconds to wait for a host's SSH connection (default 10)")
+    wheels = _Parser(add_help=False)
+    wheels.add_argument("--wheel", metavar="PATH", help="install this raftdeck wheel (default: "
+                        "build one from this source tree)")
+    wheels.add_argument("--wheelhouse", metavar="DIR", help="the agent's dependency wheels "
+                        "(default: rebuilt from this machine's installed packages)")
+    p = cmd("deploy", _cmd_deploy, "install and start the agents of the nodes with ssh:",
+            "For every inventory node with ssh: (or --hosts): connect over SSH (host keys "
+            "checked against known_hosts), check Python >= 3.11, upload this project's wheel "
+            "and the agent's dependency wheels (the hosts need no internet), install them in a "
+            "venv under ssh.install_dir, write the node config and TLS files (0600), start the "
+            "agent (pid file <data_dir>.pid) and check it answers on its client port. A host whose "
+            "inputs did not change and whose agent answers is left alone. One line per host; "
+            "a failing host does not stop the others; exit 1 if any failed.")
+    p._add_container_actions(ssh)
+    p._add_container_actions(wheels)
+    p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
+                   help="how long to wait for a leader after deploying (default 30)")
+    p = cmd("upgrade", _cmd_upgrade, "rolling upgrade of the deployed agents",
+            "Deploy the new wheel one node at a time: followers first, the leader last after "
+            "handing leadership to an upgraded node; each node is restarted and waited on until "
+            "it has applied the leader's commit index of the time it came back. Stops at the "
+            "first failure.")
+    p._add_container_actions(ssh)
+    p._add_container_actions(wheels)
+    p.add_argument("--catch-up-s", type=_positive_float, default=60.0, metavar="S",
+                   help="how long each node may take to catch up (default 60)")
+    p = cmd("undeploy", _cmd_undeploy, "stop the deployed agents and remove their files",
+            "Stop each deployed agent (SIGTERM, SIGKILL after --grace-s) and remove what deploy "
+            "installed (venv, wheels, node config, TLS files, manifest). The data directory and "
+            "logs are kept unless --purge-data.")
+    p._add_container_actions(ssh)
+    p.add_argument("--purge-data", action="store_true", help="also delete the data directory and logs")
+    p.add_argument("--grace-s", type=_positive_float, default=10.0, metavar="S",
+                   help="seconds between SIGTERM and SIGKILL (default 10)")
+    p = cmd("logs", _cmd_logs, "the last lines of a node's agent log (local or over SSH)",
+            "Print the last lines of a node's JSON log; for a remote node they are read over SSH.")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("--lines", "-n", type=_int_range(1, 100000), default=50, metavar="N",
+                   help="how many lines (default 50)")
+    p.add_argument("--stderr", action="store_true", help="also the agent's stdout/stderr file")
+
+
+async def _cmd_deploy(args, inv) -> int:
+    from console.deploy import cmd_deploy
+
+    return await cmd_deploy(args, inv)
+
+
+async def _cmd_upgrade(args, inv) -> int:
+    from console.deploy import cmd_upgrade
+
+    return await cmd_upgrade(args, inv)
+
+
+async def _cmd_undeploy(args, inv) -> int:
+    from console.deploy import cmd_undeploy
+
+    return await cmd_undeploy(args, inv)
+
+
+async def _cmd_logs(args, inv) -> int:
+    from console.deploy import cmd_logs
+
+    return await cmd_logs(args, inv)
 
 
 def _common(p: argparse.ArgumentParser, default) -> None:
@@ -484,7 +564,7 @@ async def _cmd_up(args, inv) -> int:
         rows[n.name] = row
         if not is_local(n):
             row["action"] = "remote"
-            row["note"] = "remote (ssh): not started here; needs `raftdeck deploy` (not built yet)"
+            row["note"] = "remote (ssh): not started here; `raftdeck deploy` starts it"
             continue
         p = procs.process(n)
         if p.alive:
@@ -574,44 +654,15 @@ def _cmd_console(args, inv) -> int:
     """Run the Textual console until the operator leaves it."""
     from console.app import RaftdeckApp
     from console.cluster import node_infos
-    from console.procs import LocalProcesses, is_local
+    from console.procs import Processes
 
     if inv.cluster.tls is not None:
         raise CliError("this inventory uses TLS, which the console does not speak yet", EXIT_USAGE)
-    procs = LocalProcesses(inv)
-    local = {n.name for n in inv.nodes if is_local(n)}
-
-    class Control:
-        def _check(self, name: str) -> None:
-            if name not in local:
-                raise CliError(f"{name} is remote: controlling it needs `raftdeck deploy` "
-                               "(not built yet)", EXIT_USAGE)
-
-        def kill(self, name: str) -> None:
-            self._check(name)
-            procs.kill(name)
-
-        def pause(self, name: str) -> None:
-            self._check(name)
-            procs.pause(name)
-
-        def resume(self, name: str) -> None:
-            self._check(name)
-            procs.resume(name)
-
-        def restart(self, name: str) -> None:
-            self._check(name)
-            node = inv.node(name)
-            if procs.process(node).alive:
-                procs.kill(name)
-            procs.start(node)
-
-        def log_path(self, name: str):
-            return procs.log_file(inv.node(name)) if name in local else None
+    procs = Processes(inv)  # local nodes by pid file, remote ones over SSH
 
     app = RaftdeckApp(node_infos(inv), inv.cluster.name,
                       {n.name: (n.host, n.port) for n in inv.nodes},
-                      procs=Control(), readonly=getattr(args, "readonly", False))
+                      procs=procs, readonly=getattr(args, "readonly", False))
     app.run()
     return EXIT_OK
 
@@ -867,10 +918,15 @@ async def _cmd_cancel(args, inv) -> int:
 async def _cmd_signal(args, inv) -> int:
     from console.procs import LocalProcesses
 
+    from console.procs import is_local
+
     verb = args.command
     node = _node(inv, args.node)
+    if not is_local(node):  # over SSH
+        from console.deploy import remote_signal_command
+
+        return await remote_signal_command(args, inv, node)
     procs = LocalProcesses(inv)
-    procs.local_node(node.name)  # RemoteNode (exit 2) before anything happens
     result: dict[str, Any] = {"name": node.name, "action": verb}
     if verb == "kill":
         result["pid"] = procs.kill(node.name)
@@ -1044,4 +1100,8 @@ async def _cmd_get(args, inv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m console.cli`: run the module's importable copy, so that the exception
+    # classes other modules import from console.cli are the ones main() catches
+    from console.cli import main as _main
+
+    sys.exit(_main())

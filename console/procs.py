@@ -24,7 +24,9 @@ enough: the agent's other threads may still hold its port and data-directory loc
                         ``<data_dir>/../<name>.log``
 
 A node is local when it has no ``ssh:`` mapping, or its host is 127.0.0.1, localhost or
-::1. Everything else needs deploy (over SSH) and is refused here with ``RemoteNode``.
+::1. Everything else is refused by ``LocalProcesses`` with ``RemoteNode``; ``Processes``
+below controls both kinds: local nodes through ``LocalProcesses``, remote ones over SSH
+through ``console.deploy`` (the same pid file, kept on the node's host).
 """
 
 from __future__ import annotations
@@ -290,8 +292,8 @@ class LocalProcesses:
     def local_node(self, name: str) -> NodeConfig:
         n = self.node(name)
         if not is_local(n):
-            raise RemoteNode(f"{name} is a remote node ({n.host}, ssh): remote control needs "
-                             "`raftdeck deploy` (not built yet)")
+            raise RemoteNode(f"{name} is a remote node ({n.host}, ssh): it is controlled over "
+                             "SSH (`raftdeck deploy`, `raftdeck kill|pause|resume|restart|logs`)")
         return n
 
     def local_nodes(self) -> list[NodeConfig]:
@@ -507,3 +509,112 @@ class _quiet:
 
     def __exit__(self, typ, exc, tb):
         return typ is not None and issubclass(typ, (ProcessLookupError, PermissionError))
+
+
+# -- local and remote together --------------------------------------------------------------
+
+
+class Processes:
+    """Process control for every node of an inventory, what the console's fault keys use:
+    local nodes by their pid files (``LocalProcesses``), remote ones over SSH (SIGKILL /
+    SIGSTOP / SIGCONT of the pid in the pid file on the host; restart starts the deployed
+    agent again). The methods are synchronous (the console calls them in a worker
+    thread); each SSH operation opens its own connection. ``ssh`` is a
+    ``console.deploy.SSHOptions`` (default: ~/.ssh/known_hosts or $RAFTDECK_KNOWN_HOSTS,
+    strict host key checking)."""
+
+    def __init__(self, inventory: Inventory, *, ssh=None):
+        self.inv = inventory
+        self.local = LocalProcesses(inventory)
+        self._ssh = ssh
+
+    def is_remote(self, name: str) -> bool:
+        return not is_local(self.inv.node(name))
+
+    def _deployer(self):
+        from console.deploy import Deployer, SSHOptions
+
+        opts = self._ssh
+        if opts is None:
+            opts = SSHOptions()
+            if os.environ.get("RAFTDECK_KNOWN_HOSTS"):
+                opts.known_hosts = Path(os.environ["RAFTDECK_KNOWN_HOSTS"]).expanduser()
+        return Deployer(self.inv, ssh=opts)
+
+    @staticmethod
+    def _sync(coro):
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:  # called from inside a loop
+            return ex.submit(asyncio.run, coro).result()
+
+    def _remote(self, name: str, what: str, *args):
+        from console.deploy import HostError
+
+        node = self.inv.node(name)
+        d = self._deployer()
+        try:
+            return self._sync(getattr(d, what)(node, *args))
+        except HostError as e:
+            raise ProcError(str(e)) from None
+
+    def kill(self, name: str) -> int:
+        if self.is_remote(name):
+            return self._remote(name, "signal", "KILL")
+        return self.local.kill(name)
+
+    def pause(self, name: str) -> int:
+        if self.is_remote(name):
+            return self._remote(name, "signal", "STOP")
+        return self.local.pause(name)
+
+    def resume(self, name: str) -> int:
+        if self.is_remote(name):
+            return self._remote(name, "signal", "CONT")
+        return self.local.resume(name)
+
+    def restart(self, name: str) -> int:
+        """Kill (if it runs) and start again; the new pid."""
+        if self.is_remote(name):
+            return self._remote(name, "restart")[1]
+        node = self.inv.node(name)
+        proc = self.local.process(node)
+        if proc.alive:
+            self.local.kill(name)
+        elif proc.state == "stale":
+            self.local.remove_pid_file(node)
+        return self.local.start(node).pid
+
+    def log_path(self, name: str) -> Path | None:
+        """The node's log as a local file: the file itself for a local node. For a remote
+        one, a cache file (~/.cache/raftdeck/logs/CLUSTER/NODE.log) that a background
+        thread fills with the log's last 2,000 lines fetched over SSH (so the caller, the
+        console's UI, never waits on the network; the logs screen polls the file)."""
+        node = self.inv.node(name)
+        if not self.is_remote(name):
+            return self.local.log_file(node)
+        cache = Path.home() / ".cache" / "raftdeck" / "logs" / self.inv.cluster.name
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"{name}.log"
+
+        def fetch() -> None:
+            try:
+                out = self._remote(name, "logs", 2000)
+                text = "".join(ln + "\n" for ln in out["log"])
+            except Exception as e:  # shown in the file: the screen has nothing else
+                text = json.dumps({"level": "error", "logger": "raftdeck",
+                                   "msg": f"cannot fetch the log over SSH: {e}"}) + "\n"
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+        import threading
+
+        threading.Thread(target=fetch, name=f"fetch-log-{name}", daemon=True).start()
+        return path

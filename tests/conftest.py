@@ -7,6 +7,12 @@ import pytest
 from console.local import LocalCluster
 
 
+def pytest_report_header(config):
+    from tests.ssh.conftest import report_header
+
+    return report_header()  # which mode the deploy tests run in: netns or loopback
+
+
 @pytest.fixture
 def make_cluster(tmp_path):
     """``make_cluster(n, **options)``: a started LocalCluster of real agent processes;

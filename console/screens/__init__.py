@@ -15,3 +15,6 @@ __all__ = ["DivergenceScreen", "FetchDumps", "NO_DUMP_MESSAGE", "SubmitTaskForm"
            "no_dumps"]
 __all__ += ["Matrix", "ReachabilityScreen", "reachability_matrix"]
 __all__ += ["LogsScreen"]
+from console.screens.deploy import DeployScreen
+
+__all__ += ["DeployScreen"]

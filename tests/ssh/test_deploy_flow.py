@@ -1,0 +1,356 @@
+"""The whole life of a deployed cluster on three real hosts (network namespaces with their
+own sshd, or loopback addresses; see conftest.py): deploy, an idempotent second deploy,
+kill / pause / resume / restart over SSH, logs, a rolling upgrade to a changed wheel, and
+undeploy. One test, because the steps build on each other and share one deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from console.client import ClusterClient
+from console.deploy import build_artifacts, content_digest
+from nodeagent.config import load_inventory, load_node_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def wheels(tmp_path_factory):
+    """The project wheel, the dependency wheelhouse, and an upgrade wheel whose version and
+    contents differ; built once per session."""
+    work = tmp_path_factory.mktemp("wheels")
+    t0 = time.monotonic()
+    art = build_artifacts(work)
+    house = work / "house"
+    house.mkdir()
+    for w in (*art.deps, art.pip):
+        os.link(w.path, house / w.name)
+    upgrade = rewrite_wheel(art.project.path, work / "upgrade", "0.1.0+up2")
+    print(f"wheels built in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    return art.project.path, house, upgrade
+
+
+def rewrite_wheel(src: Path, out_dir: Path, version: str) -> Path:
+    """A copy of a wheel with another version (METADATA and dist-info name) and a changed
+    module, its RECORD rewritten, as a rebuilt release would be."""
+    out_dir.mkdir()
+    old_info = next(n for n in zipfile.ZipFile(src).namelist() if n.endswith(".dist-info/METADATA"))
+    old_dir = old_info.split("/")[0]
+    new_dir = f"raftdeck-{version}.dist-info"
+    dest = out_dir / src.name.replace(old_dir[len("raftdeck-"):-len(".dist-info")], version)
+    record = []
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            if name.endswith(".dist-info/RECORD"):
+                continue
+            data = zin.read(name)
+            if name == f"{old_dir}/METADATA":
+                data = re.sub(rb"(?m)^Version: .*$", f"Version: {version}".encode(), data)
+            if name == "nodeagent/__init__.py":
+                data += f"\n# upgraded build {version}\n".encode()
+            arc = name.replace(old_dir + "/", new_dir + "/")
+            zout.writestr(arc, data)
+            h = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{arc},sha256={h},{len(data)}")
+        record.append(f"{new_dir}/RECORD,,")
+        zout.writestr(f"{new_dir}/RECORD", "\n".join(record) + "\n")
+    return dest
+
+
+def raftdeck(*args: str, env_extra: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(env_extra or {})
+    r = subprocess.run([sys.executable, "-m", "console.cli", *args], capture_output=True,
+                       text=True, env=env, timeout=timeout)
+    print(f"$ raftdeck {' '.join(args)}  -> {r.returncode}\n{r.stdout}{r.stderr}", file=sys.stderr)
+    return r
+
+
+def statuses(inv) -> dict[str, dict | None]:
+    async def go():
+        async with ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
+                                 timeout=1.5, op_timeout=3.0) as c:
+            async def one(n):
+                try:
+                    return n, await asyncio.wait_for(c.call(n, "status"), 3)
+                except Exception:
+                    return n, None
+
+            return dict(await asyncio.gather(*(one(n) for n in inv.names)))
+
+    return asyncio.run(go())
+
+
+def wait_leader(inv, exclude=(), timeout=40.0) -> str:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = statuses(inv)
+        leaders = [n for n, s in last.items() if s and s.get("role") == "leader" and n not in exclude]
+        if leaders:
+            return leaders[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no leader within {timeout}s: {last}")
+
+
+def kv(inv, op: str, key: str, value: bytes | None = None):
+    async def go():
+        async with ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
+                                 timeout=2.0, op_timeout=20.0) as c:
+            return await (c.put(key, value) if op == "put" else c.get(key))
+
+    return asyncio.run(go())
+
+
+def pid_of(install_dir: Path, name: str) -> int:
+    return json.loads((install_dir / ".raftdeck" / f"{name}.pid").read_text())["pid"]
+
+
+def proc_state(pid: int) -> str | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return data[data.rfind(")") + 2]
+
+
+def console_kill_and_restart(inv, known_hosts: Path) -> None:
+    """The console's fault keys on remote nodes: k (kill, confirmed) the leader over SSH,
+    see another leader, x (restart) it over SSH, see it back."""
+    from console.app import RaftdeckApp
+    from console.cluster import node_infos
+    from console.deploy import SSHOptions
+    from console.procs import Processes
+    from console.testing import until
+    from console.widgets.node_table import NodeTable
+
+    async def main():
+        app = RaftdeckApp(node_infos(inv), inv.cluster.name,
+                          {n.name: (n.host, n.port) for n in inv.nodes},
+                          procs=Processes(inv, ssh=SSHOptions(known_hosts=known_hosts)))
+        async with app.run_test(size=(160, 40)) as pilot:
+            def leader():
+                h = app.model.health(time.monotonic())
+                return h.leader if h.leader and all(
+                    app.model.row(n).reachable for n in inv.names) else None
+
+            old = await until(pilot, leader, 40, "a leader, every node up")
+            app.query_one(NodeTable).select(old)
+            await pilot.press("k")
+            await pilot.pause(0.3)
+            await pilot.press("y")
+            await until(pilot, lambda: app.model.row(old).reachable is False, 30, "killed node down")
+            await until(pilot, lambda: (app.model.health(time.monotonic()).leader or old) != old,
+                        30, "another leader")
+            app.query_one(NodeTable).select(old)
+            await pilot.press("x")
+            await until(pilot, lambda: app.model.row(old).reachable, 40, "restarted node up")
+            await pilot.press("q")
+
+    asyncio.run(main())
+
+
+def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
+    t_start = time.monotonic()
+    project, house, upgrade = wheels
+    hs = ssh_hosts(3)
+    from tests.ssh.conftest import free_port_on
+
+    ports = [7101 if hs.mode == "netns" else free_port_on(h.addr) for h in hs.hosts]
+    nodes = "".join(hs.node_yaml(f"n{i + 1}", h, ports[i]) for i, h in enumerate(hs.hosts))
+    inv_path = hs.tmp / "inventory.yaml"
+    inv_path.write_text("cluster:\n  name: deploytest\n  election_timeout_ms: 1000\n"
+                        "  heartbeat_interval_ms: 100\nnodes:\n" + nodes)
+    inv = load_inventory(inv_path)
+    base = ["--inventory", str(inv_path), "--known-hosts", str(hs.known_hosts)]
+    wheel_args = ["--wheel", str(project), "--wheelhouse", str(house)]
+    env = {"RAFTDECK_KNOWN_HOSTS": str(hs.known_hosts)}
+    inst = {n.name: hs.hosts[i].root / "raftdeck" for i, n in enumerate(inv.nodes)}
+    timings = {}
+
+    # -- deploy: host keys learnt, three agents installed and started, a leader --
+    t = time.monotonic()
+    r = raftdeck("deploy", *base, *wheel_args, "--accept-new-host-keys")
+    timings["deploy"] = time.monotonic() - t
+    assert r.returncode == 0, r.stderr
+    for n in inv.nodes:
+        assert re.search(rf"(?m)^{n.name}  \S+  deployed, agent pid \d+ answers as \w+", r.stdout), r.stdout
+    assert re.search(r"(?m)^deploy: 3 hosts: 3 deployed$", r.stdout)
+    assert re.search(r"(?m)^leader: n\d \(term \d+\)$", r.stdout)
+    assert len(hs.known_hosts.read_text().splitlines()) == 3
+    for name, d in inst.items():
+        cfg = d / "node.yaml"
+        assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+        agent_cfg = load_node_config(cfg)  # what the agent reads is a valid node config
+        assert agent_cfg.node.name == name and len(agent_cfg.peers) == 2
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert manifest["project"] == content_digest(project)
+        assert (d / "venv" / "bin" / "python").exists()
+        assert os.listdir(d / "releases") == [Path(manifest["release"]).name]
+    pids = {n: pid_of(d, n) for n, d in inst.items()}
+    leader = wait_leader(inv)
+    assert kv(inv, "put", "before", b"1") > 0
+
+    # -- a second deploy changes nothing, says so, and restarts nobody --
+    t = time.monotonic()
+    r = raftdeck("deploy", *base, *wheel_args)
+    timings["deploy_again"] = time.monotonic() - t
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"(?m)^deploy: 3 hosts: 3 unchanged$", r.stdout), r.stdout
+    for n in inv.nodes:
+        assert re.search(rf"(?m)^{n.name}  \S+  unchanged \(agent pid {pids[n.name]} answers\)", r.stdout)
+    assert {n: pid_of(d, n) for n, d in inst.items()} == pids
+
+    # -- kill the leader over SSH: it is gone, the others elect a leader and take writes --
+    r = raftdeck("kill", leader, "--inventory", str(inv_path), env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{leader} killed on {inv.node(leader).host} (pid {pids[leader]})"
+    assert proc_state(pids[leader]) in (None, "Z")
+    assert not (inst[leader] / ".raftdeck" / f"{leader}.pid").exists()
+    new_leader = wait_leader(inv, exclude={leader})
+    assert new_leader != leader
+    assert kv(inv, "put", "after-kill", b"2") > 0
+    r = raftdeck("kill", leader, "--inventory", str(inv_path), env_extra=env)
+    assert r.returncode == 1 and "is not running" in r.stderr
+
+    # -- restart it over SSH; pause and resume a follower --
+    r = raftdeck("restart", leader, "--inventory", str(inv_path), env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert f"{leader} restarted on " in r.stdout and "was not running" in r.stdout
+    console_kill_and_restart(inv, hs.known_hosts)
+    follower = next(n for n in inv.names if n not in (leader, new_leader))
+    r = raftdeck("pause", follower, "--inventory", str(inv_path), env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert proc_state(pids[follower]) == "T"
+    r = raftdeck("resume", follower, "--inventory", str(inv_path), env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert proc_state(pids[follower]) in ("S", "R")
+    r = raftdeck("logs", follower, "-n", "5", "--inventory", str(inv_path), env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert any(ln.startswith("{") and json.loads(ln)["node"] == follower
+               for ln in r.stdout.splitlines())
+
+    # -- rolling upgrade to a changed wheel: leader last, each caught up, data kept --
+    wait_leader(inv)
+    t = time.monotonic()
+    r = raftdeck("upgrade", *base, "--wheel", str(upgrade), "--wheelhouse", str(house))
+    timings["upgrade"] = time.monotonic() - t
+    assert r.returncode == 0, r.stderr
+    done = re.findall(r"(?m)^(n\d)  \S+  updated \(project\).*caught up \(applied (\d+) >= "
+                      r"leader commit (\d+)\)", r.stdout)
+    assert sorted(n for n, _, _ in done) == ["n1", "n2", "n3"], r.stdout
+    assert all(int(a) >= int(c) for _, a, c in done)
+    for name, d in inst.items():
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert manifest["project"] == content_digest(upgrade)
+        release = manifest["release"]
+        v = subprocess.run([str(d / "venv" / "bin" / "python"), "-c",
+                            "import importlib.metadata as m; print(m.version('raftdeck'))"],
+                           capture_output=True, text=True, cwd=d,
+                           env={"PATH": os.environ["PATH"], "PYTHONPATH": release})
+        assert v.stdout.strip() == "0.1.0+up2"
+        pid = pid_of(d, name)
+        assert pid != pids[name]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"PYTHONPATH={release}".encode() in environ  # the agent runs the new release
+        assert len(os.listdir(d / "releases")) == 2  # and the previous one is kept
+    wait_leader(inv)
+    assert kv(inv, "get", "before") == b"1" and kv(inv, "get", "after-kill") == b"2"
+    # the same upgrade again: nothing to do, nobody restarted, leadership not moved
+    upids = {n: pid_of(d, n) for n, d in inst.items()}
+    lead = wait_leader(inv)
+    r = raftdeck("upgrade", *base, "--wheel", str(upgrade), "--wheelhouse", str(house))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"(?m)^upgrade: 3 hosts: 3 unchanged$", r.stdout), r.stdout
+    assert {n: pid_of(d, n) for n, d in inst.items()} == upids
+    assert wait_leader(inv) == lead
+
+    # -- undeploy: agents stopped, installed files gone, data kept --
+    r = raftdeck("undeploy", *base)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"(?m)^undeploy: 3 hosts: 3 removed$", r.stdout)
+    for name, d in inst.items():
+        assert proc_state(upids[name]) in (None, "Z")
+        assert not (d / "venv").exists() and not (d / "node.yaml").exists()
+        assert not (d / "releases").exists()
+        assert not (d / "manifest.json").exists() and not (d / "wheels").exists()
+        assert (d / ".raftdeck" / name).is_dir()  # the data stays
+    timings["total"] = time.monotonic() - t_start
+    print(f"ssh deploy flow ({ssh_mode_name} mode): " + json.dumps(
+        {k: round(v, 1) for k, v in timings.items()}), file=sys.stderr)
+
+
+def broken_wheel(src: Path, out_dir: Path) -> Path:
+    """A wheel whose agent cannot start (a syntax error in nodeagent/cli.py)."""
+    out_dir.mkdir()
+    dest = out_dir / src.name
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == "nodeagent/cli.py":
+                data += b"\ndef broken(:\n"
+            zout.writestr(name, data)
+    return dest
+
+
+@pytest.mark.slow
+def test_a_failing_upgrade_stops_at_the_first_node_and_the_cluster_keeps_going(
+        ssh_hosts, wheels, tmp_path):
+    """Rolling means one at a time: an upgrade to a wheel that does not import fails on the
+    first follower before its agent is stopped, touches no other node, and the cluster
+    keeps its leader and takes writes; a good upgrade then goes through."""
+    project, house, upgrade = wheels
+    hs = ssh_hosts(3)
+    from tests.ssh.conftest import free_port_on
+
+    ports = [7101 if hs.mode == "netns" else free_port_on(h.addr) for h in hs.hosts]
+    nodes = "".join(hs.node_yaml(f"n{i + 1}", h, ports[i]) for i, h in enumerate(hs.hosts))
+    inv_path = hs.tmp / "inventory.yaml"
+    inv_path.write_text("cluster:\n  name: rolltest\nnodes:\n" + nodes)
+    inv = load_inventory(inv_path)
+    base = ["--inventory", str(inv_path), "--known-hosts", str(hs.known_hosts)]
+    inst = {n.name: hs.hosts[i].root / "raftdeck" for i, n in enumerate(inv.nodes)}
+    r = raftdeck("deploy", *base, "--wheel", str(project), "--wheelhouse", str(house),
+                 "--accept-new-host-keys")
+    assert r.returncode == 0, r.stderr
+    leader = wait_leader(inv)
+    pids = {n: pid_of(d, n) for n, d in inst.items()}
+    bad = broken_wheel(project, tmp_path / "bad")
+    r = raftdeck("upgrade", *base, "--wheel", str(bad), "--wheelhouse", str(house))
+    assert r.returncode == 1
+    first = sorted(n for n in inv.names if n != leader)[0]
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"(?m)^FAILED (n\d) .*$", r.stdout)}
+    assert set(lines) == set(inv.names), r.stdout
+    assert lines[first] == (
+        f"FAILED {first} ({hs.user}@{inv.node(first).host}:"
+        f"{hs.hosts[inv.names.index(first)].ssh_port}): install "
+        "failed: the new version does not import on the host (SyntaxError: invalid syntax); a "
+        "running agent was not restarted and still runs the previous version; fix the wheel "
+        "and run again")
+    for n in inv.names:
+        if n != first:
+            assert lines[n].endswith("not upgraded: an earlier node failed; fix it and run again")
+    assert {n: pid_of(d, n) for n, d in inst.items()} == pids  # nobody was restarted
+    assert r.stderr.strip() == "raftdeck: upgrade failed on 3 of 3 hosts: " + ", ".join(
+        sorted(inv.names, key=lambda n: (n == leader, n)))
+    wait_leader(inv)
+    assert kv(inv, "put", "during", b"x") > 0
+    r = raftdeck("upgrade", *base, "--wheel", str(upgrade), "--wheelhouse", str(house))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"(?m)^upgrade: 3 hosts: 3 upgraded$", r.stdout), r.stdout
+    wait_leader(inv)
+    assert kv(inv, "get", "during") == b"x"
