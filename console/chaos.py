@@ -35,11 +35,12 @@ import json
 import os
 import argparse
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from console import linearizability as lin
 from console.client import ClusterClient, ConnectionFailed, OutcomeUnknown, RequestError
@@ -72,6 +73,11 @@ class ChaosConfig:
     heartbeat_ms: int = 100
     snapshot_interval: int = 300
     planted: str | None = None
+    unique_writes: float = 0.1   # share of puts that write a fresh key (lost-write detection)
+    task_share: float = 0.05     # share of operations that submit a task
+    # A fault script to run instead of the random nemesis (scenario tests):
+    # ``async def script(run, admin, stop)``; see the tests/chaos scenarios.
+    nemesis_script: Callable[..., Awaitable[None]] | None = None
     log: Callable[[str], None] = print
 
 
@@ -179,6 +185,7 @@ class _Run:
     tasks_stdout: dict[str, str] = field(default_factory=dict)
     killed: set[str] = field(default_factory=set)
     paused: set[str] = field(default_factory=set)
+    notes: dict[str, Any] = field(default_factory=dict)  # what a script wants in the report
 
     def record(self, client: int, call: int, op: str, key: str, status: str, *,
                value=None, expected=None, output=None) -> None:
@@ -193,6 +200,44 @@ class _Run:
         self.faults.append(ev)
         self.cfg.log(f"  {ev['t']:7.2f}s {event:5} {kind} "
                      + " ".join(f"{k}={v}" for k, v in detail.items()))
+
+
+    # -- fault actions for nemesis scripts (each is logged in the fault timeline) --
+
+    async def kill(self, name: str, **detail) -> None:
+        self.fault_event("start", "kill", node=name, **detail)
+        await asyncio.get_running_loop().run_in_executor(None, self.target.kill, name)
+        self.killed.add(name)
+
+    def restart(self, name: str) -> None:
+        self.target.start(name)
+        self.killed.discard(name)
+        self.fault_event("end", "kill", node=name, action="restarted")
+
+    def pause(self, name: str, **detail) -> None:
+        self.fault_event("start", "pause", node=name, **detail)
+        self.target.pause(name)
+        self.paused.add(name)
+
+    def resume(self, name: str) -> None:
+        self.target.resume(name)
+        self.paused.discard(name)
+        self.fault_event("end", "pause", node=name, action="resumed")
+
+    async def leader(self, admin: ClusterClient) -> str | None:
+        return await _leader(self, admin)
+
+    async def isolate(self, admin: ClusterClient, nodes: list[str]) -> None:
+        self.fault_event("start", "partition", shape="isolate", isolated=sorted(nodes))
+        for rule in _split(list(self.target.names), nodes):
+            await _fault_all(self, admin, **rule)
+
+    async def heal(self, admin: ClusterClient) -> None:
+        await _heal_all(self, admin)
+        self.fault_event("end", "partition", action="healed")
+
+
+ChaosRun = _Run
 
 
 def _s(v: bytes | None) -> str | None:
@@ -225,11 +270,13 @@ async def _client_loop(run: _Run, idx: int, stop: asyncio.Event) -> None:
                     # A read has no effect: whatever went wrong, it certainly did nothing.
                     run.record(idx, call, "get", key, "fail")
                 continue
-            if cfg.tasks and r >= 0.95:
+            if cfg.tasks and r >= 1.0 - cfg.task_share:
                 await _submit_one(run, c, idx, n)
                 continue
             value = f"{idx}-{n}"
             if r < 0.65:
+                if rng.random() < cfg.unique_writes:
+                    key = f"{run.prefix}u{idx}-{n}"  # written once: a lost write shows at the end
                 op, expected, coro = "put", None, c.put(key, value.encode())
             elif r < 0.90:
                 op = "cas"
@@ -323,8 +370,12 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             pass
 
     await rest(cfg.rest_s)
+    kinds: list[str] = []
     while not stop.is_set():
-        kind = rng.choice(cfg.nemesis)
+        if not kinds:  # every enabled kind once per round, in a seeded order
+            kinds = list(cfg.nemesis)
+            rng.shuffle(kinds)
+        kind = kinds.pop()
         leader = await _leader(run, admin)
         target = leader if (leader and rng.random() < 0.5) else rng.choice(names)
         loop = asyncio.get_running_loop()
@@ -413,22 +464,29 @@ async def _wait_leader(run: _Run, admin: ClusterClient, timeout: float) -> tuple
 
 
 async def _final_reads(run: _Run, c: ClusterClient, deadline: float) -> list[str]:
-    missing = []
-    for i in range(run.cfg.keys):
-        key = f"{run.prefix}k{i}"
-        while True:
-            call = time.monotonic_ns()
-            try:
-                got = await c.get(key)
-                run.record(0, call, "get", key, "ok", output=_s(got))
-                break
-            except Exception:
-                run.record(0, call, "get", key, "fail")
-                if time.monotonic() > deadline:
-                    missing.append(key)
-                    break
-                await asyncio.sleep(0.2)
-    return missing
+    """One linearizable read of every key the history touched (client 0)."""
+    keys = [f"{run.prefix}k{i}" for i in range(run.cfg.keys)]
+    keys += sorted({o.key for o in run.ops} - set(keys))
+    missing: list[str] = []
+    sem = asyncio.Semaphore(16)
+
+    async def one(key: str) -> None:
+        async with sem:
+            while True:
+                call = time.monotonic_ns()
+                try:
+                    got = await c.get(key)
+                    run.record(0, call, "get", key, "ok", output=_s(got))
+                    return
+                except Exception:
+                    run.record(0, call, "get", key, "fail")
+                    if time.monotonic() > deadline:
+                        missing.append(key)
+                        return
+                    await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(one(k) for k in keys))
+    return sorted(missing)
 
 
 async def _converged(run: _Run, admin: ClusterClient, timeout: float) -> dict[str, Any]:
@@ -489,14 +547,18 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
             ld, _ = await _wait_leader(run, admin, 60.0)
             if ld is None:
                 raise RuntimeError("the cluster elected no leader within 60 s before the run")
-            stop = asyncio.Event()
-            workers = [asyncio.create_task(_client_loop(run, i + 1, stop))
+            # ``stop`` tells the nemesis the duration is over; the clients go on until the
+            # nemesis has finished (a script may run longer than ``duration``).
+            stop, clients_stop = asyncio.Event(), asyncio.Event()
+            workers = [asyncio.create_task(_client_loop(run, i + 1, clients_stop))
                        for i in range(cfg.clients)]
-            nem = asyncio.create_task(_nemesis(run, admin, stop)) if cfg.nemesis else None
+            script = cfg.nemesis_script or (_nemesis if cfg.nemesis else None)
+            nem = asyncio.create_task(script(run, admin, stop)) if script else None
             await asyncio.sleep(cfg.duration)
             stop.set()
             if nem is not None:
                 await nem
+            clients_stop.set()
             await _heal_everything(run, admin)
             run.fault_event("end", "all", action="healed")
             # Every client finishes its operation in flight (bounded by op_timeout).
@@ -505,7 +567,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
             report["liveness"] = {"ok": leader is not None, "leader": leader,
                                   "seconds": round(took, 2), "bound_s": LIVENESS_BOUND_S}
             async with target.client(timeout=2.0, op_timeout=10.0) as c:
-                unread = await _final_reads(run, c, time.monotonic() + 30)
+                unread = await _final_reads(run, c, time.monotonic() + 60)
                 acked = sorted(t for t, s in run.tasks_submitted.items() if s == "ok")
                 tasks_done = True
                 if acked:
@@ -526,6 +588,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     counts = {s: sum(1 for o in ops if o.status == s) for s in ("ok", "fail", "info")}
     report["ops"] = {"total": len(ops), **counts}
     report["faults"] = run.faults
+    report["notes"] = run.notes
     report["latency"] = latency_stats(ops)
     report["final_reads"] = {"ok": not unread, "unread": unread}
     result = lin.check(ops, seconds=cfg.checker_seconds)
@@ -648,7 +711,8 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
                        out=Path(args.out) if args.out else None,
                        inventory=args.inventory if args.attach else None,
                        checker_seconds=args.checker_s, planted=args.planted_bug,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True,
+                                              file=sys.stderr if args.json else sys.stdout))
 
 
 async def main(args: argparse.Namespace) -> int:
