@@ -439,9 +439,6 @@ async def _heal_everything(run: _Run, admin: ClusterClient) -> None:
     for n in sorted(run.killed):
         run.target.start(n)
     run.killed.clear()
-    for n in run.target.names:
-        if not run.target.alive(n):
-            run.target.start(n)
     await _heal_all(run, admin)
 
 
@@ -546,7 +543,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         async with target.client(timeout=2.0) as admin:
             ld, _ = await _wait_leader(run, admin, 60.0)
             if ld is None:
-                raise RuntimeError("the cluster elected no leader within 60 s before the run")
+                raise TimeoutError("the cluster elected no leader within 60 s before the run; "
+                                   "see `raftdeck status` and the agents' logs")
             # ``stop`` tells the nemesis the duration is over; the clients go on until the
             # nemesis has finished (a script may run longer than ``duration``).
             stop, clients_stop = asyncio.Event(), asyncio.Event()

@@ -26,9 +26,11 @@ Porcupine and Knossos do it:
   read here) runs out, rather than hang.
 
 ``shrink`` turns a failing key's history into a small one that still fails and is still
-a witness: it only drops reads, and writes whose value no remaining operation observes -
-dropping those cannot turn a linearizable history into a non-linearizable one, so the
-small history failing proves the big one failed.
+a witness: it only drops reads, and writes that no remaining operation can have observed
+(nothing observes the value; for a delete, also when every operation that read "absent"
+ended before it began or is separated from it in real time by another certain write) - dropping those cannot turn a
+linearizable history into a non-linearizable one, so the small history failing proves the
+big one failed.
 """
 
 from __future__ import annotations
@@ -264,6 +266,37 @@ def _observes(o: Op) -> set[Any]:
     return set()
 
 
+def _writes(o: Op) -> bool:
+    """Whether ``o`` certainly wrote (an ok put, delete, or cas that swapped)."""
+    return o.status == "ok" and (o.op in ("put", "delete") or
+                                 (o.op == "cas" and bool((o.output or {}).get("swapped"))))
+
+
+def _needed(w: Op, rest: list[Op]) -> bool:
+    """Whether the write ``w`` may be the write some operation in ``rest`` observes: an
+    operation that observes w's value, does not end before w was called, and is not
+    separated from w by another certain write (w returned before it was called, and it
+    returned before the observer was called - then the observer cannot see w)."""
+    val = None if w.op == "delete" else w.value
+    sep = _INF
+    # Separation only for deletes: a value written once stays in the witness while anyone
+    # observes it (so a stale read shows with the write it saw, not as a read of nothing),
+    # but of the many deletes only those that can explain an absent read are kept. An info
+    # write may take effect after its return: no separation for it.
+    if w.status == "ok" and w.op == "delete":
+        for x in rest:
+            if x is not w and _writes(x) and x.call > w.ret and x.ret < sep:
+                sep = x.ret
+    for p in rest:
+        if p is w or val not in _observes(p):
+            continue
+        p_ret = _INF if p.status == "info" else p.ret
+        if p_ret <= w.call or sep < p.call:
+            continue
+        return True
+    return False
+
+
 def shrink(ops: Sequence[Op], *, init: Any = None, seconds: float = 10.0,
            max_checks: int = 2000) -> list[Op]:
     """A small failing sub-history of one key's failing history (see the module doc:
@@ -283,9 +316,7 @@ def shrink(ops: Sequence[Op], *, init: Any = None, seconds: float = 10.0,
     def droppable(o: Op, rest: list[Op]) -> bool:
         if o.op == "get" or (o.op == "cas" and o.status == "ok" and not (o.output or {}).get("swapped")):
             return True  # reads (a cas that did not swap changed nothing)
-        if o.op == "delete":
-            return not any(p.status == "ok" and None in _observes(p) for p in rest)
-        return not any(o.value in _observes(p) for p in rest if p is not o)
+        return not _needed(o, rest)
 
     if not fails(cur):
         return list(ops)
@@ -303,4 +334,16 @@ def shrink(ops: Sequence[Op], *, init: Any = None, seconds: float = 10.0,
                 i += chunk
         if not progressed:
             chunk //= 2
+    # Single operations until nothing more goes: reads first (dropping a read can make a
+    # write unobserved, and so droppable, in the next pass).
+    progressed = True
+    while progressed and checks < max_checks and time.monotonic() < deadline:
+        progressed = False
+        for o in sorted(cur, key=lambda o: (o.op != "get", o.call)):
+            if checks >= max_checks or time.monotonic() >= deadline:
+                break
+            rest = [p for p in cur if p is not o]
+            if droppable(o, rest) and fails(rest):
+                cur = rest
+                progressed = True
     return sorted(cur, key=lambda o: (o.call, o.id))

@@ -316,3 +316,31 @@ def test_task_checks_catch_every_kind_of_bad_result():
     assert r.unexpected == ["t4"]
     assert r.wrong_result == ["t5"]
     assert r.divergent == ["t6"]
+
+
+def test_shrink_drops_deletes_a_later_write_separates_from_the_read():
+    ops = [Op(i, 1, 10 * i, 10 * i + 1, "delete", "k") for i in range(20)]
+    ops.append(Op(20, 2, 300, 301, "put", "k", value="x"))
+    ops.append(Op(21, 3, 310, 311, "get", "k", output=None))  # stale: x was written
+    ops.append(Op(22, 4, 305, 320, "get", "k", output="x"))
+    small = shrink(ops)
+    assert check_key(small).verdict == NON_LINEARIZABLE
+    assert [o.describe() for o in small] == ["c2 put k='x' ok", "c3 get k => None ok"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(register_histories(), st.data())
+def test_shrunk_histories_still_fail_and_keep_what_the_reads_saw(ops, data):
+    end = max(o.ret for o in ops) + 10
+    seen = [o.output for o in ops if o.op == "get" and o.status == "ok" and o.output is not None]
+    if not seen:
+        return
+    stale = data.draw(st.sampled_from(seen))
+    ops = ops + [Op(len(ops), 99, end, end + 1, "put", "k", value="fresh"),
+                 Op(len(ops) + 1, 98, end + 2, end + 3, "get", "k", output=stale)]
+    small = shrink(ops)
+    assert check_key(small).verdict == NON_LINEARIZABLE
+    assert {o.id for o in small} <= {o.id for o in ops}
+    # Every value a remaining read saw is still written by a remaining op.
+    written = {o.value for o in small if o.op in ("put", "cas")}
+    assert all(o.output in written for o in small if o.op == "get" and o.output is not None)
