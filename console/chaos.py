@@ -73,6 +73,7 @@ class ChaosConfig:
     heartbeat_ms: int = 100
     snapshot_interval: int = 300
     planted: str | None = None
+    priorities: dict[str, int] | None = None  # leader priorities of a started cluster
     unique_writes: float = 0.1   # share of puts that write a fresh key (lost-write detection)
     task_share: float = 0.05     # share of operations that submit a task
     # A fault script to run instead of the random nemesis (scenario tests):
@@ -107,7 +108,7 @@ class _Owned(_Target):
         self.lc = LocalCluster(workdir / "cluster", cfg.nodes, election_ms=cfg.election_ms,
                                heartbeat_ms=cfg.heartbeat_ms,
                                snapshot_interval=cfg.snapshot_interval, name="chaos",
-                               task_lease_ms=3000)
+                               task_lease_ms=3000, priorities=cfg.priorities)
         self.names = list(self.lc.names)
         self.lc.start_all()
 
