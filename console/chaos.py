@@ -66,8 +66,8 @@ class ChaosConfig:
     inventory: str | None = None     # attach to these running local agents
     fault_s: tuple[float, float] = (1.5, 4.0)   # how long one fault lasts
     rest_s: tuple[float, float] = (0.5, 2.0)    # healthy time between faults
-    request_timeout: float = 1.5
-    op_timeout: float = 5.0
+    request_timeout: float = 1.0   # one attempt
+    op_timeout: float = 3.0        # one operation, retries included; then fail or info
     checker_seconds: float = 60.0
     election_ms: int = 1000
     heartbeat_ms: int = 100

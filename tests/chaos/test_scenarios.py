@@ -72,27 +72,27 @@ def starts(report, kind):
 def test_pause_leader_no_stale_read_no_lost_write(tmp_path):
     async def script(run, admin, stop):
         for _ in range(2):
-            await asyncio.sleep(1.0)
-            ld = await leader_now(run, admin)
+            ld = await settled(run, admin)
+            await asyncio.sleep(0.5)
             run.pause(ld, leader=True)
-            await asyncio.sleep(3.0)  # three election timeouts: the others elect a new leader
+            await asyncio.sleep(2.5)  # over two election timeouts: the others elect a new leader
             run.resume(ld)
 
-    r = passed(chaos(tmp_path, script, unique_writes=0.3, duration=9.0))
+    r = passed(chaos(tmp_path, script, unique_writes=0.3, duration=3.0))
     assert len(starts(r, "pause")) == 2
 
 
 def test_acked_writes_survive_leader_kill(tmp_path):
     async def script(run, admin, stop):
-        for _ in range(4):
+        for _ in range(3):
             ld = await settled(run, admin)
             await asyncio.sleep(0.5)
             await run.kill(ld, leader=True)
             await asyncio.sleep(1.0)
             run.restart(ld)
 
-    r = passed(chaos(tmp_path, script, unique_writes=0.6, duration=8.0))
-    assert len(starts(r, "kill")) == 4
+    r = passed(chaos(tmp_path, script, unique_writes=0.6, duration=3.0))
+    assert len(starts(r, "kill")) == 3
     fresh = [o for o in r_ops(r) if "/u" in o["key"] and o["op"] == "put" and o["status"] == "ok"]
     assert len(fresh) > 20  # and the final reads found every one (the check passed)
 
@@ -100,20 +100,21 @@ def test_acked_writes_survive_leader_kill(tmp_path):
 def test_coordinated_crash_keeps_every_acknowledged_write(tmp_path):
     async def script(run, admin, stop):
         for _ in range(2):
-            await asyncio.sleep(1.5)
+            await settled(run, admin)
+            await asyncio.sleep(1.0)
             await asyncio.gather(*(run.kill(n, all=True) for n in run.target.names))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.3)
             for n in list(run.target.names):
                 run.restart(n)
 
-    r = passed(chaos(tmp_path, script, unique_writes=0.5, duration=8.0))
+    r = passed(chaos(tmp_path, script, unique_writes=0.5, duration=3.0))
     assert len(starts(r, "kill")) == 6
 
 
 def test_crash_during_snapshot_replicas_converge(tmp_path):
     async def script(run, admin, stop):
         rng = random.Random(7)
-        for i in range(6):
+        for i in range(4):
             await asyncio.sleep(rng.uniform(0.3, 0.9))
             victim = await leader_now(run, admin) if i % 2 else rng.choice(run.target.names)
             await run.kill(victim)
@@ -123,14 +124,14 @@ def test_crash_during_snapshot_replicas_converge(tmp_path):
         run.notes["snapshot_index"] = {n: s["storage"]["snapshot_index"] for n, s in st.items()
                                        if isinstance(s, dict)}
 
-    r = passed(chaos(tmp_path, script, snapshot_interval=40, duration=9.0, clients=5))
-    assert len(starts(r, "kill")) == 6
+    r = passed(chaos(tmp_path, script, snapshot_interval=40, duration=3.0, clients=5))
+    assert len(starts(r, "kill")) == 4
     assert r["convergence"]["ok"]
     # Snapshots and compaction really ran on the nodes while they were being killed.
     assert any(v > 0 for v in r["notes"]["snapshot_index"].values()), r["notes"]
 
 
-@pytest.mark.parametrize("kills", [pytest.param(50, marks=pytest.mark.slow), 12])
+@pytest.mark.parametrize("kills", [pytest.param(50, marks=pytest.mark.slow), 8])
 def test_kill_loop_sigkills_lose_no_acknowledged_write(tmp_path, kills):
     """SIGKILL a random node (the leader a third of the time) at a random moment, restart
     it at once; the next kill waits only until the restarted agent answers (so the cluster
@@ -175,14 +176,14 @@ def test_tasks_exactly_once_through_kills_and_partitions(tmp_path):
         await asyncio.sleep(1.0)
         run.restart(other)
 
-    r = passed(chaos(tmp_path, script, task_share=0.3, duration=9.0))
+    r = passed(chaos(tmp_path, script, task_share=0.3, duration=3.0))
     assert r["tasks"]["acknowledged"] >= 10, r["tasks"]
     assert r["tasks"]["final"] == r["tasks"]["acknowledged"]
 
 
 def test_short_chaos_run_with_every_nemesis_kind(tmp_path):
     r = passed(chaos(tmp_path, None, nemesis=("kill", "pause", "partition", "latency"),
-                     duration=14.0, seed=5, clients=5, fault_s=(1.0, 2.0), rest_s=(0.3, 0.8)))
+                     duration=12.0, seed=5, clients=5, fault_s=(1.0, 2.0), rest_s=(0.3, 0.8)))
     kinds = {f["kind"] for f in r["faults"] if f["event"] == "start"}
     assert kinds == {"kill", "pause", "partition", "latency"}, r["faults"]
     assert r["liveness"]["ok"] and r["liveness"]["seconds"] <= r["liveness"]["bound_s"]
@@ -295,7 +296,7 @@ def test_read_after_election_serves_no_stale_value(make_cluster):
 
             tasks = [asyncio.create_task(writer())]
             tasks += [asyncio.create_task(reader(n, 10 + i)) for i, n in enumerate(lc.names)]
-            for _ in range(3):
+            for _ in range(2):
                 await asyncio.sleep(0.8)
                 ld = await lc.wait_leader(c)
                 lc.kill(ld)
