@@ -595,7 +595,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     if result.verdict == lin.NON_LINEARIZABLE:
         key = result.failing_keys[0]
         key_ops = [o for o in ops if o.key == key]
-        small = lin.shrink(key_ops, seconds=15.0)
+        small = lin.shrink(key_ops, seconds=30.0)
         report["failure"] = {"key": key, "ops": len(key_ops),
                              "smallest": [dict(o.to_json(), line=o.id + 1) for o in small],
                              "described": [o.describe() for o in small]}

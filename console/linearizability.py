@@ -186,14 +186,14 @@ def _search(ops: Sequence[Op], init: Any, budget: _Budget) -> tuple[bool, list[i
                     stack.append((s, state))
                     bits, state = new_bits, new_state
                     lift(s)
-                    if len(stack) > len(best):
-                        best = [opi[x] for x, _ in stack]
                     s = nxt[0]
                     continue
             s = nxt[s]
         else:
             if info_ret[s]:
                 return True, [opi[x] for x, _ in stack]
+            if len(stack) > len(best):  # the longest prefix seen, for the report (copied
+                best = [opi[x] for x, _ in stack]  # only here: backtracks are rare)
             if not stack:
                 return False, best
             s, state = stack.pop()
@@ -297,29 +297,99 @@ def _needed(w: Op, rest: list[Op]) -> bool:
     return False
 
 
+def _is_read(o: Op) -> bool:
+    return o.op == "get" or (o.op == "cas" and o.status == "ok" and not (o.output or {}).get("swapped"))
+
+
+def _observed(ops: Iterable[Op]) -> set[Any]:
+    out: set[Any] = set()
+    for o in ops:
+        out |= _observes(o)
+    return out
+
+
+def _prefix(ops: list[Op], t: float) -> list[Op] | None:
+    """The operations called by ``t``, without the reads still running at ``t``; None if
+    a write called after ``t`` may be what a kept operation observed (then cutting there
+    is not sound)."""
+    keep = [o for o in ops if o.call <= t and not (_is_read(o) and o.ret > t)]
+    cut = [o for o in ops if o.call > t and not _is_read(o)]
+    if not cut:
+        return keep
+    seen = _observed(keep)
+    late_absent = any(None in _observes(o) and (o.status == "info" or o.ret > t) for o in keep)
+    for w in cut:
+        if w.op == "delete":
+            if late_absent:
+                return None
+        elif w.value in seen:
+            return None
+    return keep
+
+
+def _still_needed(part: list[Op], rest: list[Op]) -> list[Op]:
+    """The writes of ``part`` that dropping ``part`` from ``rest + part`` must keep: those
+    some kept operation may observe, closed over what kept writes observe themselves (a
+    cas observes its expected value). Everything else in ``part`` goes soundly."""
+    writes = [o for o in part if not _is_read(o)]
+    kept: list[Op] = []
+    kept_ids: set[int] = set()
+    seen = _observed(rest)
+    changed = True
+    while changed:
+        changed = False
+        for w in writes:
+            if w.id in kept_ids:
+                continue
+            if w.op == "delete" or w.status != "ok":
+                need = _needed(w, rest + kept)
+            else:
+                need = w.value in seen
+            if need:
+                kept.append(w)
+                kept_ids.add(w.id)
+                seen |= _observes(w)
+                changed = True
+    return kept
+
+
 def shrink(ops: Sequence[Op], *, init: Any = None, seconds: float = 10.0,
            max_checks: int = 2000) -> list[Op]:
-    """A small failing sub-history of one key's failing history (see the module doc:
-    only reads, and writes whose value no remaining operation observes, are dropped).
-    Greedy: try dropping halves, then quarters, ..., then single operations, keeping
-    each drop that still fails; stops at ``seconds`` or ``max_checks``."""
+    """A small failing sub-history of one key's failing history (see the module doc for
+    what may be dropped). First the shortest failing prefix in time (binary search), then
+    greedy: try dropping halves, then quarters, ..., then single operations (reads first)
+    until nothing more goes, keeping each drop that still fails. Stops at ``seconds`` or
+    ``max_checks``; returns the input unchanged if it does not fail within the budget."""
     deadline = time.monotonic() + seconds
-    cur = [o for o in _relevant(ops)]
+    cur = sorted(_relevant(ops), key=lambda o: (o.call, o.id))
     checks = 0
 
-    def fails(cand: list[Op]) -> bool:
+    def fails(cand: list[Op], cap: float = 2.0) -> bool:
         nonlocal checks
         checks += 1
-        left = max(0.01, min(2.0, deadline - time.monotonic()))
+        left = max(0.01, min(cap, deadline - time.monotonic()))
         return check_key(renumber(cand), init=init, seconds=left).verdict == NON_LINEARIZABLE
 
-    def droppable(o: Op, rest: list[Op]) -> bool:
-        if o.op == "get" or (o.op == "cas" and o.status == "ok" and not (o.output or {}).get("swapped")):
-            return True  # reads (a cas that did not swap changed nothing)
-        return not _needed(o, rest)
+    def droppable(o: Op, rest: list[Op], seen: set[Any]) -> bool:
+        if _is_read(o):
+            return True
+        if o.op == "delete" or o.status != "ok":
+            return not _needed(o, rest)
+        return o.value not in seen
 
-    if not fails(cur):
+    if not fails(cur, cap=seconds):
         return list(ops)
+    # The shortest failing prefix: bisect over the return times.
+    times = sorted({o.ret for o in cur if o.status == "ok"})
+    lo, hi = 0, len(times) - 1
+    while lo < hi and checks < max_checks and time.monotonic() < deadline:
+        mid = (lo + hi) // 2
+        cand = _prefix(cur, times[mid])
+        if cand is not None and cand and fails(cand, cap=max(2.0, seconds / 4)):
+            hi = mid
+            cur = cand
+        else:
+            lo = mid + 1
     chunk = max(1, len(cur) // 2)
     while chunk >= 1 and checks < max_checks and time.monotonic() < deadline:
         i = 0
@@ -327,9 +397,12 @@ def shrink(ops: Sequence[Op], *, init: Any = None, seconds: float = 10.0,
         while i < len(cur) and checks < max_checks and time.monotonic() < deadline:
             part = cur[i:i + chunk]
             rest = cur[:i] + cur[i + chunk:]
-            if all(droppable(o, rest) for o in part) and fails(rest):
-                cur = rest
+            kept = _still_needed(part, rest)
+            cand = sorted(rest + kept, key=lambda o: (o.call, o.id)) if kept else rest
+            if len(cand) < len(cur) and fails(cand):
+                cur = cand
                 progressed = True
+                i += len(kept)
             else:
                 i += chunk
         if not progressed:
@@ -339,11 +412,11 @@ def shrink(ops: Sequence[Op], *, init: Any = None, seconds: float = 10.0,
     progressed = True
     while progressed and checks < max_checks and time.monotonic() < deadline:
         progressed = False
-        for o in sorted(cur, key=lambda o: (o.op != "get", o.call)):
+        for o in sorted(cur, key=lambda o: (not _is_read(o), o.call)):
             if checks >= max_checks or time.monotonic() >= deadline:
                 break
             rest = [p for p in cur if p is not o]
-            if droppable(o, rest) and fails(rest):
+            if droppable(o, rest, _observed(rest)) and fails(rest):
                 cur = rest
                 progressed = True
     return sorted(cur, key=lambda o: (o.call, o.id))
