@@ -183,7 +183,7 @@ def test_tasks_exactly_once_through_kills_and_partitions(tmp_path):
 
 def test_short_chaos_run_with_every_nemesis_kind(tmp_path):
     r = passed(chaos(tmp_path, None, nemesis=("kill", "pause", "partition", "latency"),
-                     duration=12.0, seed=5, clients=5, fault_s=(1.0, 2.0), rest_s=(0.3, 0.8)))
+                     duration=12.0, seed=5, clients=5, fault_s=(0.8, 1.5), rest_s=(0.2, 0.5)))
     kinds = {f["kind"] for f in r["faults"] if f["event"] == "start"}
     assert kinds == {"kill", "pause", "partition", "latency"}, r["faults"]
     assert r["liveness"]["ok"] and r["liveness"]["seconds"] <= r["liveness"]["bound_s"]
@@ -361,55 +361,53 @@ async def _retry(fn, timeout=20.0):
 
 
 def test_ambiguous_errors_are_info_never_fail(make_cluster, tmp_path):
-    """A write that commits after the client gave up is reported as unknown (info)."""
-    from console.chaos import ChaosRun, _client_loop  # noqa: F401  (the same classification)
+    """A write that commits after the client gave up is reported as unknown (info),
+    never as failed; the checker accepts the history only because it is info."""
+    from dataclasses import replace
+
     from console.client import OutcomeUnknown
 
     lc = make_cluster(3)
 
     async def main():
+        seen_late_commit = False
         async with lc.client(timeout=2.0) as admin:
-            ld = await lc.wait_leader(admin)
-            # Every message from the leader to its followers is late by 0.6 s (less than
-            # an election timeout): a write commits, but only after the client gave up.
-            async with lc.client(timeout=0.4, op_timeout=0.8) as c:
-                await _retry(lambda: c.put("warm", b"1"))  # its session is registered now
-                await admin.fault(ld, action="latency", ms=600)
-                c.leader = ld
-                outcome = None
-                call = time.monotonic_ns()
-                try:
-                    await c.put("amb", b"x")
-                    outcome = "ok"
-                except OutcomeUnknown:
-                    outcome = "info"
-                except Exception as e:
-                    outcome = f"fail: {e!r}"
-                ret = time.monotonic_ns()
-            assert outcome == "info", outcome
-            await admin.heal()
-
-            async def committed():
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
+            for attempt in range(4):
+                ld = await lc.wait_leader(admin)
+                key = f"amb{attempt}"
+                async with lc.client(timeout=0.4, op_timeout=0.8) as c:
+                    await _retry(lambda: c.put("warm", b"1"))  # its session is registered now
+                    # Every message from the leader to its followers is late by 0.6 s (less
+                    # than an election timeout): the write commits after the client gave up.
+                    await admin.fault(ld, action="latency", ms=600)
+                    c.leader = ld
+                    call = time.monotonic_ns()
                     try:
-                        return await admin.get("amb")
-                    except Exception:
-                        await asyncio.sleep(0.1)
-            got = await committed()
-            assert got == b"x"  # it did take effect: "fail" would have been a lie
-            # And the checker accepts the history only because the op is info.
-            put = Op(0, 1, call, ret, "put", "amb", value="x", status="info")
-            read = Op(1, 2, ret + 1, time.monotonic_ns(), "get", "amb", output="x")
-            assert check([put, read]).verdict == LINEARIZABLE
-            from dataclasses import replace
-            assert check([replace(put, status="fail"), read]).verdict == NON_LINEARIZABLE
+                        await c.put(key, b"x")
+                        outcome = "ok"
+                    except OutcomeUnknown:
+                        outcome = "info"
+                    except Exception as e:
+                        outcome = f"fail: {e!r}"
+                    ret = time.monotonic_ns()
+                await admin.heal()
+                assert outcome in ("info", "ok"), outcome  # never a definite failure
+                got = await _retry(lambda: admin.get(key), timeout=30)
+                if outcome != "info" or got != b"x":
+                    continue  # no late commit this time (an election on a loaded machine)
+                seen_late_commit = True
+                put = Op(0, 1, call, ret, "put", key, value="x", status="info")
+                read = Op(1, 2, ret + 1, time.monotonic_ns(), "get", key, output="x")
+                assert check([put, read]).verdict == LINEARIZABLE
+                assert check([replace(put, status="fail"), read]).verdict == NON_LINEARIZABLE
+                break
+        assert seen_late_commit, "could not make a write commit after its client gave up"
 
     run(main())
 
 
 def test_liveness_after_heal_rejoining_node_does_not_depose_the_leader(make_cluster):
-    lc = make_cluster(3)
+    lc = make_cluster(3, election_ms=1500)  # fewer spurious elections on a loaded machine
 
     async def main():
         async with lc.client(timeout=1.0) as c:
@@ -420,10 +418,12 @@ def test_liveness_after_heal_rejoining_node_does_not_depose_the_leader(make_clus
             for n in lc.names:
                 await c.fault(n, action="partition", **{"from": [lone], "to": others})
                 await c.fault(n, action="partition", **{"from": others, "to": [lone]})
-            # Cut off for five election timeouts: without PreVote it would bump its term.
+            # Cut off for over three election timeouts: without PreVote it would bump its
+            # term (and then depose the leader when it comes back).
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline:
                 assert (await c.status(ld))["role"] == "leader"
+                assert (await c.status(lone))["term"] == term
                 await asyncio.sleep(0.2)
             healed = time.monotonic()
             await c.heal()
