@@ -372,8 +372,10 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
 
     await rest(cfg.rest_s)
     kinds: list[str] = []
-    while not stop.is_set():
-        if not kinds:  # every enabled kind once per round, in a seeded order
+    # Every enabled kind once per round, in a seeded order; a round in progress when the
+    # duration ends is completed (its faults then last no time), so every kind runs.
+    while not stop.is_set() or kinds:
+        if not kinds:
             kinds = list(cfg.nemesis)
             rng.shuffle(kinds)
         kind = kinds.pop()

@@ -52,6 +52,15 @@ async def settled(run, admin, timeout=60.0):
     raise AssertionError(f"cluster did not settle: {st}")
 
 
+async def oks_at_least(run, n, timeout=60.0):
+    """Wait until the clients have completed ``n`` ok operations (the load between faults
+    does not depend on how busy the machine is)."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for o in run.ops if o.status == "ok") < n:
+        assert time.monotonic() < deadline, f"only {sum(1 for o in run.ops if o.status == 'ok')} ok ops"
+        await asyncio.sleep(0.05)
+
+
 async def leader_now(run, admin, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,9 +80,9 @@ def starts(report, kind):
 
 def test_pause_leader_no_stale_read_no_lost_write(tmp_path):
     async def script(run, admin, stop):
-        for _ in range(2):
+        for i in range(2):
             ld = await settled(run, admin)
-            await asyncio.sleep(0.5)
+            await oks_at_least(run, 30 * (i + 1))
             run.pause(ld, leader=True)
             await asyncio.sleep(2.5)  # over two election timeouts: the others elect a new leader
             run.resume(ld)
@@ -84,24 +93,26 @@ def test_pause_leader_no_stale_read_no_lost_write(tmp_path):
 
 def test_acked_writes_survive_leader_kill(tmp_path):
     async def script(run, admin, stop):
-        for _ in range(3):
+        for i in range(3):
             ld = await settled(run, admin)
-            await asyncio.sleep(0.5)
+            await oks_at_least(run, 30 * (i + 1))
             await run.kill(ld, leader=True)
             await asyncio.sleep(1.0)
             run.restart(ld)
+        await settled(run, admin)
+        await oks_at_least(run, 120)
 
-    r = passed(chaos(tmp_path, script, unique_writes=0.6, duration=3.0))
+    r = passed(chaos(tmp_path, script, unique_writes=0.6, duration=1.0))
     assert len(starts(r, "kill")) == 3
     fresh = [o for o in r_ops(r) if "/u" in o["key"] and o["op"] == "put" and o["status"] == "ok"]
-    assert len(fresh) > 20  # and the final reads found every one (the check passed)
+    assert len(fresh) >= 5  # and the final reads found every one (the check passed)
 
 
 def test_coordinated_crash_keeps_every_acknowledged_write(tmp_path):
     async def script(run, admin, stop):
-        for _ in range(2):
+        for i in range(2):
             await settled(run, admin)
-            await asyncio.sleep(1.0)
+            await oks_at_least(run, 40 * (i + 1))
             await asyncio.gather(*(run.kill(n, all=True) for n in run.target.names))
             await asyncio.sleep(0.3)
             for n in list(run.target.names):
@@ -114,18 +125,27 @@ def test_coordinated_crash_keeps_every_acknowledged_write(tmp_path):
 def test_crash_during_snapshot_replicas_converge(tmp_path):
     async def script(run, admin, stop):
         rng = random.Random(7)
-        for i in range(4):
-            await asyncio.sleep(rng.uniform(0.3, 0.9))
+        i = 0
+        snaps = {}
+        # At least four kills, and on until every node has taken a snapshot (so kills
+        # land before, during and after snapshots and compaction).
+        while i < 4 or not all(v > 0 for v in snaps.values()):
+            assert i < 30, f"no snapshot on every node after {i} kills: {snaps}"
+            await settled(run, admin)
+            await oks_at_least(run, 25 * (i + 1))
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
             victim = await leader_now(run, admin) if i % 2 else rng.choice(run.target.names)
             await run.kill(victim)
             await asyncio.sleep(rng.uniform(0.2, 0.8))
             run.restart(victim)
-        st = await admin.statuses()
-        run.notes["snapshot_index"] = {n: s["storage"]["snapshot_index"] for n, s in st.items()
-                                       if isinstance(s, dict)}
+            i += 1
+            await settled(run, admin)
+            st = await admin.statuses()
+            snaps = {n: s["storage"]["snapshot_index"] for n, s in st.items() if isinstance(s, dict)}
+        run.notes["snapshot_index"] = snaps
 
-    r = passed(chaos(tmp_path, script, snapshot_interval=40, duration=3.0, clients=5))
-    assert len(starts(r, "kill")) == 4
+    r = passed(chaos(tmp_path, script, snapshot_interval=40, duration=1.0, clients=5))
+    assert len(starts(r, "kill")) >= 4
     assert r["convergence"]["ok"]
     # Snapshots and compaction really ran on the nodes while they were being killed.
     assert any(v > 0 for v in r["notes"]["snapshot_index"].values()), r["notes"]
@@ -139,7 +159,8 @@ def test_kill_loop_sigkills_lose_no_acknowledged_write(tmp_path, kills):
     elections, snapshots and catch-up alike)."""
     async def script(run, admin, stop):
         rng = random.Random(11)
-        for _ in range(kills):
+        for i in range(kills):
+            await oks_at_least(run, 15 * i)  # a write load between kills, however busy the machine
             await asyncio.sleep(rng.uniform(0.0, 0.3))
             victim = rng.choice(run.target.names)
             await run.kill(victim)
@@ -160,21 +181,24 @@ def test_kill_loop_sigkills_lose_no_acknowledged_write(tmp_path, kills):
 
 def test_tasks_exactly_once_through_kills_and_partitions(tmp_path):
     async def script(run, admin, stop):
-        await asyncio.sleep(1.0)
-        ld = await leader_now(run, admin)
+        await oks_at_least(run, 20)
+        ld = await settled(run, admin)
         await run.kill(ld, leader=True)
         await asyncio.sleep(1.5)
         run.restart(ld)
-        await asyncio.sleep(1.0)
-        ld = await leader_now(run, admin)
+        ld = await settled(run, admin)
+        await oks_at_least(run, 50)
         await run.isolate(admin, [ld])
         await asyncio.sleep(2.0)
         await run.heal(admin)
-        await asyncio.sleep(0.5)
-        other = [n for n in run.target.names if n != await leader_now(run, admin)][0]
+        ld = await settled(run, admin)
+        await oks_at_least(run, 80)
+        other = [n for n in run.target.names if n != ld][0]
         await run.kill(other)
         await asyncio.sleep(1.0)
         run.restart(other)
+        await settled(run, admin)
+        await oks_at_least(run, 110)
 
     r = passed(chaos(tmp_path, script, task_share=0.3, duration=3.0))
     assert r["tasks"]["acknowledged"] >= 10, r["tasks"]
