@@ -188,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Note: a leader hands leadership on to a caught-up node of higher priority.")
     p.add_argument("node", metavar="NODE")
 
+    p = cmd("chaos", _cmd_chaos, "a Jepsen-style run: workload, faults, linearizability check",
+            "Start a fresh cluster of --nodes local agents (or, with --attach, use the "
+            "inventory's running local agents), run concurrent clients (get/put/cas/delete on a "
+            "few keys, echo tasks) for --duration seconds while a seeded nemesis kills, pauses, "
+            "partitions and slows nodes, then heal, read every key and check: linearizability "
+            "of the history, every acknowledged task has one final result, replicas converge, "
+            "a leader is elected in time. Writes history.jsonl and report.json to --out and "
+            "prints their paths. Exits 0 only if every check passed. See docs/OPERATIONS.md, Chaos.")
+    from console import chaos as _chaos
+    _chaos.add_arguments(p)
+    p.set_defaults(needs_inventory=False)
+
     p = cmd("put", _cmd_put, "write a key", "Write KEY = VALUE (UTF-8) through the leader.")
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE")
@@ -328,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return EXIT_OK
             args.func, args.readonly = _cmd_console, False  # plain `raftdeck`: attach
-        inv = _load_inventory(args.inventory)
+        inv = _load_inventory(args.inventory) if getattr(args, "needs_inventory", True) or \
+            getattr(args, "attach", False) else None
         result = args.func(args, inv)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
@@ -1011,6 +1024,12 @@ async def _cmd_partition(args, inv) -> int:
 
 def _group(names) -> str:
     return "*" if names is None else ",".join(names)
+
+
+async def _cmd_chaos(args, inv) -> int:
+    from console import chaos
+
+    return await chaos.main(args)
 
 
 async def _cmd_heal(args, inv) -> int:

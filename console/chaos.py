@@ -1,0 +1,726 @@
+"""`raftdeck chaos`: a Jepsen-style run against real agents.
+
+Starts a cluster of real agent processes (``console.local.LocalCluster``), or attaches to
+the inventory's running local agents (``--inventory``), and for ``duration`` seconds:
+
+* **clients** (one ``ClusterClient`` each, asyncio) do get / put / cas / delete on a
+  small key set and submit echo tasks, and record every completed operation in a history
+  (``console.history``): call and return from ``time.monotonic_ns()``, ``ok`` when the
+  cluster answered, ``fail`` when the operation certainly had no effect (a definite
+  refusal, ``ConnectionFailed`` before anything was sent, or any read that got no answer),
+  ``info`` when a write's outcome is unknown (``OutcomeUnknown``: a timeout or a lost
+  connection after sending, or anything unexpected);
+* a **nemesis** (seeded ``random.Random``) injects one fault at a time for a few seconds,
+  then heals it and rests: ``kill`` (SIGKILL, restart), ``pause`` (SIGSTOP, SIGCONT),
+  ``partition`` (random halves, isolate the leader, a bridge - through the agents'
+  transport filters, docs/PROTOCOL.md ``fault``), ``latency`` (the same filters).
+
+Then it heals everything, waits for a leader (the liveness bound), reads every key,
+waits for every acknowledged task to finish and the replicas to converge, and checks:
+linearizability (``console.linearizability``), the task table (``check_tasks``), replica
+convergence and liveness. The history (``history.jsonl``) and a JSON report
+(``report.json``: verdict, fault timeline, latencies, and on failure the smallest failing
+sub-history) go to ``--out``. Exit 0 only if every check passed.
+
+``planted`` (tests and demos only) makes the *harness* lie: ``stale-reads`` serves each
+get from a random replica's local state (``consistency: stale``) while recording it as a
+linearizable read, so a correct cluster produces a history the checker must reject. No
+agent code changes; nothing of it is reachable without asking for it explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import argparse
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from console import linearizability as lin
+from console.client import ClusterClient, ConnectionFailed, OutcomeUnknown, RequestError
+from console.history import Op, check_tasks, dump_line, latency_stats
+
+NEMESES = ("kill", "pause", "partition", "latency")
+PLANTED = ("stale-reads",)
+# After the nemesis stops and everything is healed, a leader must be elected within this
+# many seconds (docs/OPERATIONS.md "Chaos"): generous for a loaded 2-core machine.
+LIVENESS_BOUND_S = 20.0
+
+
+@dataclass
+class ChaosConfig:
+    nodes: int = 5
+    duration: float = 60.0
+    nemesis: tuple[str, ...] = NEMESES
+    seed: int = 0
+    clients: int = 6
+    keys: int = 5
+    tasks: bool = True
+    out: Path | None = None
+    inventory: str | None = None     # attach to these running local agents
+    fault_s: tuple[float, float] = (1.5, 4.0)   # how long one fault lasts
+    rest_s: tuple[float, float] = (0.5, 2.0)    # healthy time between faults
+    request_timeout: float = 1.0   # one attempt
+    op_timeout: float = 3.0        # one operation, retries included; then fail or info
+    checker_seconds: float = 60.0
+    election_ms: int = 1000
+    heartbeat_ms: int = 100
+    snapshot_interval: int = 300
+    planted: str | None = None
+    priorities: dict[str, int] | None = None  # leader priorities of a started cluster
+    unique_writes: float = 0.1   # share of puts that write a fresh key (lost-write detection)
+    task_share: float = 0.05     # share of operations that submit a task
+    # A fault script to run instead of the random nemesis (scenario tests):
+    # ``async def script(run, admin, stop)``; see the tests/chaos scenarios.
+    nemesis_script: Callable[..., Awaitable[None]] | None = None
+    log: Callable[[str], None] = print
+
+
+# == the cluster under test ====================================================================
+
+
+class _Target:
+    """Process control and clients for the nodes under test."""
+
+    names: list[str]
+
+    def client(self, **kw) -> ClusterClient: ...
+    def kill(self, name: str) -> None: ...
+    def start(self, name: str) -> None: ...
+    def pause(self, name: str) -> None: ...
+    def resume(self, name: str) -> None: ...
+    def alive(self, name: str) -> bool: ...
+    def close(self) -> None: ...
+
+
+class _Owned(_Target):
+    """A LocalCluster this run starts and stops."""
+
+    def __init__(self, cfg: ChaosConfig, workdir: Path):
+        from console.local import LocalCluster
+
+        self.lc = LocalCluster(workdir / "cluster", cfg.nodes, election_ms=cfg.election_ms,
+                               heartbeat_ms=cfg.heartbeat_ms,
+                               snapshot_interval=cfg.snapshot_interval, name="chaos",
+                               task_lease_ms=3000, priorities=cfg.priorities)
+        self.names = list(self.lc.names)
+        self.lc.start_all()
+
+    def client(self, **kw):
+        return self.lc.client(**kw)
+
+    def kill(self, name):
+        self.lc.kill(name)
+
+    def start(self, name):
+        self.lc.start(name)
+
+    def pause(self, name):
+        self.lc.pause(name)
+
+    def resume(self, name):
+        self.lc.resume(name)
+
+    def alive(self, name):
+        return self.lc.alive(name)
+
+    def close(self):
+        self.lc.stop_all()
+
+
+class _Attached(_Target):
+    """The inventory's running local agents (``raftdeck up``), controlled by pid file."""
+
+    def __init__(self, inventory_path: str):
+        from console.procs import LocalProcesses
+        from nodeagent.config import load_inventory
+
+        self.inv = load_inventory(inventory_path)
+        self.procs = LocalProcesses(self.inv)
+        self.names = [n.name for n in self.inv.nodes]
+        for n in self.inv.nodes:
+            self.procs.local_node(n.name)  # refuses remote nodes with a one-line error
+
+    def client(self, **kw):
+        kw.setdefault("timeout", 3.0)
+        return ClusterClient({n.name: (n.host, n.port) for n in self.inv.nodes},
+                             self.inv.cluster.name, **kw)
+
+    def kill(self, name):
+        self.procs.kill(name)
+
+    def start(self, name):
+        self.procs.start(self.procs.node(name))
+
+    def pause(self, name):
+        self.procs.pause(name)
+
+    def resume(self, name):
+        self.procs.resume(name)
+
+    def alive(self, name):
+        return self.procs.process(self.procs.node(name)).alive
+
+    def close(self):
+        pass
+
+
+# == the run ==================================================================================
+
+
+@dataclass
+class _Run:
+    cfg: ChaosConfig
+    target: _Target
+    prefix: str
+    t0: int = field(default_factory=time.monotonic_ns)
+    ops: list[Op] = field(default_factory=list)
+    faults: list[dict] = field(default_factory=list)
+    tasks_submitted: dict[str, str] = field(default_factory=dict)
+    tasks_stdout: dict[str, str] = field(default_factory=dict)
+    killed: set[str] = field(default_factory=set)
+    paused: set[str] = field(default_factory=set)
+    notes: dict[str, Any] = field(default_factory=dict)  # what a script wants in the report
+
+    def record(self, client: int, call: int, op: str, key: str, status: str, *,
+               value=None, expected=None, output=None) -> None:
+        self.ops.append(Op(len(self.ops), client, call, time.monotonic_ns(), op, key,
+                           value=value, expected=expected, output=output, status=status))
+
+    def t(self) -> float:
+        return round((time.monotonic_ns() - self.t0) / 1e9, 3)
+
+    def fault_event(self, event: str, kind: str, **detail) -> None:
+        ev = {"t": self.t(), "event": event, "kind": kind, **detail}
+        self.faults.append(ev)
+        self.cfg.log(f"  {ev['t']:7.2f}s {event:5} {kind} "
+                     + " ".join(f"{k}={v}" for k, v in detail.items()))
+
+
+    # -- fault actions for nemesis scripts (each is logged in the fault timeline) --
+
+    async def kill(self, name: str, **detail) -> None:
+        self.fault_event("start", "kill", node=name, **detail)
+        await asyncio.get_running_loop().run_in_executor(None, self.target.kill, name)
+        self.killed.add(name)
+
+    def restart(self, name: str) -> None:
+        self.target.start(name)
+        self.killed.discard(name)
+        self.fault_event("end", "kill", node=name, action="restarted")
+
+    def pause(self, name: str, **detail) -> None:
+        self.fault_event("start", "pause", node=name, **detail)
+        self.target.pause(name)
+        self.paused.add(name)
+
+    def resume(self, name: str) -> None:
+        self.target.resume(name)
+        self.paused.discard(name)
+        self.fault_event("end", "pause", node=name, action="resumed")
+
+    async def leader(self, admin: ClusterClient) -> str | None:
+        return await _leader(self, admin)
+
+    async def isolate(self, admin: ClusterClient, nodes: list[str]) -> None:
+        self.fault_event("start", "partition", shape="isolate", isolated=sorted(nodes))
+        for rule in _split(list(self.target.names), nodes):
+            await _fault_all(self, admin, **rule)
+
+    async def heal(self, admin: ClusterClient) -> None:
+        await _heal_all(self, admin)
+        self.fault_event("end", "partition", action="healed")
+
+
+ChaosRun = _Run
+
+
+def _s(v: bytes | None) -> str | None:
+    return None if v is None else bytes(v).decode("utf-8", "replace")
+
+
+async def _client_loop(run: _Run, idx: int, stop: asyncio.Event) -> None:
+    cfg = run.cfg
+    rng = random.Random(f"{cfg.seed}-client-{idx}")
+    keys = [f"{run.prefix}k{i}" for i in range(cfg.keys)]
+    seen: dict[str, str | None] = {}
+    n = 0
+    async with run.target.client(timeout=cfg.request_timeout, op_timeout=cfg.op_timeout,
+                                 client_id=f"{run.prefix}c{idx}", rng=rng) as c:
+        while not stop.is_set():
+            n += 1
+            key = rng.choice(keys)
+            r = rng.random()
+            call = time.monotonic_ns()
+            if r < 0.40:
+                try:
+                    if cfg.planted == "stale-reads":
+                        node = rng.choice(run.target.names)
+                        got = await c.get(key, consistency="stale", node=node)
+                    else:
+                        got = await c.get(key)
+                    run.record(idx, call, "get", key, "ok", output=_s(got))
+                    seen[key] = _s(got)
+                except Exception:
+                    # A read has no effect: whatever went wrong, it certainly did nothing.
+                    run.record(idx, call, "get", key, "fail")
+                continue
+            if cfg.tasks and r >= 1.0 - cfg.task_share:
+                await _submit_one(run, c, idx, n)
+                continue
+            value = f"{idx}-{n}"
+            if r < 0.65:
+                if rng.random() < cfg.unique_writes:
+                    key = f"{run.prefix}u{idx}-{n}"  # written once: a lost write shows at the end
+                op, expected, coro = "put", None, c.put(key, value.encode())
+            elif r < 0.90:
+                op = "cas"
+                expected = seen.get(key) if rng.random() < 0.8 else None
+                coro = c.cas(key, None if expected is None else expected.encode(), value.encode())
+            else:
+                op, expected, value, coro = "delete", None, None, c.delete(key)
+            try:
+                res = await coro
+            except RequestError:
+                # A definite refusal: the client raises it only when no attempt may have
+                # applied (otherwise OutcomeUnknown).
+                run.record(idx, call, op, key, "fail", value=value, expected=expected)
+                continue
+            except ConnectionFailed:
+                run.record(idx, call, op, key, "fail", value=value, expected=expected)
+                continue
+            except (OutcomeUnknown, Exception):
+                run.record(idx, call, op, key, "info", value=value, expected=expected)
+                continue
+            if op == "cas":
+                swapped, now = res
+                out = {"swapped": bool(swapped), "value": _s(now)}
+                seen[key] = _s(now)
+            else:
+                out = res
+                seen[key] = value
+            run.record(idx, call, op, key, "ok", value=value, expected=expected, output=out)
+
+
+async def _submit_one(run: _Run, c: ClusterClient, idx: int, n: int) -> None:
+    tid = f"{run.prefix}t{idx}-{n}"
+    spec = {"id": tid, "kind": "echo", "args": {"data": tid.encode()}, "timeout_ms": 10_000,
+            "max_attempts": 5}
+    run.tasks_stdout[tid] = tid
+    try:
+        r = await c.submit([spec])
+    except (RequestError, ConnectionFailed):
+        run.tasks_submitted[tid] = "fail"
+        return
+    except Exception:
+        run.tasks_submitted[tid] = "info"
+        return
+    run.tasks_submitted[tid] = "ok" if r["results"] and r["results"][0]["ok"] else "fail"
+
+
+# -- nemesis -----------------------------------------------------------------------------------
+
+
+async def _leader(run: _Run, admin: ClusterClient) -> str | None:
+    st = await admin.statuses()
+    leaders = sorted(n for n, s in st.items() if isinstance(s, dict) and s.get("role") == "leader")
+    if not leaders:
+        return None
+    # The one with the highest term (a deposed leader may not know yet).
+    return max(leaders, key=lambda n: st[n]["term"])
+
+
+async def _fault_all(run: _Run, admin: ClusterClient, **fault) -> None:
+    async def one(n):
+        try:
+            await admin.call(n, "fault", **fault)
+        except Exception:
+            pass  # a dead or paused node cannot enforce it: it is not talking anyway
+    await asyncio.gather(*(one(n) for n in run.target.names if n not in run.killed))
+
+
+async def _heal_all(run: _Run, admin: ClusterClient) -> None:
+    async def one(n):
+        try:
+            await admin.call(n, "heal")
+        except Exception:
+            pass
+    await asyncio.gather(*(one(n) for n in run.target.names if n not in run.killed))
+
+
+def _split(names: list[str], a: list[str]) -> list[dict]:
+    b = [n for n in names if n not in a]
+    return [{"action": "partition", "from": a, "to": b}, {"action": "partition", "from": b, "to": a}]
+
+
+async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None:
+    cfg = run.cfg
+    rng = random.Random(f"{cfg.seed}-nemesis")
+    names = list(run.target.names)
+
+    async def rest(lo_hi):
+        try:
+            await asyncio.wait_for(stop.wait(), rng.uniform(*lo_hi))
+        except asyncio.TimeoutError:
+            pass
+
+    await rest(cfg.rest_s)
+    kinds: list[str] = []
+    # Every enabled kind once per round, in a seeded order; a round in progress when the
+    # duration ends is completed (its faults then last no time), so every kind runs.
+    while not stop.is_set() or kinds:
+        if not kinds:
+            kinds = list(cfg.nemesis)
+            rng.shuffle(kinds)
+        kind = kinds.pop()
+        leader = await _leader(run, admin)
+        target = leader if (leader and rng.random() < 0.5) else rng.choice(names)
+        loop = asyncio.get_running_loop()
+        if kind == "kill":
+            run.fault_event("start", "kill", node=target, leader=target == leader)
+            await loop.run_in_executor(None, run.target.kill, target)
+            run.killed.add(target)
+            await rest(cfg.fault_s)
+            run.target.start(target)
+            run.killed.discard(target)
+            run.fault_event("end", "kill", node=target, action="restarted")
+        elif kind == "pause":
+            run.fault_event("start", "pause", node=target, leader=target == leader)
+            run.target.pause(target)
+            run.paused.add(target)
+            await rest(cfg.fault_s)
+            run.target.resume(target)
+            run.paused.discard(target)
+            run.fault_event("end", "pause", node=target, action="resumed")
+        elif kind == "partition":
+            shape = rng.choice(["halves", "isolate-leader", "bridge"])
+            shuffled = names[:]
+            rng.shuffle(shuffled)
+            if shape == "isolate-leader" and leader:
+                rules = _split(names, [leader])
+                detail = {"isolated": leader}
+            elif shape == "bridge" and len(names) >= 3:
+                # Two sides that cannot talk; the bridge node talks to both.
+                bridge, rest_nodes = shuffled[0], shuffled[1:]
+                half = len(rest_nodes) // 2
+                a, b = rest_nodes[:half], rest_nodes[half:]
+                rules = [{"action": "partition", "from": a, "to": b},
+                         {"action": "partition", "from": b, "to": a}]
+                detail = {"bridge": bridge, "sides": [sorted(a), sorted(b)]}
+                shape = "bridge"
+            else:
+                minority = shuffled[: (len(names) - 1) // 2 or 1]
+                rules = _split(names, minority)
+                detail = {"minority": sorted(minority)}
+                shape = "halves"
+            run.fault_event("start", "partition", shape=shape, **detail)
+            for rule in rules:
+                await _fault_all(run, admin, **rule)
+            await rest(cfg.fault_s)
+            await _heal_all(run, admin)
+            run.fault_event("end", "partition", shape=shape)
+        elif kind == "latency":
+            ms = rng.choice([50, 100, 200, 400])
+            run.fault_event("start", "latency", ms=ms)
+            await _fault_all(run, admin, action="latency", ms=ms)
+            await rest(cfg.fault_s)
+            await _heal_all(run, admin)
+            run.fault_event("end", "latency", ms=ms)
+        await rest(cfg.rest_s)
+
+
+async def _heal_everything(run: _Run, admin: ClusterClient) -> None:
+    for n in sorted(run.paused):
+        run.target.resume(n)
+    run.paused.clear()
+    for n in sorted(run.killed):
+        run.target.start(n)
+    run.killed.clear()
+    await _heal_all(run, admin)
+
+
+# -- after the run -----------------------------------------------------------------------------
+
+
+async def _wait_leader(run: _Run, admin: ClusterClient, timeout: float) -> tuple[str | None, float]:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = await admin.statuses()
+        live = {n: s for n, s in st.items() if isinstance(s, dict)}
+        leaders = {n for n, s in live.items() if s["role"] == "leader"}
+        if len(leaders) == 1:
+            ld = next(iter(leaders))
+            if sum(1 for s in live.values() if s["leader"] == ld and s["term"] == live[ld]["term"]) \
+                    > len(run.target.names) // 2:
+                return ld, time.monotonic() - t0
+        await asyncio.sleep(0.1)
+    return None, time.monotonic() - t0
+
+
+async def _final_reads(run: _Run, c: ClusterClient, deadline: float) -> list[str]:
+    """One linearizable read of every key the history touched (client 0)."""
+    keys = [f"{run.prefix}k{i}" for i in range(run.cfg.keys)]
+    keys += sorted({o.key for o in run.ops} - set(keys))
+    missing: list[str] = []
+    sem = asyncio.Semaphore(16)
+
+    async def one(key: str) -> None:
+        async with sem:
+            while True:
+                call = time.monotonic_ns()
+                try:
+                    got = await c.get(key)
+                    run.record(0, call, "get", key, "ok", output=_s(got))
+                    return
+                except Exception:
+                    run.record(0, call, "get", key, "fail")
+                    if time.monotonic() > deadline:
+                        missing.append(key)
+                        return
+                    await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(one(k) for k in keys))
+    return sorted(missing)
+
+
+async def _converged(run: _Run, admin: ClusterClient, timeout: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    last = {}
+    while time.monotonic() - t0 < timeout:
+        st = await admin.statuses()
+        last = {n: (s["applied"], s["digest"]) if isinstance(s, dict) else None for n, s in st.items()}
+        if all(v is not None for v in last.values()) and len(set(last.values())) == 1:
+            return {"ok": True, "seconds": round(time.monotonic() - t0, 2),
+                    "applied": next(iter(last.values()))[0]}
+        await asyncio.sleep(0.2)
+    return {"ok": False, "replicas": {n: (v[0], v[1][:12]) if v else "unreachable"
+                                      for n, v in last.items()}}
+
+
+async def _task_records(run: _Run, admin: ClusterClient, ids: list[str]) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for n in run.target.names:
+        recs: dict[str, dict] = {}
+        after = None
+        while True:  # every task this replica holds with our prefix (unsubmitted ones too)
+            page = await admin.call(n, "task_list", limit=1000, after=after)
+            for r in page:
+                if r["id"].startswith(run.prefix):
+                    recs[r["id"]] = r
+            if len(page) < 1000:
+                break
+            after = page[-1]["id"]
+        out[n] = recs
+    return out
+
+
+# == entry point ================================================================================
+
+
+async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
+    """One chaos run; returns the report (also written to ``cfg.out``)."""
+    for k in cfg.nemesis:
+        if k not in NEMESES:
+            raise ValueError(f"unknown nemesis {k!r}: choose from {', '.join(NEMESES)}")
+    if cfg.planted is not None and cfg.planted not in PLANTED:
+        raise ValueError(f"unknown planted bug {cfg.planted!r}: choose from {', '.join(PLANTED)}")
+    out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="raftdeck-chaos-"))
+    out.mkdir(parents=True, exist_ok=True)
+    target: _Target = _Attached(cfg.inventory) if cfg.inventory else _Owned(cfg, out)
+    prefix = f"chaos-{cfg.seed}-{os.getpid()}-{int(time.time())}/"
+    run = _Run(cfg, target, prefix)
+    cfg.log(f"chaos: {len(target.names)} nodes, {cfg.duration:g}s, nemesis "
+            f"{','.join(cfg.nemesis) or 'none'}, seed {cfg.seed}, {cfg.clients} clients, "
+            f"out {out}")
+    report: dict[str, Any] = {"seed": cfg.seed, "nodes": len(target.names),
+                              "duration_s": cfg.duration, "nemesis": list(cfg.nemesis),
+                              "clients": cfg.clients, "keys": cfg.keys, "planted": cfg.planted,
+                              "out": str(out)}
+    try:
+        async with target.client(timeout=2.0) as admin:
+            ld, _ = await _wait_leader(run, admin, 60.0)
+            if ld is None:
+                raise TimeoutError("the cluster elected no leader within 60 s before the run; "
+                                   "see `raftdeck status` and the agents' logs")
+            # ``stop`` tells the nemesis the duration is over; the clients go on until the
+            # nemesis has finished (a script may run longer than ``duration``).
+            stop, clients_stop = asyncio.Event(), asyncio.Event()
+            workers = [asyncio.create_task(_client_loop(run, i + 1, clients_stop))
+                       for i in range(cfg.clients)]
+            script = cfg.nemesis_script or (_nemesis if cfg.nemesis else None)
+            nem = asyncio.create_task(script(run, admin, stop)) if script else None
+            await asyncio.sleep(cfg.duration)
+            stop.set()
+            if nem is not None:
+                await nem
+            clients_stop.set()
+            await _heal_everything(run, admin)
+            run.fault_event("end", "all", action="healed")
+            # Every client finishes its operation in flight (bounded by op_timeout).
+            await asyncio.wait_for(asyncio.gather(*workers), cfg.op_timeout * 3 + 30)
+            leader, took = await _wait_leader(run, admin, LIVENESS_BOUND_S)
+            report["liveness"] = {"ok": leader is not None, "leader": leader,
+                                  "seconds": round(took, 2), "bound_s": LIVENESS_BOUND_S}
+            async with target.client(timeout=2.0, op_timeout=10.0) as c:
+                unread = await _final_reads(run, c, time.monotonic() + 60)
+                acked = sorted(t for t, s in run.tasks_submitted.items() if s == "ok")
+                tasks_done = True
+                if acked:
+                    try:
+                        await c.wait(acked, timeout=60.0)
+                    except Exception:
+                        tasks_done = False
+            conv = await _converged(run, admin, 30.0)
+            report["convergence"] = conv
+            records = await _task_records(run, admin, sorted(run.tasks_submitted))
+    finally:
+        target.close()
+
+    ops = run.ops
+    with open(out / "history.jsonl", "w") as f:
+        for o in ops:
+            f.write(dump_line(o) + "\n")
+    counts = {s: sum(1 for o in ops if o.status == s) for s in ("ok", "fail", "info")}
+    report["ops"] = {"total": len(ops), **counts}
+    report["faults"] = run.faults
+    report["notes"] = run.notes
+    report["latency"] = latency_stats(ops)
+    report["final_reads"] = {"ok": not unread, "unread": unread}
+    result = lin.check(ops, seconds=cfg.checker_seconds)
+    report["linearizability"] = result.to_json()
+    if result.verdict == lin.NON_LINEARIZABLE:
+        key = result.failing_keys[0]
+        key_ops = [o for o in ops if o.key == key]
+        small = lin.shrink(key_ops, seconds=30.0)
+        report["failure"] = {"key": key, "ops": len(key_ops),
+                             "smallest": [dict(o.to_json(), line=o.id + 1) for o in small],
+                             "described": [o.describe() for o in small]}
+    tasks = check_tasks(run.tasks_submitted, run.tasks_stdout, records)
+    report["tasks"] = dict(tasks.to_json(), all_final_in_time=tasks_done)
+    checks = {
+        "linearizable": result.verdict == lin.LINEARIZABLE,
+        "tasks": tasks.ok and tasks_done,
+        "converged": conv["ok"],
+        "liveness": report["liveness"]["ok"],
+        "final_reads": not unread,
+    }
+    report["checks"] = checks
+    report["ok"] = all(checks.values())
+    report["verdict"] = ("pass" if report["ok"] else
+                         "unknown" if result.verdict == lin.UNKNOWN and
+                         all(v for k, v in checks.items() if k != "linearizable") else "fail")
+    report["history"] = str(out / "history.jsonl")
+    with open(out / "report.json", "w") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The human-readable end of a run (the CLI prints it)."""
+    o = report["ops"]
+    lines = [
+        f"ops {o['total']}: ok {o['ok']}, fail {o['fail']}, info {o['info']}; "
+        f"faults {sum(1 for f in report['faults'] if f['event'] == 'start')}",
+        f"linearizability: {report['linearizability']['verdict']} "
+        f"({report['linearizability']['seconds']:.2f}s, "
+        f"{len(report['linearizability']['keys'])} keys)",
+        f"tasks: {report['tasks']['acknowledged']} acknowledged, {report['tasks']['final']} "
+        f"with one final result, {report['tasks']['unknown']} unknown; "
+        + ("ok" if report["checks"]["tasks"] else "FAILED " + json.dumps(
+            {k: v for k, v in report["tasks"].items() if isinstance(v, list) and v})),
+        f"liveness: leader {report['liveness']['leader']} "
+        f"{report['liveness']['seconds']:.1f}s after heal (bound {report['liveness']['bound_s']:g}s)",
+        f"convergence: {'ok' if report['convergence']['ok'] else report['convergence']}",
+    ]
+    for k, v in sorted(report["latency"].items()):
+        lines.append(f"  {k:12} n={v['count']:<6} p50 {v['p50_ms']}ms p99 {v['p99_ms']}ms max {v['max_ms']}ms")
+    if "failure" in report:
+        f = report["failure"]
+        lines.append(f"smallest failing sub-history of key {f['key']} ({len(f['smallest'])} of {f['ops']} ops):")
+        for d, op in zip(f["described"], f["smallest"]):
+            lines.append(f"  line {op['line']}: {d}  [{op['call']}..{op['return']}]")
+    lines.append(f"verdict: {report['verdict'].upper()}")
+    lines.append(f"history: {report['history']}")
+    lines.append(f"report: {Path(report['history']).with_name('report.json')}")
+    return "\n".join(lines)
+
+
+# == the command line (console/cli.py adds the subparser and calls these) ===================
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    def nemesis_list(text: str) -> tuple[str, ...]:
+        kinds = tuple(k for k in text.split(",") if k) if text != "none" else ()
+        bad = [k for k in kinds if k not in NEMESES]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown nemesis {bad[0]!r}: use a comma list of {', '.join(NEMESES)} (or none)")
+        return kinds
+
+    def count(lo: int, hi: int):
+        def check(text: str) -> int:
+            try:
+                v = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+            if not lo <= v <= hi:
+                raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, not {v}")
+            return v
+        return check
+
+    def seconds(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        return v
+
+    p.add_argument("--nodes", type=count(1, 15), default=5, help="agents to start (default 5)")
+    p.add_argument("--duration", type=seconds, default=60.0, metavar="S",
+                   help="seconds of workload and faults (default 60)")
+    p.add_argument("--nemesis", type=nemesis_list, default=NEMESES, metavar="KINDS",
+                   help="comma list of kill,pause,partition,latency, or none (default all)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the workload and the fault schedule (default: random, printed)")
+    p.add_argument("--clients", type=count(1, 64), default=6, help="concurrent clients (default 6)")
+    p.add_argument("--keys", type=count(1, 1000), default=5, help="keys they share (default 5)")
+    p.add_argument("--no-tasks", action="store_true", help="do not submit tasks")
+    p.add_argument("--out", metavar="DIR", help="where history.jsonl and report.json go "
+                   "(default: a new temporary directory, printed)")
+    p.add_argument("--attach", action="store_true",
+                   help="run against the inventory's running local agents (--inventory) instead "
+                        "of starting a fresh cluster; kill/pause act on their pid files")
+    p.add_argument("--checker-s", type=seconds, default=60.0, metavar="S",
+                   help="time budget of the linearizability check; past it the verdict is "
+                        "unknown (default 60)")
+    p.add_argument("--planted-bug", choices=PLANTED, default=None,
+                   help=argparse.SUPPRESS)  # tests and demos: the harness lies on purpose
+
+
+def config_from_args(args: argparse.Namespace) -> ChaosConfig:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+    return ChaosConfig(nodes=args.nodes, duration=args.duration, nemesis=tuple(args.nemesis),
+                       seed=seed, clients=args.clients, keys=args.keys, tasks=not args.no_tasks,
+                       out=Path(args.out) if args.out else None,
+                       inventory=args.inventory if args.attach else None,
+                       checker_seconds=args.checker_s, planted=args.planted_bug,
+                       log=lambda line: print(line, flush=True,
+                                              file=sys.stderr if args.json else sys.stdout))
+
+
+async def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    report = await run_chaos(cfg)
+    if getattr(args, "json", False):
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(summary(report), flush=True)
+    return 0 if report["ok"] else 1

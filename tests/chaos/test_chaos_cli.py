@@ -1,0 +1,29 @@
+"""`raftdeck chaos` on the command line: bad usage is one line and exit 2; a tiny real run
+prints the history path and exits 0."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from console.cli import main
+
+
+def test_bad_nemesis_is_one_line_and_exit_2(capsys):
+    assert main(["chaos", "--nemesis", "kill,flood"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unknown nemesis 'flood'" in err and "kill, pause, partition, latency" in err
+
+
+@pytest.mark.integration
+def test_a_short_run_prints_where_the_history_is_and_passes(tmp_path, capsys):
+    rc = main(["chaos", "--nodes", "3", "--duration", "2", "--nemesis", "none", "--seed", "3",
+               "--clients", "2", "--out", str(tmp_path / "o"), "--json"])
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert rc == 0, report["checks"]
+    assert report["history"] == str(tmp_path / "o" / "history.jsonl")
+    lines = (tmp_path / "o" / "history.jsonl").read_text().splitlines()
+    assert len(lines) == report["ops"]["total"] > 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["verdict"] == "pass"
