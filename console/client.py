@@ -337,6 +337,10 @@ class ClusterClient:
                     if e.code != "busy":
                         self.leader = None
                 else:
+                    if unknown is not None and changes_state:
+                        # An earlier attempt may have applied: a refusal of this one says
+                        # nothing about that one (found by the chaos tests).
+                        raise OutcomeUnknown(f"{type_}: {unknown}; a retry was refused: {e}") from e
                     raise
             if loop.time() + delay >= deadline:
                 break

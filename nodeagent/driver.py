@@ -196,7 +196,9 @@ class Driver:
         except NotLeader as e:
             pending.fail("not_leader", "this node is not the leader", e.leader)
         except ProposalDropped as e:
-            pending.fail("rejected", str(e), self.node.lead)
+            # Not taken now (a transfer or a membership change in progress), certainly
+            # not applied: the client may retry it.
+            pending.fail("dropped", str(e), self.node.lead)
         except ConfChangeRejected as e:
             pending.fail("rejected", str(e))
         except RaftError as e:
