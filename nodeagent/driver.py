@@ -34,7 +34,7 @@ from .raft.messages import (
     RaftError,
     Snapshot,
 )
-from .raft.ready import process_ready
+from .raft.ready import begin_ready, finish_ready
 from .state import StateMachine
 
 log = logging.getLogger("nodeagent.driver")
@@ -108,6 +108,7 @@ class Driver:
         inbox_size: int = 8192,
         on_apply_conf: Callable[[ConfChange], None] | None = None,
         metrics=None,
+        sync_in_thread: bool = False,
     ):
         self.node = node
         self.storage = storage
@@ -123,11 +124,15 @@ class Driver:
         self._read_seq = itertools.count()
         self._on_apply_conf = on_apply_conf
         self.metrics = metrics
+        # fsync in a worker thread (when it really waits for the disk), so the event loop
+        # sends the leader's appends and answers clients meanwhile
+        self.sync_in_thread = sync_in_thread
         self.changed = trio.Event()  # set when the status changed (subscriptions wait on it)
         self.version = 0
         self.leader_changes: list[float] = []
         self.last_snapshot_index = node.log.snapshot_index()
         self.dropped_inbox = 0
+        self.sync_wait_s = 0.0  # time spent waiting for fsync in worker threads
         self.messages_in = 0
         self.messages_out = 0
         self._seen = (None, None, None)  # (role, leader, term) last logged
@@ -159,7 +164,7 @@ class Driver:
     # == the loop ===========================================================================
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._process()
+        await self._process()
         task_status.started()
         next_tick = trio.current_time() + self.tick_interval
         recv = self._inbox_recv
@@ -182,7 +187,7 @@ class Driver:
                 next_tick += self.tick_interval
                 if next_tick < now:  # we fell far behind (a stall): do not burst ticks
                     next_tick = now + self.tick_interval
-            self._process()
+            await self._process()
 
     def _handle(self, ev: tuple) -> None:
         kind = ev[0]
@@ -223,14 +228,26 @@ class Driver:
 
     # == Ready processing ===================================================================
 
-    def _process(self) -> None:
+    async def _process(self) -> None:
         node = self.node
         prev_role, prev_lead, prev_term = self._seen
         progressed = False
+        threaded = self.sync_in_thread
         while node.has_ready():
-            rd = process_ready(node, self.storage, self, self)
+            # raft/ready.py: persist, send the leader's appends, apply what was durable,
+            # fsync, send the rest, apply, advance. The fsync runs in a worker thread, so
+            # the appends and client replies leave while the disk works; nothing steps the
+            # node meanwhile (this task is the only one that does), so the leader counts
+            # itself towards a commit only after its own fsync, as before.
+            rd = begin_ready(node, self.storage, self, self)
             if rd is None:
                 break
+            if rd.must_sync:
+                if threaded:
+                    await self._sync_in_thread()
+                else:
+                    self.storage.sync()
+            finish_ready(node, rd, self, self)
             progressed = True
             for rs in rd.read_states:
                 entry = self._reads_by_ctx.pop(rs.ctx, None)
@@ -252,6 +269,13 @@ class Driver:
             self.version += 1
             self.changed.set()
             self.changed = trio.Event()
+
+    async def _sync_in_thread(self) -> None:
+        # Not cancellable half-way: the thread finishes its fsync before we go on or
+        # unwind (a cancelled driver ends the agent anyway).
+        t0 = time.monotonic()
+        await trio.to_thread.run_sync(self.storage.sync)
+        self.sync_wait_s += time.monotonic() - t0
 
     def _serve_reads(self) -> None:
         applied = self.state.applied_index
