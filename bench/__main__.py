@@ -341,7 +341,33 @@ async def soak(tmp: Path, seconds: float, writers: int) -> dict:
         await rd.stop()
     return {"seconds": seconds, "writers": writers, "config": rd.describe(),
             "term_start": term0, "term_end": term1, "elections": term1 - term0,
-            "leader_changes_seen": changes, "load": tp}
+            "leader_changes_seen": changes, "load": tp, "agent_events": agent_events(rd)}
+
+
+def agent_events(rd: Raftdeck) -> dict:
+    """From the agents' JSON logs: each snapshot's duration (the driver is blocked while it
+    serializes the state) and each role change, to line elections up with their causes."""
+    out = {}
+    for n in rd.names:
+        snaps, roles = [], []
+        try:
+            lines = rd.lc.log_path(n).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("msg") == "snapshot":
+                snaps.append({"ts": ev.get("ts"), "index": ev.get("index"),
+                              "bytes": ev.get("bytes"), "ms": ev.get("ms")})
+            elif ev.get("msg") == "role change":
+                roles.append({"ts": ev.get("ts"), "role": ev.get("role"),
+                              "term": ev.get("term"), "leader": ev.get("leader")})
+        out[n] = {"snapshots": snaps, "role_changes": roles,
+                  "snapshot_ms_max": max((x["ms"] or 0 for x in snaps), default=None)}
+    return out
 
 
 # -- summary ------------------------------------------------------------------------------------
