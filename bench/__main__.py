@@ -95,7 +95,9 @@ async def sequential(sys_, writes: int, value: bytes) -> dict:
 
 
 async def throughput(sys_, writers: int, seconds: float, value: bytes, tag: str = "tp",
-                     until_acked: int | None = None) -> dict:
+                     until_acked: int | None = None, keys: int | None = None) -> dict:
+    """``keys``: each writer cycles over that many keys of its own (a bounded state);
+    None: every put writes a new key."""
     clients = [sys_.client() for _ in range(writers)]
     try:
         await asyncio.gather(*(cl.put(f"{tag}-warm-{w}", value) for w, cl in enumerate(clients)),
@@ -115,7 +117,7 @@ async def throughput(sys_, writers: int, seconds: float, value: bytes, tag: str 
             while more():
                 t0 = time.perf_counter()
                 try:
-                    await cl.put(f"{tag}-{w:03d}-{i:07d}", value)
+                    await cl.put(f"{tag}-{w:03d}-{i if keys is None else i % keys:07d}", value)
                 except Exception as e:
                     count(errors, error_name(e))
                     await asyncio.sleep(0.01)
@@ -310,7 +312,7 @@ async def growth_log(tmp: Path, cfg: Cfg) -> list[dict]:
 # -- soak ---------------------------------------------------------------------------------------
 
 
-async def soak(tmp: Path, seconds: float, writers: int) -> dict:
+async def soak(tmp: Path, seconds: float, writers: int, keys: int | None = None) -> dict:
     """Steady load on 3 agents; every change of term or leader is an election."""
     value = b"v" * VALUE_BYTES
     rd = Raftdeck(tmp / "soak", 3)
@@ -321,7 +323,7 @@ async def soak(tmp: Path, seconds: float, writers: int) -> dict:
         term0 = max(s["term"] for s in st0.values() if s)
         changes: list[dict] = []
         stop = asyncio.Event()
-        load = asyncio.create_task(throughput(rd, writers, seconds, value, tag="soak"))
+        load = asyncio.create_task(throughput(rd, writers, seconds, value, tag="soak", keys=keys))
         t0 = time.perf_counter()
         last = (leader, term0)
         while not load.done():
@@ -339,7 +341,8 @@ async def soak(tmp: Path, seconds: float, writers: int) -> dict:
         term1 = max(s["term"] for s in st1.values() if s)
     finally:
         await rd.stop()
-    return {"seconds": seconds, "writers": writers, "config": rd.describe(),
+    return {"seconds": seconds, "writers": writers, "keys_per_writer": keys,
+            "config": rd.describe(),
             "term_start": term0, "term_end": term1, "elections": term1 - term0,
             "leader_changes_seen": changes, "load": tp, "agent_events": agent_events(rd)}
 
@@ -534,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak", type=float, default=None, metavar="SECONDS",
                     help="only the no-election soak: steady load for SECONDS on 3 agents")
     ap.add_argument("--soak-writers", type=int, default=4)
+    ap.add_argument("--soak-keys", type=int, default=None, metavar="N",
+                    help="soak: each writer overwrites N keys of its own (a bounded state); "
+                         "default: every put writes a new key, so the state grows")
     ap.add_argument("--tmp", default=None, help="parent directory for the clusters' files")
     ap.add_argument("--keep", action="store_true", help="keep the clusters' files (logs)")
     a = ap.parse_args(argv)
@@ -549,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                  "quick": a.quick, "machine": machine(tmp), "value_bytes": VALUE_BYTES}
     try:
         if a.soak is not None:
-            res["soak"] = asyncio.run(soak(Path(tmp), a.soak, a.soak_writers))
+            res["soak"] = asyncio.run(soak(Path(tmp), a.soak, a.soak_writers, a.soak_keys))
             text = (f"soak {a.soak:g} s, {a.soak_writers} writers: elections "
                     f"{res['soak']['elections']} (terms {res['soak']['term_start']} -> "
                     f"{res['soak']['term_end']}), {res['soak']['load']['acked']} writes acked")
