@@ -459,12 +459,16 @@ def plot(res: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in res["side_by_side"].items():
-        pts = [(r["sequential"]["writes_per_s"], r["sequential"]["p50_ms"])]
-        pts += [(c["writes_per_s"], c["p50_ms"]) for c in r["curve"]]
-        pts.append((r["throughput"]["writes_per_s"], r["throughput"]["p50_ms"]))
+        pts = [(r["sequential"]["writes_per_s"], r["sequential"]["p50_ms"], 1)]
+        pts += [(c["writes_per_s"], c["p50_ms"], c["writers"]) for c in r["curve"]]
+        pts.append((r["throughput"]["writes_per_s"], r["throughput"]["p50_ms"],
+                    r["throughput"]["writers"]))
         pts = [p for p in pts if None not in p]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel("acknowledged writes/s (1, 4, 16, 32 writers)")
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for x, y, w in pts:
+            ax.annotate(str(w), (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=line.get_color())
+    ax.set_xlabel("acknowledged writes/s (labels: concurrent writers)")
     ax.set_ylabel("write latency p50 (ms)")
     ax.set_yscale("log")
     ax.set_title(f"3 nodes, 100-byte puts, one 2-core machine ({res['date'][:10]})")

@@ -7,7 +7,10 @@ retransmits); client requests get ``busy``.
 
 The loop: wait for inbox events until the next tick is due, handle every event that is
 ready (so a burst of proposals becomes one Ready, one fsync and one append per peer),
-tick when due, then ``process_ready()`` until the node has nothing left to do.
+tick when due, then carry out Readies (``raft/ready.py``) until the node has nothing left
+to do. With fsync on, each fsync runs in a worker thread: meanwhile the other tasks keep
+sending (the leader's appends leave before its own fsync) and answering, and new events
+wait in the inbox to join the next round (group commit).
 """
 
 from __future__ import annotations
@@ -132,7 +135,6 @@ class Driver:
         self.leader_changes: list[float] = []
         self.last_snapshot_index = node.log.snapshot_index()
         self.dropped_inbox = 0
-        self.sync_wait_s = 0.0  # time spent waiting for fsync in worker threads
         self.messages_in = 0
         self.messages_out = 0
         self._seen = (None, None, None)  # (role, leader, term) last logged
@@ -273,9 +275,7 @@ class Driver:
     async def _sync_in_thread(self) -> None:
         # Not cancellable half-way: the thread finishes its fsync before we go on or
         # unwind (a cancelled driver ends the agent anyway).
-        t0 = time.monotonic()
         await trio.to_thread.run_sync(self.storage.sync)
-        self.sync_wait_s += time.monotonic() - t0
 
     def _serve_reads(self) -> None:
         applied = self.state.applied_index
