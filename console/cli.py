@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
                    help="how long to wait for a leader with a quorum (default 30)")
 
+    p = sub.add_parser("bench", help="benchmarks: raftdeck side by side with PySyncObj",
+                       description="Run `python -m bench` (needs the bench extra: pip "
+                       "install 'raftdeck[bench]'); every argument after `bench` goes to it, "
+                       "e.g. `raftdeck bench --quick` or `raftdeck bench -- --help`. No "
+                       "inventory is read: it starts its own clusters on 127.0.0.1.",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=None)
+
     p = cmd("console", _cmd_console, "open the console on a running cluster",
             "Attach the console to every agent of the inventory (what plain `raftdeck` does "
             "in a terminal). Keys: ? help, arrows select, space marks, k kill, x restart, p "
@@ -335,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "bench":  # its own clusters, no inventory
+            from bench.__main__ import main as bench_main
+
+            rest = list(args.bench_args)
+            return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
         if getattr(args, "func", None) is None:
             if not sys.stdout.isatty():
                 parser.print_help()

@@ -102,6 +102,7 @@ class Agent:
             snapshot_interval=cfg.cluster.snapshot_interval,
             on_apply_conf=self._on_conf_change,
             metrics=self.metrics,
+            sync_in_thread=cfg.cluster.fsync,
         )
         self.tasks = TaskManager(self)
         self.driver.on_tick = self.tasks.on_tick

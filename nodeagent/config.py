@@ -121,8 +121,10 @@ class TLSConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str
-    election_timeout_ms: int = 1000
-    heartbeat_interval_ms: int = 100
+    # Failover within about half a second (a follower waits 250-500 ms, randomized, then
+    # PreVote and the vote); docs/BENCHMARKS.md has the failover and no-election soak runs.
+    election_timeout_ms: int = 250
+    heartbeat_interval_ms: int = 25
     snapshot_interval: int = 10000  # log entries between snapshots
     dispatch_policy: str = "least_loaded"
     max_attempts: int = 3  # attempts per task, the first included
@@ -362,8 +364,8 @@ REQUIRED = object()
 
 _CLUSTER_FIELDS: dict[str, tuple[str, Any, Any]] = {
     "name": ("cluster_name", REQUIRED, None),
-    "election_timeout_ms": ("int", 1000, (1, INT_MAX)),
-    "heartbeat_interval_ms": ("int", 100, (1, INT_MAX)),
+    "election_timeout_ms": ("int", 250, (1, INT_MAX)),
+    "heartbeat_interval_ms": ("int", 25, (1, INT_MAX)),
     "snapshot_interval": ("int", 10000, (1, INT_MAX)),
     "dispatch_policy": ("choice", "least_loaded", DISPATCH_POLICIES),
     "max_attempts": ("int", 3, (1, 1000)),

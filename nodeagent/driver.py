@@ -7,7 +7,10 @@ retransmits); client requests get ``busy``.
 
 The loop: wait for inbox events until the next tick is due, handle every event that is
 ready (so a burst of proposals becomes one Ready, one fsync and one append per peer),
-tick when due, then ``process_ready()`` until the node has nothing left to do.
+tick when due, then carry out Readies (``raft/ready.py``) until the node has nothing left
+to do. With fsync on, each fsync runs in a worker thread: meanwhile the other tasks keep
+sending (the leader's appends leave before its own fsync) and answering, and new events
+wait in the inbox to join the next round (group commit).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .raft.messages import (
     RaftError,
     Snapshot,
 )
-from .raft.ready import process_ready
+from .raft.ready import begin_ready, finish_ready
 from .state import StateMachine
 
 log = logging.getLogger("nodeagent.driver")
@@ -108,6 +111,7 @@ class Driver:
         inbox_size: int = 8192,
         on_apply_conf: Callable[[ConfChange], None] | None = None,
         metrics=None,
+        sync_in_thread: bool = False,
     ):
         self.node = node
         self.storage = storage
@@ -123,6 +127,9 @@ class Driver:
         self._read_seq = itertools.count()
         self._on_apply_conf = on_apply_conf
         self.metrics = metrics
+        # fsync in a worker thread (when it really waits for the disk), so the event loop
+        # sends the leader's appends and answers clients meanwhile
+        self.sync_in_thread = sync_in_thread
         self.changed = trio.Event()  # set when the status changed (subscriptions wait on it)
         self.version = 0
         self.leader_changes: list[float] = []
@@ -159,7 +166,7 @@ class Driver:
     # == the loop ===========================================================================
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._process()
+        await self._process()
         task_status.started()
         next_tick = trio.current_time() + self.tick_interval
         recv = self._inbox_recv
@@ -182,7 +189,7 @@ class Driver:
                 next_tick += self.tick_interval
                 if next_tick < now:  # we fell far behind (a stall): do not burst ticks
                     next_tick = now + self.tick_interval
-            self._process()
+            await self._process()
 
     def _handle(self, ev: tuple) -> None:
         kind = ev[0]
@@ -225,14 +232,26 @@ class Driver:
 
     # == Ready processing ===================================================================
 
-    def _process(self) -> None:
+    async def _process(self) -> None:
         node = self.node
         prev_role, prev_lead, prev_term = self._seen
         progressed = False
+        threaded = self.sync_in_thread
         while node.has_ready():
-            rd = process_ready(node, self.storage, self, self)
+            # raft/ready.py: persist, send the leader's appends, apply what was durable,
+            # fsync, send the rest, apply, advance. The fsync runs in a worker thread, so
+            # the appends and client replies leave while the disk works; nothing steps the
+            # node meanwhile (this task is the only one that does), so the leader counts
+            # itself towards a commit only after its own fsync, as before.
+            rd = begin_ready(node, self.storage, self, self)
             if rd is None:
                 break
+            if rd.must_sync:
+                if threaded:
+                    await self._sync_in_thread()
+                else:
+                    self.storage.sync()
+            finish_ready(node, rd, self, self)
             progressed = True
             for rs in rd.read_states:
                 entry = self._reads_by_ctx.pop(rs.ctx, None)
@@ -254,6 +273,11 @@ class Driver:
             self.version += 1
             self.changed.set()
             self.changed = trio.Event()
+
+    async def _sync_in_thread(self) -> None:
+        # Not cancellable half-way: the thread finishes its fsync before we go on or
+        # unwind (a cancelled driver ends the agent anyway).
+        await trio.to_thread.run_sync(self.storage.sync)
 
     def _serve_reads(self) -> None:
         applied = self.state.applied_index

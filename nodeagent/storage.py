@@ -454,19 +454,34 @@ class DiskStorage:
     def sync(self) -> None:
         """Make everything saved so far durable: one group commit.
 
-        fsyncs the active WAL segment (if written), then replaces the hard state file (if
-        it changed). Counted once in ``stats()["fsyncs"]`` however many saves it covers.
+        fsyncs the active WAL segment (if written), then replaces the hard state file if
+        its term or vote changed. Counted once in ``stats()["fsyncs"]`` however many saves
+        it covers.
+
+        A change of the commit index alone is not written here: Raft needs term and vote
+        durable before a vote or an acknowledgement leaves, never the commit index (a
+        restarted node learns it again from the leader; recovery starts at least at the
+        snapshot). Rewriting the file for it cost two more fsyncs (file and directory)
+        per group commit, most of a write's disk time. It is written with the next term
+        or vote change, and by :meth:`close`.
         """
         with self._lock:
+            self._sync(with_commit=False)
+
+    def _sync(self, *, with_commit: bool) -> None:
+        with self._lock:
             self._check_usable()
-            if not self._dirty and self._pending_hs is None:
+            hs, durable = self._pending_hs, self._durable_hs
+            write_hs = hs is not None and (
+                with_commit or hs.term != durable.term or hs.vote != durable.vote)
+            if not self._dirty and not write_hs:
                 return
             try:
                 if self._dirty:
                     self._fsync_fd(self._fd)
                     self._dirty = False
-                if self._pending_hs is not None:
-                    self._write_hardstate(self._pending_hs)
+                if write_hs:
+                    self._write_hardstate(hs)
             except BaseException as exc:
                 self._fail(exc)
                 raise
@@ -504,34 +519,41 @@ class DiskStorage:
                 raise
 
     def stats(self) -> dict:
-        """Counters for status output (plain JSON-able values)."""
-        with self._lock:
-            hist = {f"{ub:g}": n for ub, n in zip(_BUCKETS_MS, self._fsync_hist)}
-            hist["+Inf"] = self._fsync_hist[-1]
-            return {
-                "data_dir": self._dir,
-                "fsync": self._fsync_enabled,
-                "segments": len(self._segments),
-                "bytes": sum(s.size for s in self._segments),
-                "segment_bytes": self._segment_bytes,
-                "first_index": self._base_index + 1,
-                "last_index": self._last_index(),
-                "snapshot_index": self._base_index,
-                "snapshot_term": self._base_term,
-                "snapshots": len(self._snapshots),
-                "syncs": self._syncs,
-                "fsyncs": self._group_fsyncs,
-                "fsync_calls": self._fsync_calls,
-                "fsync_latency_ms_buckets": hist,
-                "fsync_latency_ms_sum": round(self._fsync_sum * 1000, 3),
-                "fsync_latency_ms_max": round(self._fsync_max * 1000, 3),
-                "unsynced": self._dirty or self._pending_hs is not None,
-                "repaired": bool(self._repaired),
-                "repairs": [dict(r) for r in self._repaired],
-                "snapshot_fallbacks": [dict(r) for r in self._snapshot_fallbacks],
-                "discarded_entries": self._discarded_entries,
-                "failed": None if self._failed is None else repr(self._failed),
-            }
+        """Counters for status output (plain JSON-able values).
+
+        Reads without the lock: the driver's worker thread holds it for a whole fsync,
+        and a status request must not stall the event loop that long. ``sync`` only
+        bumps counters, and everything else that changes these fields runs in the
+        caller's thread, so a reading is at worst one fsync out of date.
+        """
+        hist = {f"{ub:g}": n for ub, n in zip(_BUCKETS_MS, self._fsync_hist)}
+        hist["+Inf"] = self._fsync_hist[-1]
+        return {
+            "data_dir": self._dir,
+            "fsync": self._fsync_enabled,
+            "segments": len(self._segments),
+            "bytes": sum(s.size for s in self._segments),
+            "segment_bytes": self._segment_bytes,
+            "first_index": self._base_index + 1,
+            "last_index": self._last_index(),
+            "snapshot_index": self._base_index,
+            "snapshot_term": self._base_term,
+            "snapshots": len(self._snapshots),
+            "syncs": self._syncs,
+            "fsyncs": self._group_fsyncs,
+            "fsync_calls": self._fsync_calls,
+            "fsync_latency_ms_buckets": hist,
+            "fsync_latency_ms_sum": round(self._fsync_sum * 1000, 3),
+            "fsync_latency_ms_max": round(self._fsync_max * 1000, 3),
+            "unsynced": self._dirty or (self._pending_hs is not None and (
+                self._pending_hs.term, self._pending_hs.vote) != (
+                self._durable_hs.term, self._durable_hs.vote)),
+            "repaired": bool(self._repaired),
+            "repairs": [dict(r) for r in self._repaired],
+            "snapshot_fallbacks": [dict(r) for r in self._snapshot_fallbacks],
+            "discarded_entries": self._discarded_entries,
+            "failed": None if self._failed is None else repr(self._failed),
+        }
 
     def close(self) -> None:
         """Sync what is pending (unless an earlier I/O error made that unsafe) and release
@@ -541,7 +563,7 @@ class DiskStorage:
                 return
             try:
                 if self._failed is None:
-                    self.sync()
+                    self._sync(with_commit=True)
             finally:
                 self._closed = True
                 self._close_fds()

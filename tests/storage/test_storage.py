@@ -666,8 +666,11 @@ def test_model_random_operations_then_reopen(script):
                     m.base, m.snapshot = (i, t), sn
             elif op[0] == "sync":
                 s.sync()
-                if m.pending_hs is not None:
-                    m.durable_hs, m.pending_hs = m.pending_hs, None
+                # sync() writes the hard state when term or vote changed; a commit-only
+                # change waits for close() (or the next term/vote change)
+                p = m.pending_hs
+                if p is not None and (p.term, p.vote) != (m.durable_hs.term, m.durable_hs.vote):
+                    m.durable_hs, m.pending_hs = p, None
             else:
                 if op[0] == "reopen":
                     s.close()
@@ -688,3 +691,39 @@ def test_model_random_operations_then_reopen(script):
         s.close()
     finally:
         shutil.rmtree(d)
+
+
+def test_a_commit_only_change_costs_no_hard_state_rewrite(tmp_path):
+    """sync() rewrites the hard state file (two more fsyncs) only when term or vote
+    changed; a commit-only change waits for the next such change or close()."""
+    d = tmp_path / "n1"
+    with DiskStorage.open(d) as s:
+        s.save(HardState(2, "a", 0), ents(1, 3, 2), None)
+        s.sync()
+        calls = s.stats()["fsync_calls"]
+        s.save(HardState(2, "a", 3), ents(4, 4, 2), None)  # new entry + commit-only change
+        s.sync()
+        assert s.stats()["fsync_calls"] == calls + 1  # the WAL alone
+        assert s.stats()["unsynced"] is False
+        s.save(HardState(3, None, 3), [], None)  # a new term must be durable
+        s.sync()
+        assert s.stats()["fsync_calls"] > calls + 1
+        s.save(HardState(3, None, 4), [], None)
+        s.sync()
+    assert reopen(d).hard_state == HardState(3, None, 4)  # close() wrote the commit
+
+
+def test_a_crash_keeps_term_and_vote_and_an_older_commit(tmp_path):
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d)
+    s.save(HardState(5, "b", 0), ents(1, 6, 5), None)
+    s.sync()
+    s.save(HardState(5, "b", 6), [], None)
+    s.sync()
+    s._close_fds()  # a crash: no close(), the lock goes with the process
+    from nodeagent import storage as storage_mod
+    storage_mod._unlock_dir(s._lock_key)
+    rec = reopen(d)
+    assert (rec.hard_state.term, rec.hard_state.vote) == (5, "b")
+    assert rec.hard_state.commit <= 6
+    assert [e.index for e in rec.entries] == list(range(1, 7))
