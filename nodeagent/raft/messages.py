@@ -350,14 +350,17 @@ class ConfChangeRejected(RaftError):
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """What the driver must do, in this order (see ``nodeagent.raft.ready.process_ready``):
+    """What the driver must do (the exact order, and why, is in ``nodeagent.raft.ready``):
 
     1. persist ``snapshot`` (if any), then ``entries`` (replacing any stored entries at or
-       after ``entries[0].index``) and ``hard_state`` (if not None); fsync if ``must_sync``;
-    2. send ``messages``;
-    3. restore the state machine from ``snapshot`` (if any), then apply ``committed_entries``;
-       serve ``read_states`` once applied reaches their index;
-    4. call ``advance(ready)``.
+       after ``entries[0].index``) and ``hard_state`` (if not None);
+    2. a leader may send its AppendEntries before the fsync, unless this Ready changes
+       its term or vote; committed entries already durable here may be applied;
+    3. fsync if ``must_sync``;
+    4. send every other message (votes and acknowledgements only after the fsync);
+    5. restore the state machine from ``snapshot`` (if any), then apply the rest of
+       ``committed_entries``; serve ``read_states`` once applied reaches their index;
+    6. call ``advance(ready)``.
     """
 
     soft_state: SoftState | None = None
