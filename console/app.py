@@ -224,7 +224,7 @@ class RaftdeckApp(App):
     def __init__(self, nodes: list[NodeInfo], cluster: str, addresses: dict[str, tuple[str, int]],
                  *, procs: ProcessControl | None = None, readonly: bool = False,
                  interval_ms: int = 250, follow: bool = True, mono=time.monotonic,
-                 wall=time.time):
+                 wall=time.time, ssl=None, role: str | None = None):
         """``follow=False`` connects to nothing (the model is fed by the caller: demos
         and snapshot tests); ``mono`` and ``wall`` are the clocks, injectable for the same
         reason."""
@@ -238,7 +238,9 @@ class RaftdeckApp(App):
         self.procs = procs
         self.readonly = readonly
         self.interval_ms = interval_ms
-        self.client = ClusterClient(self.addresses, cluster, timeout=2.0, op_timeout=5.0)
+        self.ssl = ssl  # the operator certificate's context (None: TLS off)
+        self.role = role  # its role, for the local process actions (None: not checked)
+        self.client = ClusterClient(self.addresses, cluster, timeout=2.0, op_timeout=5.0, ssl=ssl)
         self.paused: set[str] = set()
         self.worst_first = False
         self.sort_by = "name"
@@ -288,7 +290,7 @@ class RaftdeckApp(App):
         delay = 0.2
         while True:
             conn = AgentConnection(name, host, port, self.cluster, client_id=f"console-{name}",
-                                   connect_timeout=2.0)
+                                   connect_timeout=2.0, ssl=self.ssl)
             try:
                 await conn.connect()
                 delay = 0.2
@@ -507,6 +509,12 @@ class RaftdeckApp(App):
         if self.procs is None:
             self.note("no process manager for these nodes (remote control needs deploy)")
             return False
+        if self.role is not None and self.role != "admin":
+            self.notify(f"kill, pause and restart need the admin role; this console runs as "
+                        f"{self.role}", severity="error")
+            self.note(f"[red]refused:[/] kill, pause and restart need the admin role (this console "
+                      f"is {self.role})")
+            return False
         return True
 
     async def _each(self, verb: str, fn, names: list[str]) -> None:
@@ -569,6 +577,7 @@ class RaftdeckApp(App):
             try:
                 await self.client.call(n, "heal")
             except Exception as e:
+                self._forbidden(e)
                 self.note(f"[red]heal {n} failed:[/] {e}")
         if self.paused and self.procs is not None:
             await self._each("resumed", self.procs.resume, sorted(self.paused))
@@ -584,6 +593,7 @@ class RaftdeckApp(App):
             await self.client.transfer(names[0])
             self.note(f"leadership transfer to {names[0]} started")
         except Exception as e:
+            self._forbidden(e)
             self.note(f"[red]transfer to {names[0]} failed:[/] {e}")
 
     async def _fault_everywhere(self, fault: dict) -> None:
@@ -591,7 +601,13 @@ class RaftdeckApp(App):
             try:
                 await self.client.call(n, "fault", **fault)
             except Exception as e:
+                self._forbidden(e)
                 self.note(f"[red]fault on {n} not confirmed:[/] {e}")
+
+    def _forbidden(self, e: BaseException) -> None:
+        """A refusal by role is a notification (once per message), not only an event line."""
+        if getattr(e, "code", None) == "forbidden":
+            self.notify(getattr(e, "message", str(e)), title="forbidden", severity="error")
 
     @work(group="actions")
     async def action_quit(self) -> None:
