@@ -60,11 +60,11 @@ def tls_context(tls, role: str = "admin", cert: str | os.PathLike | None = None,
     if role not in ROLES:
         raise TLSError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
     if (cert is None) != (key is None):
-        raise TLSError("give both --cert and --key, or neither")
+        raise TLSError("give both --tls-cert and --tls-key, or neither")
     t = tls.for_role(role)
     if cert is None and t.dir is None:
         raise TLSError("cluster.tls names one agent's files, not an init directory: give the "
-                       "console an operator certificate with --cert and --key")
+                       "console an operator certificate with --tls-cert and --tls-key")
     return client_context(t.ca, Path(cert) if cert else t.cert, Path(key) if key else t.key)
 
 

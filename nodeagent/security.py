@@ -102,6 +102,19 @@ def identity_from_cert(cert: Mapping[str, Any] | None) -> Identity:
     raise TLSError(f"certificate {cn!r} has OU {ou!r}: neither node nor one of {', '.join(ROLES)}")
 
 
+def cert_file_identity(path: str | os.PathLike[str]) -> Identity:
+    """The identity a certificate file carries (what an agent will see), read locally."""
+    x509, _, _, _, _, NameOID = _x509()
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise TLSError(f"cannot read the certificate {path}: {getattr(e, 'strerror', None) or e}") from None
+    attrs = {a.oid: a.value for a in cert.subject}
+    return identity_from_cert({"subject": (
+        (("organizationalUnitName", attrs.get(NameOID.ORGANIZATIONAL_UNIT_NAME, "")),),
+        (("commonName", attrs.get(NameOID.COMMON_NAME, "")),))})
+
+
 def required_role(msg_type: str, msg: Mapping[str, Any] | None = None) -> str:
     """The least role allowed to send this request: the protocol's table
     (``MESSAGE_SCHEMAS[type].role``), raised to admin for a submission with a shell task,
