@@ -645,4 +645,4 @@ def app_for_local_cluster(lc, **kw) -> RaftdeckApp:
     nodes = [NodeInfo(n, f"127.0.0.1:{p}", lc.priorities.get(n, 1), 1, True)
              for n, p in lc.ports.items()]
     return RaftdeckApp(nodes, lc.cluster, {n: ("127.0.0.1", p) for n, p in lc.ports.items()},
-                       procs=ClusterProcesses(lc), **kw)
+                       procs=ClusterProcesses(lc), **{"ssl": lc.ssl_context(), **kw})
