@@ -558,8 +558,10 @@ def _cmd_init(args, inv) -> int:
 async def _cmd_up(args, inv) -> int:
     from console.procs import LocalProcesses, ProcError, is_local
 
+    tls_info = {"on": inv.cluster.tls is not None}
     if inv.cluster.tls is not None and inv.cluster.tls.dir is not None:
         fresh = [c for c, r in _init(inv, inv.cluster.tls.dir) if r != "kept"]
+        tls_info.update(dir=str(inv.cluster.tls.dir), issued=fresh)
         if fresh and not args.json:
             print(f"TLS: issued {', '.join(fresh)} in {inv.cluster.tls.dir}")
     procs = LocalProcesses(inv)
@@ -626,7 +628,7 @@ async def _cmd_up(args, inv) -> int:
     n_local = sum(1 for r in rows.values() if r["action"] != "remote")
     failed = [r for r in rows.values() if r["action"] == "failed"]
     result = {"nodes": list(rows.values()), "started": n_started, "leader": health.get("leader"),
-              "term": health.get("term"), "quorum": health.get("quorum")}
+              "term": health.get("term"), "quorum": health.get("quorum"), "tls": tls_info}
     if args.json:
         _print_json(result)
     else:

@@ -324,8 +324,8 @@ class Server:
                     if conn.partial_since is not None and now - conn.partial_since > self.frame_timeout:
                         raise Refused("too_slow", f"a frame took more than {self.frame_timeout:g}s "
                                                   "to arrive", logging.INFO)
-                    if inflight == 0 and not session.subscribed and \
-                            now - conn.last_activity > self.idle_timeout:
+                    if inflight == 0 and not session.subscribed and conn.partial_since is None \
+                            and now - conn.last_activity > self.idle_timeout:
                         raise Refused("idle_timeout", f"no request for {self.idle_timeout:g}s; "
                                                       "reconnect when needed", logging.INFO)
 
