@@ -15,7 +15,7 @@ only to find peers among them; beyond that a connection is closed at once), a re
 rate per connection (a token bucket: over it, the agent stops reading that connection
 for a while), an idle timeout (nothing in flight, no subscription) and a deadline for a
 frame that has begun. Refusals are logged (``connection refused``, ``request forbidden``),
-at most 20 lines a second per kind, with a count of what was left out.
+at most 50 lines a second per kind, with a count of what was left out.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class _RateLog:
     count rides on the next line written (``suppressed``). A flood of refused connections
     must not turn into a flood of log lines."""
 
-    def __init__(self, per_s: int = 20):
+    def __init__(self, per_s: int = 50):
         self.per_s = per_s
         self._window: dict[str, tuple[int, int]] = {}  # event -> (second, lines written)
         self._suppressed: dict[str, int] = {}
