@@ -309,6 +309,8 @@ class RaftdeckApp(App):
     # -- drawing --
 
     def refresh_view(self) -> None:
+        if not self.screen_stack or not self.screen_stack[0].query(NodeTable):
+            return  # the app is shutting down: the render timer may fire once more
         now = self.mono()
         m = self.model
         rows = m.rows(sort=self.sort_by, worst_first=self.worst_first, filter=self.filter)

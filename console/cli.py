@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("restart", "SIGKILL a local agent, start it again, wait until it answers")):
         p = cmd(verb, _cmd_signal, what,
                 what + ". Only nodes on this machine; a remote node needs `raftdeck deploy` "
-                "(not built yet) and exits 2.")
+                "(not built yet) and exits 2. With TLS, only for the admin role (the role of "
+                "the certificate in use); another role exits 1.")
         p.add_argument("node", metavar="NODE")
         if verb == "restart":
             p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",

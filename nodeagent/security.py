@@ -30,7 +30,6 @@ import ipaddress
 import json
 import os
 import ssl
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -482,6 +481,3 @@ def _jsonable(v: Any) -> Any:
         return [_jsonable(x) for x in v]
     return v
 
-
-def now() -> float:
-    return time.monotonic()

@@ -317,7 +317,8 @@ class Server:
             async def watchdog() -> None:
                 # Idle: nothing in flight, no subscription, no frame for idle_timeout.
                 # Slow: a frame begun and not finished within frame_timeout.
-                tick = max(0.05, min(self.idle_timeout, self.frame_timeout, 1.0) / 4)
+                # one wake-up a second per connection at the defaults
+                tick = max(0.05, min(1.0, self.idle_timeout / 4, self.frame_timeout / 4))
                 while True:
                     await trio.sleep(tick)
                     now = trio.current_time()
