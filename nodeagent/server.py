@@ -50,7 +50,7 @@ class Connection:
         self.peer = peer
         self._send_lock = trio.Lock()
         self.closed = False
-        self.kind = "client"  # "peer" once a peer's hello is accepted
+        self.kind = "pending"  # "peer" or "client" once its hello is accepted
         self.last_activity = trio.current_time()
         self.partial_since: float | None = None  # when the frame now being received began
 
@@ -136,7 +136,8 @@ class Server:
         self.audit = audit
         self.connections = 0
         self.connections_total = 0
-        self.clients = 0  # connections not (yet) known to be peers
+        self.pending = 0  # accepted, handshake or hello not done yet
+        self.clients = 0  # client sessions (after hello_ok)
         self.peers = 0
         self.protocol_errors = 0
         self.refused: dict[str, int] = {}
@@ -146,6 +147,7 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         return {"tls": self.ssl_context is not None, "clients": self.clients, "peers": self.peers,
+                "pending": self.pending,
                 "max_connections": self.max_connections, "refused": dict(self.refused),
                 "forbidden": self.forbidden,
                 "audit_records": self.audit.written if self.audit is not None else 0}
@@ -164,19 +166,19 @@ class Server:
             peer = f"{addr[0]}:{addr[1]}"
         except OSError:
             peer = "?"
-        if self.clients >= self.max_connections + OVERFLOW:
+        if self.pending + self.clients >= self.max_connections + OVERFLOW:
             # Past the limit and the overflow kept to let peers in: close at once, before
             # any TLS work.
             self._count_refusal("connection_limit")
             self._rlog.log(logging.WARNING, "connection refused", remote=peer,
                            code="too_many_connections",
-                           reason=f"{self.clients} client connections open (limit "
+                           reason=f"{self.clients} clients and {self.pending} handshakes open (limit "
                                   f"{self.max_connections})")
             await trio.aclose_forcefully(stream)
             return
         self.connections += 1
         self.connections_total += 1
-        self.clients += 1
+        self.pending += 1
         conn = Connection(stream, self.agent.max_frame, peer)
         # except*: an error raised inside the client loop's nursery arrives wrapped in an
         # ExceptionGroup (trio >= 0.25); unhandled, it would end serve_listeners and the agent.
@@ -202,8 +204,10 @@ class Server:
             self.connections -= 1
             if conn.kind == "peer":
                 self.peers -= 1
-            else:
+            elif conn.kind == "client":
                 self.clients -= 1
+            else:
+                self.pending -= 1
             await trio.aclose_forcefully(conn.stream)
 
     async def _send_error(self, conn: Connection, code: str, message: str, id=None) -> None:
@@ -258,13 +262,17 @@ class Server:
                 if identity.name != hello["node"]:
                     raise Refused("forbidden", f"the certificate is node {identity.name!r}'s, but "
                                                f"the hello says {hello['node']!r}")
-            self.clients -= 1
+            self.pending -= 1
             self.peers += 1
             conn.kind = "peer"
-        elif self.clients > self.max_connections:
+        elif self.clients >= self.max_connections:
             raise Refused("too_many_connections",
                           f"this agent serves at most {self.max_connections} client "
                           "connections; retry later or close idle ones")
+        else:
+            self.pending -= 1
+            self.clients += 1
+            conn.kind = "client"
         await conn.send({"type": "hello_ok", "node": agent.node_id, "version": PROTOCOL_VERSION,
                          "leader": agent.driver.node.lead})
         if hello["role"] == "peer":

@@ -68,7 +68,8 @@ async def attempt(port: int, payload: bytes, ssl_ctx: ssl.SSLContext | None,
     except (ssl.SSLError, ConnectionError, OSError) as e:
         # the handshake failed on our side (the agent sent an alert); we cannot see our port
         return [], f"tls: {type(e).__name__}: {e}", -1
-    local_port = writer.get_extra_info("sockname")[1]
+    sockname = writer.get_extra_info("sockname")  # None if the agent closed it already
+    local_port = sockname[1] if sockname else -1
     try:
         writer.write(payload)
         await writer.drain()

@@ -68,7 +68,8 @@ def test_unauthenticated_connections_are_refused_and_logged(cluster, tmp_path):
                 if local == -1:
                     # refused before our side finished: find the line by code and time
                     await wait_for_log(lc.log_path(target), lambda r: r.get("msg") == "connection refused"
-                                       and r.get("code") == "tls", what=what)
+                                       and r.get("code") == "tls" and word in r["reason"].upper(),
+                                       what=what)
                     continue
                 rec = await wait_for_log(
                     lc.log_path(target),
