@@ -282,7 +282,7 @@ class RaftdeckApp(App):
     def __init__(self, nodes: list[NodeInfo], cluster: str, addresses: dict[str, tuple[str, int]],
                  *, procs: ProcessControl | None = None, readonly: bool = False,
                  interval_ms: int | None = None, follow: bool = True, mono=time.monotonic,
-                 wall=time.time):
+                 wall=time.time, ssl=None, role: str | None = None):
         """``follow=False`` connects to nothing (the model is fed by the caller: demos
         and snapshot tests); ``mono`` and ``wall`` are the clocks, injectable for the same
         reason. ``interval_ms`` (how often each agent may push) defaults to
@@ -299,7 +299,9 @@ class RaftdeckApp(App):
         self.procs = procs
         self.readonly = readonly
         self.interval_ms = interval_ms
-        self.client = ClusterClient(self.addresses, cluster, timeout=2.0, op_timeout=5.0)
+        self.ssl = ssl  # the operator certificate's context (None: TLS off)
+        self.role = role  # its role, for the local process actions (None: not checked)
+        self.client = ClusterClient(self.addresses, cluster, timeout=2.0, op_timeout=5.0, ssl=ssl)
         self.paused: set[str] = set()
         self.worst_first = False
         self.sort_by = "name"
@@ -350,7 +352,7 @@ class RaftdeckApp(App):
         delay = 0.2
         while True:
             conn = AgentConnection(name, host, port, self.cluster, client_id=f"console-{name}",
-                                   connect_timeout=2.0)
+                                   connect_timeout=2.0, ssl=self.ssl)
             try:
                 await conn.connect()
                 delay = 0.2
@@ -369,6 +371,8 @@ class RaftdeckApp(App):
     # -- drawing --
 
     def refresh_view(self) -> None:
+        if not self.screen_stack or not self.screen_stack[0].query(NodeTable):
+            return  # the app is shutting down: the render timer may fire once more
         now = self.mono()
         m = self.model
         rows = m.rows(sort=self.sort_by, worst_first=self.worst_first, filter=self.filter)
@@ -561,6 +565,12 @@ class RaftdeckApp(App):
         if self.procs is None:
             self.note("no process manager for these nodes (remote control needs deploy)")
             return False
+        if self.role is not None and self.role != "admin":
+            self.notify(f"kill, pause and restart need the admin role; this console runs as "
+                        f"{self.role}", severity="error")
+            self.note(f"[red]refused:[/] kill, pause and restart need the admin role (this console "
+                      f"is {self.role})")
+            return False
         return True
 
     async def _each(self, verb: str, fn, names: list[str]) -> None:
@@ -623,6 +633,7 @@ class RaftdeckApp(App):
             try:
                 await self.client.call(n, "heal")
             except Exception as e:
+                self._forbidden(e)
                 self.note(f"[red]heal {n} failed:[/] {e}")
         if self.paused and self.procs is not None:
             await self._each("resumed", self.procs.resume, sorted(self.paused))
@@ -638,6 +649,7 @@ class RaftdeckApp(App):
             await self.client.transfer(names[0])
             self.note(f"leadership transfer to {names[0]} started")
         except Exception as e:
+            self._forbidden(e)
             self.note(f"[red]transfer to {names[0]} failed:[/] {e}")
 
     async def _fault_everywhere(self, fault: dict) -> None:
@@ -645,7 +657,13 @@ class RaftdeckApp(App):
             try:
                 await self.client.call(n, "fault", **fault)
             except Exception as e:
+                self._forbidden(e)
                 self.note(f"[red]fault on {n} not confirmed:[/] {e}")
+
+    def _forbidden(self, e: BaseException) -> None:
+        """A refusal by role is a notification (once per message), not only an event line."""
+        if getattr(e, "code", None) == "forbidden":
+            self.notify(getattr(e, "message", str(e)), title="forbidden", severity="error")
 
     @work(group="actions")
     async def action_quit(self) -> None:
@@ -683,4 +701,4 @@ def app_for_local_cluster(lc, **kw) -> RaftdeckApp:
     nodes = [NodeInfo(n, f"127.0.0.1:{p}", lc.priorities.get(n, 1), 1, True)
              for n, p in lc.ports.items()]
     return RaftdeckApp(nodes, lc.cluster, {n: ("127.0.0.1", p) for n, p in lc.ports.items()},
-                       procs=ClusterProcesses(lc), **kw)
+                       procs=ClusterProcesses(lc), **{"ssl": lc.ssl_context(), **kw})

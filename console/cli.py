@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    p = cmd("init", _cmd_init, "create the cluster CA and the node and operator certificates",
+            "Create, under DIR (default: the inventory's cluster.tls dir, else "
+            "<inventory dir>/.raftdeck/tls): ca.crt/ca.key (the cluster CA), nodes/<name>.crt|.key "
+            "for every inventory node (SAN: its host), operators/viewer|operator|admin.crt|.key. "
+            "Key files are 0600, directories 0700. Existing files are kept (a node whose host "
+            "changed gets a new certificate), so it is safe to run again after adding nodes. "
+            "`raftdeck up` runs it when the inventory has tls: on or tls: {dir: ...}.")
+    p.add_argument("--dir", metavar="DIR", help="where to write the files")
+
     p = cmd("up", _cmd_up, "start the inventory's local agents and wait for a leader",
             "Start every inventory node that lives on this machine (no ssh:, or host "
             "127.0.0.1/localhost/::1) and is not already running, as detached background "
@@ -155,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = cmd(verb, _cmd_signal, what,
                 what + ". A local node directly; a node with ssh: on another host over SSH "
                 "(deployed with `raftdeck deploy`; known_hosts from $RAFTDECK_KNOWN_HOSTS or "
-                "~/.ssh/known_hosts).")
+                "~/.ssh/known_hosts). With TLS, only for the admin role (the role of the "
+                "certificate in use); another role exits 1.")
         p.add_argument("node", metavar="NODE")
         if verb == "restart":
             p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
@@ -312,6 +322,14 @@ def _common(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("--timeout", type=_positive_float, metavar="S",
                    default=default if sup else 10.0,
                    help="how long one cluster operation may take, retries included (default 10)")
+    p.add_argument("--role", choices=("viewer", "operator", "admin"),
+                   default=default if sup else "admin",
+                   help="with TLS: connect with this operator certificate from the init "
+                   "directory (default admin)")
+    p.add_argument("--tls-cert", metavar="PATH", default=default if sup else None,
+                   help="with TLS: present this certificate instead (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PATH", default=default if sup else None,
+                   help="with TLS: the private key of --tls-cert")
 
 
 def _positive_float(text: str) -> float:
@@ -382,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from console.client import ConnectionFailed, OutcomeUnknown, RequestError
         from console.procs import ProcError
+        from nodeagent.security import TLSError
 
+        if isinstance(e, TLSError):
+            _err(str(e))
+            return EXIT_USAGE
         if isinstance(e, RequestError):
             _err(f"{e.code}: {e.message}" + (f" (from {e.node})" if e.node else ""))
         elif isinstance(e, OutcomeUnknown):
@@ -428,14 +450,37 @@ def _names(inv, text: str) -> list[str]:
     return names
 
 
+def _ssl(inv, args):
+    """The operator certificate's SSL context (None: the inventory has TLS off)."""
+    from console.client import tls_context
+    from nodeagent.security import TLSError
+
+    try:
+        return tls_context(inv.cluster.tls, getattr(args, "role", "admin"),
+                           getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    except TLSError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+def _my_role(inv, args) -> str | None:
+    """The role this command's certificate carries (None: TLS off)."""
+    from nodeagent.security import TLSError, cert_file_identity
+
+    if inv.cluster.tls is None:
+        return None
+    cert = getattr(args, "tls_cert", None) or inv.cluster.tls.for_role(getattr(args, "role", "admin")).cert
+    try:
+        return cert_file_identity(cert).role
+    except TLSError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
 def _client(inv, args, *, timeout: float | None = None):
     from console.client import ClusterClient
 
-    if inv.cluster.tls is not None:
-        raise CliError("the inventory sets cluster.tls, and raftdeck cannot connect with TLS yet",
-                       EXIT_USAGE)
     return ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
-                         timeout=timeout or min(args.timeout, 5.0), op_timeout=args.timeout)
+                         timeout=timeout or min(args.timeout, 5.0), op_timeout=args.timeout,
+                         ssl=_ssl(inv, args))
 
 
 class _Cluster:
@@ -580,9 +625,53 @@ def _process_states(inv) -> dict[str, str]:
 # == up / down ===================================================================================
 
 
+def _tls_dir(inv, given: str | None = None):
+    from pathlib import Path
+
+    if given:
+        return Path(given)
+    if inv.cluster.tls is not None and inv.cluster.tls.dir is not None:
+        return inv.cluster.tls.dir
+    return inv.path.parent / ".raftdeck" / "tls"
+
+
+def _init(inv, tls_dir):
+    from nodeagent.security import TLSError, init_tls
+
+    try:
+        return init_tls(tls_dir, inv.cluster.name, [(n.name, n.host) for n in inv.nodes])
+    except TLSError as e:
+        raise CliError(str(e), EXIT_FAIL) from None
+
+
+def _cmd_init(args, inv) -> int:
+    d = _tls_dir(inv, args.dir)
+    done = _init(inv, d)
+    uses = inv.cluster.tls is not None and inv.cluster.tls.dir is not None and \
+        inv.cluster.tls.dir.resolve() == d.resolve()
+    if args.json:
+        _print_json({"dir": str(d), "files": [{"cert": c, "result": r} for c, r in done],
+                     "inventory_uses_it": uses})
+        return EXIT_OK
+    for ln in _table([[c, r] for c, r in done]):
+        print(ln)
+    created = sum(1 for _, r in done if r != "kept")
+    print(f"{d}: {created} certificate(s) issued, {len(done) - created} kept "
+          "(keys are 0600; never copy ca.key to the nodes)")
+    if not uses:
+        print(f"to use them, set in {inv.path.name}: cluster: tls: {{dir: {d}}}")
+    return EXIT_OK
+
+
 async def _cmd_up(args, inv) -> int:
     from console.procs import LocalProcesses, ProcError, is_local
 
+    tls_info = {"on": inv.cluster.tls is not None}
+    if inv.cluster.tls is not None and inv.cluster.tls.dir is not None:
+        fresh = [c for c, r in _init(inv, inv.cluster.tls.dir) if r != "kept"]
+        tls_info.update(dir=str(inv.cluster.tls.dir), issued=fresh)
+        if fresh and not args.json:
+            print(f"TLS: issued {', '.join(fresh)} in {inv.cluster.tls.dir}")
     procs = LocalProcesses(inv)
     rows: dict[str, dict] = {}
     started = {}
@@ -647,7 +736,7 @@ async def _cmd_up(args, inv) -> int:
     n_local = sum(1 for r in rows.values() if r["action"] != "remote")
     failed = [r for r in rows.values() if r["action"] == "failed"]
     result = {"nodes": list(rows.values()), "started": n_started, "leader": health.get("leader"),
-              "term": health.get("term"), "quorum": health.get("quorum")}
+              "term": health.get("term"), "quorum": health.get("quorum"), "tls": tls_info}
     if args.json:
         _print_json(result)
     else:
@@ -683,13 +772,13 @@ def _cmd_console(args, inv) -> int:
     from console.cluster import node_infos
     from console.procs import Processes
 
-    if inv.cluster.tls is not None:
-        raise CliError("this inventory uses TLS, which the console does not speak yet", EXIT_USAGE)
+    ssl_ctx, role = _ssl(inv, args), _my_role(inv, args)
     procs = Processes(inv)  # local nodes by pid file, remote ones over SSH
 
     app = RaftdeckApp(node_infos(inv), inv.cluster.name,
                       {n.name: (n.host, n.port) for n in inv.nodes},
-                      procs=procs, readonly=getattr(args, "readonly", False))
+                      procs=procs, readonly=getattr(args, "readonly", False),
+                      ssl=ssl_ctx, role=role)
     app.run()
     return EXIT_OK
 
@@ -752,6 +841,8 @@ async def _cmd_status(args, inv) -> int:
             row.update(role=None, term=None, leader=None, commit=None, applied=None, lag=None,
                        digest=None, load=None, faults=None, fault_rules=None, error=s)
         nodes.append(row)
+    tls = "on" if inv.cluster.tls is not None else "off"
+    health["tls"] = tls == "on"
     if args.json:
         _print_json({"nodes": nodes, "health": health})
     else:
@@ -773,6 +864,8 @@ async def _cmd_status(args, inv) -> int:
                                "LAG", "DIGEST", "LOAD", "FAULTS", "STATE"]):
             print(ln)
         print(_health_line(health))
+        print(f"tls: {tls}" + (f" (as {_my_role(inv, args)})" if tls == "on" else
+                               " (anyone who reaches a port may run any command)"))
     return EXIT_OK if health["quorum"] else EXIT_FAIL
 
 
@@ -943,12 +1036,15 @@ async def _cmd_cancel(args, inv) -> int:
 
 
 async def _cmd_signal(args, inv) -> int:
-    from console.procs import LocalProcesses
-
-    from console.procs import is_local
+    from console.procs import LocalProcesses, is_local
 
     verb = args.command
     node = _node(inv, args.node)
+    # Process actions are admin's, local or over SSH (the agent cannot check a signal).
+    role = _my_role(inv, args)
+    if role is not None and role != "admin":
+        raise CliError(f"forbidden: {verb} needs the admin role; this certificate is {role} "
+                       "(use --role admin)")
     if not is_local(node):  # over SSH
         from console.deploy import remote_signal_command
 
@@ -1020,6 +1116,8 @@ async def _cmd_partition(args, inv) -> int:
             r["duration_ms"] = args.duration_ms
     per_node = await _on_every_agent(inv, args, "fault", rules)
     ok = [n for n, e in per_node.items() if e is None]
+    if not ok:
+        _all_forbidden(per_node)
     result = {"rules": rules, "nodes": [{"name": n, "ok": e is None, "error": e}
                                         for n, e in per_node.items()]}
     if args.json:
@@ -1032,6 +1130,7 @@ async def _cmd_partition(args, inv) -> int:
                           for n, e in per_node.items()]):
             print("  " + ln)
     if not ok:
+        _all_forbidden(per_node)
         raise CliError("no agent accepted the fault (none reachable?)")
     return EXIT_OK
 
@@ -1056,8 +1155,15 @@ async def _cmd_heal(args, inv) -> int:
                           for n, e in per_node.items()]):
             print(ln)
     if not any(e is None for e in per_node.values()):
+        _all_forbidden(per_node)
         raise CliError("no agent could be healed (none reachable?)")
     return EXIT_OK
+
+
+def _all_forbidden(per_node: dict[str, str | None]) -> None:
+    errors = [e for e in per_node.values() if e]
+    if errors and all(e.startswith("forbidden:") for e in errors):
+        raise CliError(errors[0])
 
 
 async def _on_every_agent(inv, args, type_: str, requests: list[dict]) -> dict[str, str | None]:

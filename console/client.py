@@ -47,6 +47,28 @@ _DEFINITE_RETRY = {"not_leader", "busy", "dropped"}
 _FINAL = {"rejected", "forbidden", "unknown_node", "bad_command", "stale_seq"}
 
 
+def tls_context(tls, role: str = "admin", cert: str | os.PathLike | None = None,
+                key: str | os.PathLike | None = None):
+    """The console's SSL context for a cluster's ``TLSConfig`` (None: TLS off): the
+    operator certificate of ``role`` from the ``raftdeck init`` layout, or ``cert``/``key``.
+    Raises nodeagent.security.TLSError (one line) if the files are missing."""
+    if tls is None:
+        return None
+    from pathlib import Path
+
+    from nodeagent.security import ROLES, TLSError, client_context
+
+    if role not in ROLES:
+        raise TLSError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+    if (cert is None) != (key is None):
+        raise TLSError("give both --tls-cert and --tls-key, or neither")
+    t = tls.for_role(role)
+    if cert is None and t.dir is None:
+        raise TLSError("cluster.tls names one agent's files, not an init directory: give the "
+                       "console an operator certificate with --tls-cert and --tls-key")
+    return client_context(t.ca, Path(cert) if cert else t.cert, Path(key) if key else t.key)
+
+
 class RequestError(Exception):
     """The agent answered ``ok: false``: the request had no effect."""
 
@@ -245,10 +267,14 @@ class ClusterClient:
         self._connect_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
-    def from_inventory(cls, path: str, **kw) -> "ClusterClient":
+    def from_inventory(cls, path: str, *, role: str = "admin", cert: str | None = None,
+                       key: str | None = None, **kw) -> "ClusterClient":
+        """A client for the inventory's cluster; with ``cluster.tls`` it presents the
+        operator certificate of ``role`` (or ``cert``/``key``)."""
         from nodeagent.config import load_inventory
 
         inv = load_inventory(path)
+        kw.setdefault("ssl", tls_context(inv.cluster.tls, role, cert, key))
         return cls({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name, **kw)
 
     async def __aenter__(self) -> "ClusterClient":

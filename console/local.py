@@ -37,9 +37,16 @@ class LocalCluster:
                  snapshot_interval: int = 10000, fsync: bool = True, name: str = "test",
                  metrics: bool = False, capacities: dict[str, int] | None = None,
                  task_lease_ms: int = 5000, allow_shell: bool = False,
-                 dispatch_policy: str = "least_loaded", roles: dict[str, str] | None = None):
+                 dispatch_policy: str = "least_loaded", roles: dict[str, str] | None = None,
+                 tls: bool = True, cluster_extra: dict[str, object] | None = None):
+        """``tls`` (default on): a CA and certificates made with ``raftdeck init``'s code in
+        ``<tmp>/tls``, and ``cluster.tls: {dir: tls}``; ``client()`` presents the admin
+        certificate (``client(role=...)`` another). ``cluster_extra``: more ``cluster:``
+        settings, written as given (e.g. ``{"max_connections": 50}``)."""
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
+        self.tls_dir = self.tmp / "tls"
         self.names = [f"n{i + 1}" for i in range(n)]
         ports = free_ports(2 * n if metrics else n)
         self.ports = dict(zip(self.names, ports[:n]))
@@ -57,8 +64,14 @@ class LocalCluster:
             f"  fsync: {'true' if fsync else 'false'}",
             f"  task_lease_ms: {task_lease_ms}",
             f"  dispatch_policy: {dispatch_policy}",
+            "  tls: {dir: tls}" if tls else "  tls: off",
+            *(f"  {k}: {v}" for k, v in (cluster_extra or {}).items()),
             "nodes:",
         ]
+        if tls:
+            from nodeagent.security import init_tls
+
+            init_tls(self.tls_dir, name, [(nm, "127.0.0.1") for nm in self.names])
         for nm in self.names:
             extra = f", metrics_port: {self.metrics_ports[nm]}" if metrics else ""
             extra += f", capacity: {(capacities or {}).get(nm, 1)}"
@@ -137,8 +150,17 @@ class LocalCluster:
 
     # -- clients --
 
-    def client(self, **kw) -> ClusterClient:
+    def ssl_context(self, role: str = "admin"):
+        """The console-side SSL context of an operator role (None when TLS is off)."""
+        if not self.tls:
+            return None
+        from nodeagent.security import client_context, tls_paths_for_role
+
+        return client_context(*tls_paths_for_role(self.tls_dir, role))
+
+    def client(self, role: str = "admin", **kw) -> ClusterClient:
         kw.setdefault("timeout", 3.0)
+        kw.setdefault("ssl", self.ssl_context(role))
         return ClusterClient({n: ("127.0.0.1", p) for n, p in self.ports.items()},
                              self.cluster, **kw)
 

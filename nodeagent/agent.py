@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import trio
 
+from . import security
 from . import state as st
 from .config import AgentConfig
 from .driver import Driver, RequestFailed
@@ -70,6 +71,7 @@ class Agent:
         self.forwarder: Forwarder | None = None
         self.tasks: TaskManager = None  # type: ignore[assignment]
         self._request_counts: dict[str, int] = {}
+        self.server_ssl = self.client_ssl = None
 
     # == start-up =============================================================================
 
@@ -91,8 +93,10 @@ class Agent:
             heartbeat_tick=1,
         )
         node = RaftNode(raft_cfg, persisted, rng=self.rng, bootstrap=initial_conf(cfg))
+        self.server_ssl, self.client_ssl = self._tls_contexts()
         self.transport = Transport(self.node_id, self.cluster_name, dict(self.addresses),
-                                   max_frame=max(self.max_frame, 64 << 20), rng=self.rng)
+                                   max_frame=max(self.max_frame, 64 << 20), rng=self.rng,
+                                   ssl_context=self.client_ssl)
         storage = self.storage
         if self.metrics is not None:
             storage = TimedStorage(self.storage, self.metrics.fsync)
@@ -114,12 +118,33 @@ class Agent:
             "term": node.term, "commit": node.log.committed, "last_index": node.log.last_index(),
             "snapshot_index": node.log.snapshot_index(), "fsync": cfg.cluster.fsync})
 
+    def _tls_contexts(self):
+        """(server, client) SSL contexts from cluster.tls, or (None, None) when TLS is off.
+        Raises security.TLSError (one line) if the files are missing or do not match."""
+        tls = self.cfg.cluster.tls
+        if tls is None:
+            log.warning("TLS is off: anyone who reaches this port may run any command",
+                        extra={"tls": False})
+            return None, None
+        tls = tls.for_node(self.node_id)
+        problem = security.key_permission_problem(tls.key)
+        if problem:
+            log.warning("key file permissions", extra={"problem": problem})
+        return (security.server_context(tls.ca, tls.cert, tls.key),
+                security.peer_client_context(tls.ca, tls.cert, tls.key))
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .server import Server
 
         if self.driver is None:
             self.recover()
-        self.server = Server(self)
+        c = self.cfg.cluster
+        audit = security.AuditLog(os.path.join(os.fspath(self.cfg.node.data_dir), "audit.log"),
+                                  self.node_id)
+        self.server = Server(self, hello_timeout=c.handshake_timeout_ms / 1000.0,
+                             ssl_context=self.server_ssl, max_connections=c.max_connections,
+                             idle_timeout=c.idle_timeout_ms / 1000.0,
+                             requests_per_s=c.client_requests_per_s, audit=audit)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.transport.run)
@@ -185,8 +210,13 @@ class Agent:
         return await pending.wait(timeout or self.server.request_timeout)
 
     async def wrap_client_stream(self, stream, host: str):
-        """TLS for outgoing client connections (the relay), once TLS is configured."""
-        return stream
+        """TLS for outgoing client connections (the relay): this node's certificate; the
+        caller's deadline covers the handshake."""
+        if self.client_ssl is None:
+            return stream
+        tls = trio.SSLStream(stream, self.client_ssl, server_hostname=host)
+        await tls.do_handshake()
+        return tls
 
     async def _write(self, op: str, msg: dict, seq: int | None = None, **fields):
         try:
@@ -230,6 +260,11 @@ class Agent:
 
     async def _rq_status(self, session, msg):
         return self.status(), None
+
+    async def _rq_whoami(self, session, msg):
+        ident = session.identity
+        return {"kind": ident.kind, "name": ident.name, "role": ident.role,
+                "tls": self.server_ssl is not None, "node": self.node_id}, None
 
     async def _rq_subscribe(self, session, msg):
         interval = max(0.1, msg["interval_ms"] / 1000.0)
@@ -408,6 +443,7 @@ class Agent:
                 "fsync", "segments", "bytes", "first_index", "last_index", "snapshot_index",
                 "syncs", "fsyncs", "fsync_latency_ms_sum", "fsync_latency_ms_max", "repaired")},
             "connections": self.server.connections if self.server else 0,
+            "security": self.server.stats() if self.server else {"tls": self.server_ssl is not None},
             "requests": dict(self._request_counts),
             "tasks": {"counts": self.driver.state.task_counts(),
                       "executor": {k: v for k, v in self.tasks.executor.stats().items()

@@ -125,6 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from nodeagent.agent import Agent
     from nodeagent.logs import setup_logging
+    from nodeagent.security import TLSError
     from nodeagent.storage import StorageCorruption, StorageLocked
 
     log_file = args.log_file or (str(cfg.node.log_file) if cfg.node.log_file else None)
@@ -145,6 +146,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except StorageLocked as e:
         print(f"nodeagent run: node {cfg.node.name}: {e}", file=sys.stderr)
         return EXIT_STORAGE
+    except TLSError as e:
+        print(f"nodeagent run: node {cfg.node.name}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as e:
         print(f"nodeagent run: node {cfg.node.name}: cannot use the data directory "
               f"{cfg.node.data_dir}: {e.strerror or e}; check its path and permissions",

@@ -111,11 +111,30 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TLSConfig:
-    """Mutual TLS material, local paths (absolute once loaded)."""
+    """Mutual TLS material, local paths (absolute once loaded).
+
+    Written as ``{ca, cert, key}`` (explicit files), or as ``{dir: D}`` / ``on`` (``dir:
+    .raftdeck/tls``): the layout ``raftdeck init`` creates, where each agent uses
+    ``D/nodes/<its name>.crt|.key`` and the console ``D/operators/<role>.crt|.key``. In an
+    inventory's ``cluster`` the dir form has ``cert``/``key`` None; ``agent_config(name)``
+    fills in the node's files."""
 
     ca: Path
-    cert: Path
-    key: Path
+    cert: Path | None
+    key: Path | None
+    dir: Path | None = None
+
+    def for_node(self, name: str) -> "TLSConfig":
+        if self.dir is None:
+            return self
+        return TLSConfig(self.dir / "ca.crt", self.dir / "nodes" / f"{name}.crt",
+                         self.dir / "nodes" / f"{name}.key", self.dir)
+
+    def for_role(self, role: str) -> "TLSConfig":
+        if self.dir is None:
+            return self
+        return TLSConfig(self.dir / "ca.crt", self.dir / "operators" / f"{role}.crt",
+                         self.dir / "operators" / f"{role}.key", self.dir)
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,10 @@ class ClusterConfig:
     fsync: bool = True  # False is for demos: a power loss may lose acknowledged writes
     tls: TLSConfig | None = None
     max_frame_bytes: int = 4 * MiB
+    max_connections: int = 1000  # client connections per agent (peers are not counted)
+    handshake_timeout_ms: int = 5000  # TLS handshake + hello
+    idle_timeout_ms: int = 600_000  # a client connection with nothing in flight
+    client_requests_per_s: int = 1000  # per client connection (token bucket, burst = this)
 
 
 @dataclass(frozen=True)
@@ -268,7 +291,12 @@ class Inventory:
         """The view of the cluster one agent runs with (``nodeagent run`` with an inventory)."""
         me = self.node(name)
         peers = tuple(n.as_peer() for n in self.nodes if n.name != name)
-        return AgentConfig(self.path, self.cluster, me, peers)
+        cluster = self.cluster
+        if cluster.tls is not None and cluster.tls.dir is not None:
+            from dataclasses import replace
+
+            cluster = replace(cluster, tls=cluster.tls.for_node(name))
+        return AgentConfig(self.path, cluster, me, peers)
 
     def warnings(self) -> tuple[str, ...]:
         """Legal but questionable settings, one line each (``check-inventory`` prints them)."""
@@ -283,6 +311,9 @@ class Inventory:
             out.append(f"{v} voters tolerate no more failures than {v - 1}; use an odd number")
         if not self.cluster.fsync:
             out.append("cluster.fsync is false: a power loss can lose acknowledged writes (demo setting)")
+        if self.cluster.tls is None:
+            out.append("cluster.tls is off: anyone who reaches an agent's port may run any command; "
+                       "set tls: on and run raftdeck init")
         return tuple(out)
 
 
@@ -346,6 +377,10 @@ def parse_node_config(text: str | bytes, path: str | os.PathLike[str] = "<node c
         peers.append(peer)
         members.append(member)
     _check_members(ctx, members, top.key_line("peers"), "peers", "node and peers")
+    if cluster.tls is not None and cluster.tls.dir is not None:
+        from dataclasses import replace
+
+        cluster = replace(cluster, tls=cluster.tls.for_node(node.name))
     return AgentConfig(ctx.abspath, cluster, node, tuple(peers))
 
 
@@ -373,6 +408,10 @@ _CLUSTER_FIELDS: dict[str, tuple[str, Any, Any]] = {
     "fsync": ("bool", True, None),
     "tls": ("tls", None, None),
     "max_frame_bytes": ("int", 4 * MiB, (FRAME_MIN, FRAME_MAX)),
+    "max_connections": ("int", 1000, (1, 1_000_000)),
+    "handshake_timeout_ms": ("int", 5000, (100, INT_MAX)),
+    "idle_timeout_ms": ("int", 600_000, (100, INT_MAX)),
+    "client_requests_per_s": ("int", 1000, (1, INT_MAX)),
 }
 
 _NODE_FIELDS: dict[str, tuple[str, Any, Any]] = {
@@ -396,6 +435,8 @@ _TLS_FIELDS: dict[str, tuple[str, Any, Any]] = {
     "cert": ("local_path", REQUIRED, None),
     "key": ("local_path", REQUIRED, None),
 }
+_TLS_DIR_FIELDS: dict[str, tuple[str, Any, Any]] = {"dir": ("local_path", REQUIRED, None)}
+DEFAULT_TLS_DIR = ".raftdeck/tls"
 
 _SSH_FIELDS: dict[str, tuple[str, Any, Any]] = {
     "host": ("host", None, None),  # default: the node's host
@@ -765,7 +806,24 @@ def _parse_cluster(ctx: _Ctx, top: _Map) -> ClusterConfig:
     values = cmap.read({k: v for k, v in _CLUSTER_FIELDS.items() if k != "tls"})
     values["tls"] = None
     tls_node = cmap.value("tls")
-    if tls_node is not None and _scalar(tls_node)[0] != "tag:yaml.org,2002:null":
+    tag, flag = _scalar(tls_node) if tls_node is not None else (None, None)
+    if tls_node is None or tag == "tag:yaml.org,2002:null" or (tag == "tag:yaml.org,2002:bool" and not flag):
+        pass  # off
+    elif tag == "tag:yaml.org,2002:bool":  # tls: on
+        d = ctx.local_path(DEFAULT_TLS_DIR)
+        values["tls"] = TLSConfig(d / "ca.crt", None, None, d)
+    elif isinstance(tls_node, MappingNode) and any(
+            isinstance(k, ScalarNode) and k.value == "dir" for k, _ in tls_node.value):
+        tmap = _Map(ctx, tls_node, "cluster.tls", _TLS_DIR_FIELDS,
+                    what="the TLS directory (dir: made by raftdeck init)",
+                    elsewhere={k: "give either dir: or ca:, cert: and key:, not both"
+                               for k in _TLS_FIELDS})
+        d = tmap.read(_TLS_DIR_FIELDS)["dir"]
+        values["tls"] = TLSConfig(d / "ca.crt", None, None, d)
+    else:
+        if not isinstance(tls_node, MappingNode):
+            raise ctx.error(tls_node, "cluster.tls", _wrong_type(
+                "on, off, {dir: DIR} or a mapping of ca, cert and key", tls_node))
         tmap = _Map(ctx, tls_node, "cluster.tls", _TLS_FIELDS, what="the TLS files (ca, cert, key)")
         values["tls"] = TLSConfig(**tmap.read(_TLS_FIELDS))
     cluster = ClusterConfig(**values)

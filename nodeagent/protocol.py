@@ -511,6 +511,9 @@ TASK_SPEC: Final = Struct({
     "key": opt("key", Nullable(Str(1, 1024))),
 })
 
+# A relaying follower states the original client's role; the leader honours it only downwards.
+AS_ROLE: Final = Str(choices=("viewer", "operator", "admin"))
+
 MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
     # handshake: the first frame each way
     "hello": _spec(
@@ -549,8 +552,9 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
     "subscribe": _request("viewer", req("interval_ms", Int(10, 2**31 - 1)), opt("delta", Bool()),
                           doc="status_update every interval_ms; delta: later pushes carry changes only"),
     "unsubscribe": _request("viewer", doc="stop status_update pushes"),
+    "whoami": _request("viewer", doc="who this connection is: the certificate's kind, name and role"),
     "get": _request(
-        "operator",
+        "viewer",
         req("key", KEY),
         opt("consistency", Str(choices=("linearizable", "stale")), "linearizable"),
         doc="read one key",
@@ -561,15 +565,15 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         req("value", Bytes()),
         req("client_id", NAME),
         req("seq", UINT),
-        opt("forward", Bool(), False),
+        opt("forward", Bool(), False), opt("as_role", AS_ROLE),
         doc="write one key (applied once per client_id, seq)",
     ),
     "delete": _request(
         "operator", req("key", KEY), req("client_id", NAME), req("seq", UINT),
-        opt("forward", Bool(), False), doc="delete one key"
+        opt("forward", Bool(), False), opt("as_role", AS_ROLE), doc="delete one key"
     ),
     "register": _request(
-        "operator", req("client_id", NAME), opt("forward", Bool(), False),
+        "operator", req("client_id", NAME), opt("forward", Bool(), False), opt("as_role", AS_ROLE),
         doc="open a client session (its seq 1, a no-op)"
     ),
     "cas": _request(
@@ -579,7 +583,7 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         req("value", Bytes()),
         req("client_id", NAME),
         req("seq", UINT),
-        opt("forward", Bool(), False),
+        opt("forward", Bool(), False), opt("as_role", AS_ROLE),
         doc="write key only if its value is expected (nil: only if absent)",
     ),
     "transfer": _request("admin", req("to", NODE), doc="move leadership to node 'to'"),
@@ -611,7 +615,7 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         req("tasks", ListOf(TASK_SPEC, 1000)),
         req("client_id", NAME),
         req("seq", UINT),
-        opt("forward", Bool(), False),
+        opt("forward", Bool(), False), opt("as_role", AS_ROLE),
         doc="submit 1 to 1000 tasks; a task's id makes its submission idempotent",
     ),
     "task_get": _request("viewer", req("task", TASK_ID), doc="one task's record"),
@@ -638,7 +642,7 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         req("task", TASK_ID),
         req("client_id", NAME),
         req("seq", UINT),
-        opt("forward", Bool(), False),
+        opt("forward", Bool(), False), opt("as_role", AS_ROLE),
         doc="cancel a queued or running task",
     ),
     "task_report": _request(

@@ -1,22 +1,37 @@
 """The agent's listener: one TCP port for peers and clients.
 
-Each connection lives exactly as long as its handler. The first frame must be ``hello``
-and arrive within ``hello_timeout``; a peer connection then carries Raft frames into the
-driver, a client connection carries requests, each answered by one ``reply``. Any
+Each connection lives exactly as long as its handler. With TLS configured, the mutual TLS
+handshake and then the ``hello`` must both finish within ``hello_timeout``; the client
+certificate says who it is (``nodeagent.security``): a peer must be a node certificate
+whose name is the hello's ``node``, a client's role comes from its certificate. A peer
+connection then carries Raft frames into the driver, a client connection carries
+requests, each checked against the role table and answered by one ``reply``. Any
 protocol violation gets an ``error`` frame and a closed connection; the agent, and every
 other connection, carry on.
+
+Limits, for clients only (a peer's connection is never limited, so Raft keeps working):
+at most ``max_connections`` client connections (up to ``OVERFLOW`` more are accepted
+only to find peers among them; beyond that a connection is closed at once), a request
+rate per connection (a token bucket: over it, the agent stops reading that connection
+for a while), an idle timeout (nothing in flight, no subscription) and a deadline for a
+frame that has begun. Refusals are logged (``connection refused``, ``request forbidden``),
+at most 50 lines a second per kind, with a count of what was left out.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .driver import RequestFailed
-from .protocol import CLOSED, NEED_DATA, PROTOCOL_VERSION, FrameDecoder, ProtocolError, encode
+from .protocol import (CLOSED, MESSAGE_SCHEMAS, NEED_DATA, PROTOCOL_VERSION, FrameDecoder,
+                       ProtocolError, encode)
+from .security import (ANONYMOUS, NODE, ROLES, AuditLog, Identity, TLSError, TokenBucket,
+                       check_request, effective_role, identity_from_cert, required_role)
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -35,6 +50,9 @@ class Connection:
         self.peer = peer
         self._send_lock = trio.Lock()
         self.closed = False
+        self.kind = "pending"  # "peer" or "client" once its hello is accepted
+        self.last_activity = trio.current_time()
+        self.partial_since: float | None = None  # when the frame now being received began
 
     async def receive(self) -> dict | None:
         """The next message, or None at a clean end of stream."""
@@ -43,9 +61,13 @@ class Connection:
             if msg is NEED_DATA:
                 data = await self.stream.receive_some(READ_CHUNK)
                 self.decoder.receive_data(data)
+                if self.partial_since is None and self.decoder.buffered:
+                    self.partial_since = trio.current_time()
                 continue
             if msg is CLOSED:
                 return None
+            self.last_activity = trio.current_time()
+            self.partial_since = self.last_activity if self.decoder.buffered else None
             return msg
 
     async def send(self, msg: dict[str, Any], timeout: float = 10.0) -> None:
@@ -55,17 +77,83 @@ class Connection:
                 await self.stream.send_all(data)
 
 
+class Refused(Exception):
+    """A connection the agent will not serve: ``code`` goes into the ``error`` frame."""
+
+    def __init__(self, code: str, message: str, level: int = logging.WARNING):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.level = level
+
+
+class _RateLog:
+    """At most ``per_s`` log lines per second per event; the rest are counted and the
+    count rides on the next line written (``suppressed``). A flood of refused connections
+    must not turn into a flood of log lines."""
+
+    def __init__(self, per_s: int = 50):
+        self.per_s = per_s
+        self._window: dict[str, tuple[int, int]] = {}  # event -> (second, lines written)
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, level: int, event: str, **fields: Any) -> None:
+        sec = int(time.monotonic())
+        w_sec, n = self._window.get(event, (sec, 0))
+        if w_sec != sec:
+            n = 0
+        if n >= self.per_s:
+            self._suppressed[event] = self._suppressed.get(event, 0) + 1
+            self._window[event] = (sec, n)
+            return
+        self._window[event] = (sec, n + 1)
+        dropped = self._suppressed.pop(event, 0)
+        if dropped:
+            fields["suppressed"] = dropped
+        log.log(level, event, extra=fields)
+
+
+OVERFLOW = 64  # connections accepted past max_connections, to find the peers among them
+
+
 class Server:
     def __init__(self, agent: "Agent", *, hello_timeout: float = 5.0,
-                 request_timeout: float = 10.0, max_inflight: int = 256):
+                 request_timeout: float = 10.0, max_inflight: int = 256,
+                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 1000,
+                 idle_timeout: float = 600.0, requests_per_s: float = 1000.0,
+                 frame_timeout: float | None = None, audit: AuditLog | None = None):
         self.agent = agent
         self.hello_timeout = hello_timeout
         self.request_timeout = request_timeout
         self.max_inflight = max_inflight
+        self.ssl_context = ssl_context
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        # A frame that has begun must be whole within this: 6 x the handshake deadline
+        # (30 s by default), enough for a 4 MiB frame at about 1 Mbit/s.
+        self.frame_timeout = frame_timeout if frame_timeout is not None else 6 * hello_timeout
+        self.requests_per_s = requests_per_s
+        self.audit = audit
         self.connections = 0
         self.connections_total = 0
+        self.pending = 0  # accepted, handshake or hello not done yet
+        self.clients = 0  # client sessions (after hello_ok)
+        self.peers = 0
         self.protocol_errors = 0
+        self.refused: dict[str, int] = {}
+        self.forbidden = 0
         self.port: int | None = None
+        self._rlog = _RateLog()
+
+    def stats(self) -> dict[str, Any]:
+        return {"tls": self.ssl_context is not None, "clients": self.clients, "peers": self.peers,
+                "pending": self.pending,
+                "max_connections": self.max_connections, "refused": dict(self.refused),
+                "forbidden": self.forbidden,
+                "audit_records": self.audit.written if self.audit is not None else 0}
+
+    def _count_refusal(self, code: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -78,8 +166,19 @@ class Server:
             peer = f"{addr[0]}:{addr[1]}"
         except OSError:
             peer = "?"
+        if self.pending + self.clients >= self.max_connections + OVERFLOW:
+            # Past the limit and the overflow kept to let peers in: close at once, before
+            # any TLS work.
+            self._count_refusal("connection_limit")
+            self._rlog.log(logging.WARNING, "connection refused", remote=peer,
+                           code="too_many_connections",
+                           reason=f"{self.clients} clients and {self.pending} handshakes open (limit "
+                                  f"{self.max_connections})")
+            await trio.aclose_forcefully(stream)
+            return
         self.connections += 1
         self.connections_total += 1
+        self.pending += 1
         conn = Connection(stream, self.agent.max_frame, peer)
         # except*: an error raised inside the client loop's nursery arrives wrapped in an
         # ExceptionGroup (trio >= 0.25); unhandled, it would end serve_listeners and the agent.
@@ -88,16 +187,28 @@ class Server:
         except* ProtocolError as group:
             e = _first_leaf(group)
             self.protocol_errors += 1
-            log.warning("protocol error; closing", extra={"remote": peer, "code": e.code,
-                                                          "error": e.message})
+            self._rlog.log(logging.WARNING, "protocol error; closing", remote=peer, code=e.code,
+                           error=e.message)
+            await self._send_error(conn, e.code, e.message)
+        except* Refused as group:
+            e = _first_leaf(group)
+            self._count_refusal(e.code)
+            self._rlog.log(e.level, "connection refused", remote=peer, code=e.code, reason=e.message)
             await self._send_error(conn, e.code, e.message)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
         except* trio.TooSlowError:
-            log.info("connection too slow; closing", extra={"remote": peer})
+            self._count_refusal("too_slow")
+            self._rlog.log(logging.INFO, "connection too slow; closing", remote=peer)
         finally:
             self.connections -= 1
-            await trio.aclose_forcefully(stream)
+            if conn.kind == "peer":
+                self.peers -= 1
+            elif conn.kind == "client":
+                self.clients -= 1
+            else:
+                self.pending -= 1
+            await trio.aclose_forcefully(conn.stream)
 
     async def _send_error(self, conn: Connection, code: str, message: str, id=None) -> None:
         msg: dict[str, Any] = {"type": "error", "code": code, "message": message[:4096]}
@@ -108,9 +219,28 @@ class Server:
         except Exception:
             pass
 
+    async def _tls(self, conn: Connection) -> Identity:
+        """The TLS handshake (the caller's deadline covers it) and the client's identity."""
+        tls = trio.SSLStream(conn.stream, self.ssl_context, server_side=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as e:
+            cause = e.__cause__
+            reason = getattr(cause, "reason", None) or str(cause or e) or type(cause).__name__
+            self._count_refusal("tls")
+            self._rlog.log(logging.WARNING, "connection refused", remote=conn.peer, code="tls",
+                           reason=f"TLS handshake failed: {reason}")
+            raise trio.ClosedResourceError from None  # nothing to answer: no TLS channel
+        conn.stream = tls
+        try:
+            return identity_from_cert(tls.getpeercert())
+        except TLSError as e:
+            raise Refused("forbidden", f"certificate refused: {e}") from None
+
     async def _converse(self, conn: Connection) -> None:
         agent = self.agent
         with trio.fail_after(self.hello_timeout):
+            identity = await self._tls(conn) if self.ssl_context is not None else ANONYMOUS
             hello = await conn.receive()
         if hello is None:
             return
@@ -124,12 +254,33 @@ class Server:
         if hello["version"] != PROTOCOL_VERSION:
             raise ProtocolError("version_mismatch",
                                 f"this agent speaks protocol version {PROTOCOL_VERSION}")
+        if hello["role"] == "peer":
+            if self.ssl_context is not None:
+                if identity.kind != NODE:
+                    raise Refused("forbidden", f"a peer must present a node certificate of this "
+                                               f"cluster; this is {identity.describe()}")
+                if identity.name != hello["node"]:
+                    raise Refused("forbidden", f"the certificate is node {identity.name!r}'s, but "
+                                               f"the hello says {hello['node']!r}")
+            self.pending -= 1
+            self.peers += 1
+            conn.kind = "peer"
+        elif self.clients >= self.max_connections:
+            raise Refused("too_many_connections",
+                          f"this agent serves at most {self.max_connections} client "
+                          "connections; retry later or close idle ones")
+        else:
+            self.pending -= 1
+            self.clients += 1
+            conn.kind = "client"
         await conn.send({"type": "hello_ok", "node": agent.node_id, "version": PROTOCOL_VERSION,
                          "leader": agent.driver.node.lead})
         if hello["role"] == "peer":
             await self._peer_loop(conn, hello["node"])
         else:
-            await self._client_loop(conn, hello.get("client_id", "?"))
+            log.debug("client connected", extra={"remote": conn.peer, "client": hello.get("client_id"),
+                                                 "identity": identity.name, "role": identity.role})
+            await self._client_loop(conn, hello.get("client_id", "?"), identity)
 
     # -- peers ------------------------------------------------------------------------------
 
@@ -154,9 +305,11 @@ class Server:
 
     # -- clients ----------------------------------------------------------------------------
 
-    async def _client_loop(self, conn: Connection, client_id: str) -> None:
+    async def _client_loop(self, conn: Connection, client_id: str,
+                           identity: Identity = ANONYMOUS) -> None:
         async with trio.open_nursery() as nursery:
-            session = ClientSession(conn, nursery, client_id)
+            session = ClientSession(conn, nursery, client_id, identity)
+            bucket = TokenBucket(self.requests_per_s, max(1.0, self.requests_per_s), trio.current_time())
             inflight = 0
 
             async def run_one(msg: dict) -> None:
@@ -167,7 +320,25 @@ class Server:
                     inflight -= 1
                 if reply is not None:
                     await conn.send(reply)
+                    conn.last_activity = trio.current_time()
 
+            async def watchdog() -> None:
+                # Idle: nothing in flight, no subscription, no frame for idle_timeout.
+                # Slow: a frame begun and not finished within frame_timeout.
+                # one wake-up a second per connection at the defaults
+                tick = max(0.05, min(1.0, self.idle_timeout / 4, self.frame_timeout / 4))
+                while True:
+                    await trio.sleep(tick)
+                    now = trio.current_time()
+                    if conn.partial_since is not None and now - conn.partial_since > self.frame_timeout:
+                        raise Refused("too_slow", f"a frame took more than {self.frame_timeout:g}s "
+                                                  "to arrive", logging.INFO)
+                    if inflight == 0 and not session.subscribed and conn.partial_since is None \
+                            and now - conn.last_activity > self.idle_timeout:
+                        raise Refused("idle_timeout", f"no request for {self.idle_timeout:g}s; "
+                                                      "reconnect when needed", logging.INFO)
+
+            nursery.start_soon(watchdog)
             try:
                 while True:
                     msg = await conn.receive()
@@ -176,6 +347,9 @@ class Server:
                     t = msg["type"]
                     if t in ("hello", "raft", "reply", "hello_ok", "status_update", "error"):
                         raise ProtocolError("bad_field", f"a client may not send {t} here")
+                    wait = bucket.take(trio.current_time())
+                    if wait > 0:  # over its rate: stop reading this connection for a while
+                        await trio.sleep(wait)
                     if inflight >= self.max_inflight:
                         await conn.send(_fail(msg["id"], "busy",
                                               f"more than {self.max_inflight} requests in flight"))
@@ -185,10 +359,46 @@ class Server:
             finally:
                 nursery.cancel_scope.cancel()
 
+    def _authorize(self, session: "ClientSession", msg: dict) -> tuple[str, str | None]:
+        """(the role the request runs with, None) or (role, the refusal message). With TLS
+        off nobody is authenticated, so nothing is checked: every client is admin."""
+        if self.ssl_context is None:
+            return "admin", None
+        role = effective_role(session.identity, msg.get("as_role"))
+        return role, check_request(role, msg["type"], msg)
+
     async def _answer(self, session: "ClientSession", msg: dict) -> dict | None:
         agent = self.agent
         rid = msg["id"]
         t0 = time.monotonic()
+        role, refusal = self._authorize(session, msg)
+        admin = required_role(msg["type"], msg) == "admin"
+        if refusal is not None:
+            self.forbidden += 1
+            self._rlog.log(logging.WARNING, "request forbidden", remote=session.conn.peer,
+                           request=msg["type"], role=role, identity=session.identity.name,
+                           reason=refusal)
+            if admin and self.audit is not None:
+                self.audit.record(actor=session.identity, role=role, remote=session.conn.peer,
+                                  msg=msg, ok=False, error="forbidden")
+            agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
+            return _fail(rid, "forbidden", refusal)
+        if "as_role" in MESSAGE_SCHEMAS[msg["type"]].fields:
+            msg["as_role"] = role if role in ROLES else None  # a relay carries it on
+            if msg["as_role"] is None:
+                del msg["as_role"]
+        reply = await self._run(session, msg, t0)
+        if admin and self.audit is not None:
+            err = None if reply["ok"] else reply["error"]["code"]
+            self.audit.record(actor=session.identity, role=role, remote=session.conn.peer,
+                              msg=msg, ok=reply["ok"], error=err)
+            log.info("admin action", extra={"audit": True, "request": msg["type"], "role": role,
+                                             "identity": session.identity.name, "ok": reply["ok"]})
+        return reply
+
+    async def _run(self, session: "ClientSession", msg: dict, t0: float) -> dict:
+        agent = self.agent
+        rid = msg["id"]
         try:
             result, leader = await agent.handle_request(session, msg)
         except RequestFailed as e:
@@ -214,11 +424,17 @@ class Server:
 class ClientSession:
     """One client connection's state: its subscription, if any."""
 
-    def __init__(self, conn: Connection, nursery: trio.Nursery, client_id: str):
+    def __init__(self, conn: Connection, nursery: trio.Nursery, client_id: str,
+                 identity: Identity = ANONYMOUS):
         self.conn = conn
         self.nursery = nursery
         self.client_id = client_id
+        self.identity = identity
         self._sub_scope: trio.CancelScope | None = None
+
+    @property
+    def subscribed(self) -> bool:
+        return self._sub_scope is not None
 
     def subscribe(self, pusher) -> None:
         """Start ``pusher(cancel_scope)`` as this connection's only subscription."""

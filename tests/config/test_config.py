@@ -414,7 +414,10 @@ ERRORS = [
     ("host read as a number", "    host: 127.0.0.1\n    port: 7103", "    host: 12\n    port: 7103", 14, "nodes[2].host",
      ['got an integer (12); quote it: host: "12"']),
     ("list for an int", "priority: 3", "priority: [3]", 9, "nodes[0].priority", ["expected an integer, got a list"]),
-    ("tls not a mapping", "  name: demo\n", "  name: demo\n  tls: yes\n", 3, "cluster.tls", ["got a boolean (yes)"]),
+    ("tls not a mapping", "  name: demo\n", "  name: demo\n  tls: 5\n", 3, "cluster.tls",
+     ["expected on, off, {dir: DIR} or a mapping of ca, cert and key, got an integer (5)"]),
+    ("tls dir and files", "  name: demo\n", "  name: demo\n  tls: {dir: t, ca: a}\n", 3, "cluster.tls.ca",
+     ["give either dir: or ca:, cert: and key:, not both"]),
     ("tls incomplete", "  name: demo\n", "  name: demo\n  tls:\n    ca: ca.pem\n    cert: c.pem\n", 4, "cluster.tls.key",
      ["missing required field"]),
     ("date", "  name: demo\n", "  name: 2024-01-01\n", 2, "cluster.name", ["got a date (2024-01-01)"]),
@@ -699,3 +702,18 @@ def test_cli_in_process(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["no-such-command"])
     assert info.value.code == 2
+
+
+def test_tls_forms_on_off_and_dir(tmp_path):
+    base = "cluster:\n  name: demo\n{tls}nodes:\n  - {{name: n1, host: 127.0.0.1, port: 7101}}\n"
+    for text in ("", "  tls: off\n", "  tls: false\n", "  tls:\n"):
+        assert parse_inventory(base.format(tls=text), tmp_path / "i.yaml").cluster.tls is None
+    on = parse_inventory(base.format(tls="  tls: on\n"), tmp_path / "i.yaml")
+    assert on.cluster.tls.dir == tmp_path / ".raftdeck" / "tls" and on.cluster.tls.cert is None
+    d = parse_inventory(base.format(tls="  tls: {dir: certs}\n"), tmp_path / "i.yaml")
+    assert d.cluster.tls.ca == tmp_path / "certs" / "ca.crt"
+    ac = d.agent_config("n1")
+    assert (ac.cluster.tls.cert, ac.cluster.tls.key) == (tmp_path / "certs/nodes/n1.crt",
+                                                          tmp_path / "certs/nodes/n1.key")
+    assert d.cluster.tls.for_role("viewer").cert == tmp_path / "certs/operators/viewer.crt"
+    assert any("tls is off" in w for w in parse_inventory(base.format(tls=""), tmp_path / "i.yaml").warnings())

@@ -65,7 +65,9 @@ async def wait_until(pred: Callable[[], object], timeout: float, what: str, inte
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """One 3-agent cluster shared by the raw-socket tests (none of them stops an agent)."""
-    lc = LocalCluster(tmp_path_factory.mktemp("bad-input"), 3, election_ms=ELECTION_MS)
+    # Plain TCP (tls=False): these tests speak the frame protocol on raw sockets; the same
+    # hostile input over TLS, and the TLS refusals, are in tests/security.
+    lc = LocalCluster(tmp_path_factory.mktemp("bad-input"), 3, election_ms=ELECTION_MS, tls=False)
     try:
         lc.start_all()
 

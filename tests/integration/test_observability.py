@@ -54,7 +54,8 @@ def test_metrics_subscription_and_logs_on_a_real_cluster(tmp_path):
 
             # The subscription pushes a fresh status after a change, no more often than
             # every 100 ms however fast the cluster changes.
-            conn = AgentConnection(follower, "127.0.0.1", lc.ports[follower], lc.cluster)
+            conn = AgentConnection(follower, "127.0.0.1", lc.ports[follower], lc.cluster,
+                                   ssl=lc.ssl_context())
             await conn.connect()
             stream = conn.subscribe(interval_ms=10)  # asks for 10 ms; the agent clamps
             first = await asyncio.wait_for(stream.__anext__(), 5)

@@ -1,0 +1,85 @@
+"""`raftdeck up` on an inventory with `tls: on` and no certificates yet: it runs init
+(the default cluster is encrypted and authenticated from the first start), then the CLI's
+roles: a viewer cannot write, partition or kill; an operator writes but cannot kill or
+partition; an admin kills. Each refusal is one line on stderr and exit 1, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from console.local import free_ports
+
+pytestmark = pytest.mark.integration
+
+
+def run(inv: Path, *args, timeout=90):
+    p = subprocess.run([sys.executable, "-m", "console.cli", "--inventory", str(inv), *args],
+                       capture_output=True, text=True, timeout=timeout, cwd=inv.parent)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p.returncode, p.stdout, p.stderr
+
+
+def pids(folder: Path) -> list[int]:
+    out = []
+    for f in folder.rglob("*.pid"):
+        try:
+            out.append(int(f.read_text().split()[0]))
+        except (ValueError, IndexError, OSError):
+            pass
+    return out
+
+
+def test_up_inits_tls_and_the_cli_enforces_roles(tmp_path):
+    ports = free_ports(3)
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text("cluster:\n  name: sec\n  tls: on\n  election_timeout_ms: 2000\nnodes:\n" + "".join(
+        f"  - {{name: n{i + 1}, host: 127.0.0.1, port: {p}, data_dir: .raftdeck/n{i + 1}}}\n"
+        for i, p in enumerate(ports)))
+    tls = tmp_path / ".raftdeck" / "tls"
+    assert not tls.exists()
+    try:
+        rc, out, err = run(inv, "up", "--no-console", "--json")
+        assert rc == 0, err
+        assert (tls / "ca.crt").exists() and (tls / "operators" / "viewer.key").exists()
+        assert "operators/admin.crt" in json.loads(out)["tls"]["issued"]  # it said what it made
+        rc, out, err = run(inv, "status", "--json")
+        assert rc == 0 and json.loads(out[out.index("{"):])["health"]["tls"] is True, out
+
+        def refused(*args, needs: str):
+            rc, out, err = run(inv, *args)
+            lines = err.strip().splitlines()
+            assert rc == 1 and len(lines) == 1, (args, rc, out, err)
+            assert "forbidden" in lines[0] and f"needs the {needs} role" in lines[0], lines
+
+        refused("put", "k", "v", "--role", "viewer", needs="operator")
+        refused("partition", "isolate", "n3", "--role", "viewer", needs="admin")
+        refused("kill", "n3", "--role", "viewer", needs="admin")
+        assert run(inv, "put", "k", "v", "--role", "operator")[0] == 0
+        assert run(inv, "get", "k", "--role", "viewer")[1].strip() == "v"
+        refused("partition", "isolate", "n3", "--role", "operator", needs="admin")
+        refused("kill", "n3", "--role", "operator", needs="admin")
+        rc, out, err = run(inv, "status", "--json")
+        assert all(n["reachable"] for n in json.loads(out[out.index("{"):])["nodes"]), out
+        rc, out, err = run(inv, "kill", "n3", "--json")  # admin by default
+        assert rc == 0 and json.loads(out)["pid"] > 0, (out, err)
+        rc, out, err = run(inv, "status", "--json")
+        nodes = {n["name"]: n for n in json.loads(out[out.index("{"):])["nodes"]}
+        assert not nodes["n3"]["reachable"] and nodes["n1"]["reachable"], nodes
+        # a second init keeps everything
+        rc, out, err = run(inv, "init", "--json")
+        assert rc == 0 and {f["result"] for f in json.loads(out)["files"]} == {"kept"}
+    finally:
+        subprocess.run([sys.executable, "-m", "console.cli", "--inventory", str(inv), "down",
+                        "--grace-s", "5"], capture_output=True, timeout=60, cwd=tmp_path)
+        for pid in pids(tmp_path):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
