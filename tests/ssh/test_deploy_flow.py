@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from console.client import ClusterClient
+from console.client import ClusterClient, tls_context
 from console.deploy import build_artifacts, content_digest
 from nodeagent.config import load_inventory, load_node_config
 
@@ -83,7 +83,7 @@ def raftdeck(*args: str, env_extra: dict | None = None, timeout: float = 240) ->
 def statuses(inv) -> dict[str, dict | None]:
     async def go():
         async with ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
-                                 timeout=1.5, op_timeout=3.0) as c:
+                                 timeout=1.5, op_timeout=3.0, ssl=tls_context(inv.cluster.tls)) as c:
             async def one(n):
                 try:
                     return n, await asyncio.wait_for(c.call(n, "status"), 3)
@@ -110,7 +110,7 @@ def wait_leader(inv, exclude=(), timeout=40.0) -> str:
 def kv(inv, op: str, key: str, value: bytes | None = None):
     async def go():
         async with ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
-                                 timeout=2.0, op_timeout=20.0) as c:
+                                 timeout=2.0, op_timeout=20.0, ssl=tls_context(inv.cluster.tls)) as c:
             return await (c.put(key, value) if op == "put" else c.get(key))
 
     return asyncio.run(go())
@@ -141,7 +141,8 @@ def console_kill_and_restart(inv, known_hosts: Path) -> None:
     async def main():
         app = RaftdeckApp(node_infos(inv), inv.cluster.name,
                           {n.name: (n.host, n.port) for n in inv.nodes},
-                          procs=Processes(inv, ssh=SSHOptions(known_hosts=known_hosts)))
+                          procs=Processes(inv, ssh=SSHOptions(known_hosts=known_hosts)),
+                          ssl=tls_context(inv.cluster.tls))
         async with app.run_test(size=(160, 40)) as pilot:
             def leader():
                 h = app.model.health(time.monotonic())
@@ -173,9 +174,14 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     ports = [7101 if hs.mode == "netns" else free_port_on(h.addr) for h in hs.hosts]
     nodes = "".join(hs.node_yaml(f"n{i + 1}", h, ports[i]) for i, h in enumerate(hs.hosts))
     inv_path = hs.tmp / "inventory.yaml"
+    # TLS on, as in the default inventory: `raftdeck init` makes the certificates, deploy
+    # ships each host its node's files, every client below presents the admin certificate.
     inv_path.write_text("cluster:\n  name: deploytest\n  election_timeout_ms: 1000\n"
-                        "  heartbeat_interval_ms: 100\nnodes:\n" + nodes)
+                        "  heartbeat_interval_ms: 100\n  tls: on\nnodes:\n" + nodes)
+    r = raftdeck("init", "--inventory", str(inv_path))
+    assert r.returncode == 0, r.stderr
     inv = load_inventory(inv_path)
+    assert inv.cluster.tls is not None
     base = ["--inventory", str(inv_path), "--known-hosts", str(hs.known_hosts)]
     wheel_args = ["--wheel", str(project), "--wheelhouse", str(house)]
     env = {"RAFTDECK_KNOWN_HOSTS": str(hs.known_hosts)}
