@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from bench.kv import count, error_name, fs_type, latency_summary, proc_cpu_s
+import bench.systems as systems_mod
 from bench.systems import PySyncObjCluster, Raftdeck, rss_kib
 
 VALUE_BYTES = 100
@@ -544,10 +545,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak-keys", type=int, default=None, metavar="N",
                     help="soak: each writer overwrites N keys of its own (a bounded state); "
                          "default: every put writes a new key, so the state grows")
+    ap.add_argument("--tls", action="store_true",
+                    help="raftdeck with mutual TLS (its default in an inventory); off by "
+                         "default here, as PySyncObj and baseline trees speak plain TCP")
     ap.add_argument("--tmp", default=None, help="parent directory for the clusters' files")
     ap.add_argument("--keep", action="store_true", help="keep the clusters' files (logs)")
     a = ap.parse_args(argv)
     args = sys.argv[1:] if argv is None else argv
+    systems_mod.TLS = a.tls
     cfg = Cfg(a.quick)
     for k in ("writes", "seconds", "failovers"):
         if getattr(a, k) is not None:

@@ -44,6 +44,10 @@ def config_defaults() -> dict:
             "snapshot_interval": c["snapshot_interval"].default}
 
 
+# Whether raftdeck clusters run with mutual TLS (python -m bench --tls).
+TLS = False
+
+
 class Raftdeck:
     """N `nodeagent run` processes (console.local.LocalCluster) with the default timeouts."""
 
@@ -52,9 +56,12 @@ class Raftdeck:
     def __init__(self, tmp: Path, n: int = 3, *, fsync: bool = True,
                  snapshot_interval: int | None = None, timeout: float = 3.0,
                  source: str | None = None, election_ms: int | None = None,
-                 heartbeat_ms: int | None = None, env: dict | None = None):
+                 heartbeat_ms: int | None = None, env: dict | None = None,
+                 tls: bool | None = None):
         """``source``: run the agents from that source tree (PYTHONPATH) instead of this
-        one, to compare two versions in one run; its timeouts must then be given."""
+        one, to compare two versions in one run; its timeouts must then be given.
+        ``tls``: mutual TLS between agents and clients (default ``TLS``, off: PySyncObj
+        and older source trees speak plain TCP; `python -m bench --tls` turns it on)."""
         d = config_defaults()
         if election_ms is not None:
             d["election_ms"] = election_ms
@@ -65,15 +72,18 @@ class Raftdeck:
         self.fsync = fsync
         self.election_ms, self.heartbeat_ms = d["election_ms"], d["heartbeat_ms"]
         self.snapshot_interval = snapshot_interval or d["snapshot_interval"]
+        self.tls = (TLS if tls is None else tls) and source is None
         self.lc = LocalCluster(tmp, n, fsync=fsync, election_ms=self.election_ms,
                                heartbeat_ms=self.heartbeat_ms,
-                               snapshot_interval=self.snapshot_interval, name="bench")
+                               snapshot_interval=self.snapshot_interval, name="bench",
+                               tls=self.tls)
         self.names = self.lc.names
         self.timeout = timeout
         self.mon: ClusterClient | None = None
 
     def describe(self) -> dict:
         return {"system": "raftdeck", "nodes": len(self.names), "fsync": self.fsync,
+                "tls": self.tls,
                 "source": self.source or "this tree",
                 "election_timeout_ms": self.election_ms,
                 "heartbeat_interval_ms": self.heartbeat_ms,
