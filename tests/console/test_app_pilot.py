@@ -4,6 +4,7 @@ sees after pressing the fault keys."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import pytest
@@ -39,6 +40,7 @@ def test_kill_restart_isolate_heal_from_the_keyboard(make_cluster):
             new = await until(pilot, lambda: [n for n in leader_rows(app) if n != old],
                               20, "a new leader")
             elapsed = time.monotonic() - t0
+            print(f"kill key to a new leader on screen: {elapsed:.2f} s", file=sys.stderr)
             await until(pilot, lambda: app.model.row(old).reachable is False, 20, "old shown down")
             assert elapsed < 15, elapsed
             assert app.model.health(time.monotonic()).leader == new[0]
