@@ -10,7 +10,9 @@ ready (so a burst of proposals becomes one Ready, one fsync and one append per p
 tick when due, then carry out Readies (``raft/ready.py``) until the node has nothing left
 to do. With fsync on, each fsync runs in a worker thread: meanwhile the other tasks keep
 sending (the leader's appends leave before its own fsync) and answering, and new events
-wait in the inbox to join the next round (group commit).
+wait in the inbox to join the next round (group commit). Snapshots, too, are
+serialized and written in a worker thread (see ``_start_snapshot``): this task only
+captures the state and, later, adopts the snapshot.
 """
 
 from __future__ import annotations

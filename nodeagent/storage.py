@@ -24,6 +24,13 @@ The hard state file holds ``[1, term, vote, commit]``; a snapshot file holds ``[
 term, voters, learners, [[node, priority], ...], data]``. Both are replaced atomically
 (temp file, fsync, rename, directory fsync).
 
+A snapshot the application made is stored by ``compact()``, or in two halves so that the
+slow one can run in a worker thread while the driver goes on: ``write_snapshot_file()``
+(temp file ``*.bg.tmp``, fsync, rename, directory fsync; no lock held, nothing else
+changed) then ``finish_compact()`` (under the lock: the log's new base, and the purge of
+old snapshot files and WAL segments). A crash between the two recovers from the new file
+and the WAL after it, which is still whole.
+
 Recovery (``open``): the newest readable snapshot (an unreadable one is skipped with a
 warning), then every WAL record in order. A torn tail (the last record of the last segment
 incomplete or failing its crc, with nothing valid after it, including trailing zeros) is
