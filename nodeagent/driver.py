@@ -393,6 +393,7 @@ class Driver:
         # capture to the adoption, mostly in the worker thread.
         log.info("snapshot", extra={"index": index, "bytes": len(snap.data),
                                     "ms": round((loop_s + now - t1) * 1000, 1),
+                                    "capture_ms": round(loop_s * 1000, 1), "adopt_ms": round((now - t1) * 1000, 1),
                                     "total_ms": round((now - t0) * 1000, 1), "background": True})
 
     # -- the Outbox and StateMachine protocols used by process_ready --

@@ -704,6 +704,15 @@ def _pack_map_chunked(packer: msgpack.Packer, parts: list, m: Mapping[str, Any],
         parts.append(body[len(packer.pack_map_header(len(chunk))) :])
 
 
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin header for ``n`` bytes (msgpack's Packer has no call for it)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
 def serialize_view(view: StateView) -> bytes:
     """The canonical snapshot bytes of a view: a pure function of it, safe to call in a
     worker thread while the machine goes on applying. Equal views give equal bytes, and
@@ -735,15 +744,17 @@ def serialize_view(view: StateView) -> bytes:
         parts.append(body[len(packer.pack_array_header(len(chunk))) :])
     parts.append(pack("tasks"))
     _pack_map_chunked(packer, parts, view.tasks, canon=True)
-    body = b"".join(parts)
-    return _pack(
-        {
-            "format": SNAPSHOT_FORMAT,
-            "version": SNAPSHOT_VERSION,
-            "body": body,
-            "sha256": hashlib.sha256(body).digest(),  # hashlib lets go of the GIL for big data
-        }
-    )
+    # The outer map {body, format, sha256, version} around the body's parts, joined once:
+    # a copy of tens of MB is one C call that holds the GIL, so make only one.
+    sha = hashlib.sha256()
+    body_len = 0
+    for p in parts:
+        sha.update(p)  # hashlib lets go of the GIL for big parts
+        body_len += len(p)
+    head = [packer.pack_map_header(4), pack("body"), _bin_header(body_len)]
+    tail = [pack("format"), pack(SNAPSHOT_FORMAT), pack("sha256"), pack(sha.digest()),
+            pack("version"), pack(SNAPSHOT_VERSION)]
+    return b"".join(head + parts + tail)
 
 
 # -- the state machine ----------------------------------------------------------------------

@@ -169,20 +169,47 @@ def _valid_record_after(buf: bytes, pos: int) -> int | None:
     return None
 
 
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin header for ``n`` bytes (msgpack's Packer has no call for it)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
 def _snapshot_payload(snap: Snapshot) -> bytes:
+    head, data = _snapshot_payload_parts(snap)
+    return head + data
+
+
+def _snapshot_payload_parts(snap: Snapshot) -> tuple[bytes, bytes]:
+    """The snapshot record's payload as (msgpack of everything up to the data's bytes,
+    the data): their concatenation is the payload, so a big snapshot is written without
+    copying its data into one more buffer."""
     m = snap.meta
-    return msgpack.packb(
-        [
-            _FORMAT_VERSION,
-            m.index,
-            m.term,
-            sorted(m.conf.voters),
-            sorted(m.conf.learners),
-            [list(p) for p in m.conf.priorities],
-            bytes(snap.data),
-        ],
-        use_bin_type=True,
-    )
+    data = snap.data
+    p = msgpack.Packer(use_bin_type=True)
+    head = b"".join([
+        p.pack_array_header(7),
+        p.pack(_FORMAT_VERSION),
+        p.pack(m.index),
+        p.pack(m.term),
+        p.pack(sorted(m.conf.voters)),
+        p.pack(sorted(m.conf.learners)),
+        p.pack([list(x) for x in m.conf.priorities]),
+        _bin_header(len(data)),
+    ])
+    return head, data
+
+
+def _framed_snapshot_parts(snap: Snapshot) -> tuple[bytes, bytes]:
+    """``_frame(_snapshot_payload(snap))`` as (header, data): the crc32 runs over the
+    data in place (zlib lets go of the GIL for it)."""
+    head, data = _snapshot_payload_parts(snap)
+    n = _LEN.pack(len(head) + len(data))
+    crc = zlib.crc32(data, zlib.crc32(head, zlib.crc32(n)))
+    return n + _LEN.pack(crc) + head, data
 
 
 def _decode_snapshot(payload) -> Snapshot:
@@ -546,17 +573,18 @@ class DiskStorage:
                 return False
             path = self._snap_path(m.index, m.term)
             tmp = path + ".bg.tmp"  # not save()'s temp name: that one may be written meanwhile
-            data = _frame(_snapshot_payload(snapshot))
+            head, data = _framed_snapshot_parts(snapshot)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
                 try:
+                    _write_all(fd, head)
                     delay = _test_write_delay()
                     if delay:  # a test's crash window: half the file written, not yet renamed
                         _write_all(fd, memoryview(data)[: len(data) // 2])
                         time.sleep(delay)
                         _write_all(fd, memoryview(data)[len(data) // 2 :])
                     else:
-                        _write_all(fd, data)
+                        _write_all(fd, data)  # os.write lets go of the GIL
                     self._fsync_fd(fd)
                 finally:
                     os.close(fd)

@@ -826,3 +826,22 @@ def test_save_and_sync_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch):
     s.close()
     rec = reopen(d)
     assert rec.snapshot.meta.index == 100 and rec.entries == tuple(ents(101, 110, 1))
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 255, 256, 65_535, 65_536, 3_000_000])
+def test_a_snapshot_record_written_in_parts_is_the_one_record(size):
+    """The background write frames the record as a header plus the data in place; the
+    bytes are exactly those of the one-buffer record (msgpack of the whole list)."""
+    import msgpack
+    import zlib
+
+    from nodeagent import storage as storage_mod
+
+    s = snap(7, 2, bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    m = s.meta
+    payload = msgpack.packb([1, m.index, m.term, sorted(m.conf.voters), sorted(m.conf.learners),
+                             [list(p) for p in m.conf.priorities], s.data], use_bin_type=True)
+    n = struct.pack(">I", len(payload))
+    record = n + struct.pack(">I", zlib.crc32(payload, zlib.crc32(n))) + payload
+    head, data = storage_mod._framed_snapshot_parts(s)
+    assert head + data == record == storage_mod._frame(storage_mod._snapshot_payload(s))
