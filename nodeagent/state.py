@@ -95,6 +95,7 @@ recomputes the same value from scratch.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -141,10 +142,12 @@ __all__ = [
     "StateError",
     "StateMachine",
     "StateStatistics",
+    "StateView",
     "check_task_spec",
     "decode_command",
     "diff_replicas",
     "encode_command",
+    "serialize_view",
 ]
 
 DEFAULT_MAX_SESSIONS = 10_000
@@ -635,6 +638,125 @@ class StateStatistics:
     conf_index: int
 
 
+# -- snapshot views -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StateView:
+    """What a snapshot holds, captured by :meth:`StateMachine.snapshot_view`. Treat it
+    as immutable: nothing changes it after the capture."""
+
+    applied_index: int
+    max_sessions: int
+    kv: Mapping[str, bytes]
+    sessions: tuple  # (client, seq, index, cached result), least recently applied first
+    tasks: Mapping[str, Any]
+    conf_index: int
+    voters: tuple
+    learners: tuple
+    priorities: tuple
+    addresses: Mapping[str, str]
+
+
+# A big map is packed in chunks of this many pairs: each chunk is one short C call, so a
+# thread that serializes a snapshot lets the event loop's thread have the GIL between
+# chunks (after at most ``sys.getswitchinterval()``), instead of holding it for the
+# whole state.
+_CHUNK = 4096
+# Keys are sorted in buckets above this many: one sorted() of 300,000 keys holds the GIL
+# for ~90 ms; buckets split at sampled keys are sorted in a few ms each.
+_BUCKET_SORT_ABOVE = 20_000
+
+
+def _sorted_keys(keys: list[str]) -> list[str]:
+    """``sorted(keys)``, without holding the GIL for long on a big list.
+
+    Splitters are every k-th key of a deterministic sample; each key goes to the bucket
+    between two splitters; each bucket is sorted on its own, and the buckets in order
+    are the sorted list (the splitters only decide where the cuts fall, never the
+    order, so the result is exactly ``sorted(keys)``)."""
+    n = len(keys)
+    if n <= _BUCKET_SORT_ABOVE:
+        return sorted(keys)
+    nbuckets = n // 4096 + 1
+    sample = sorted(keys[:: max(1, n // (nbuckets * 16))])
+    splitters = [sample[j * len(sample) // nbuckets] for j in range(1, nbuckets)]
+    buckets: list[list[str]] = [[] for _ in range(nbuckets)]
+    where = bisect.bisect_right
+    for k in keys:  # a Python loop: the GIL changes hands every switch interval
+        buckets[where(splitters, k)].append(k)
+    out: list[str] = []
+    for b in buckets:
+        b.sort()
+        out += b
+    return out
+
+
+def _pack_map_chunked(packer: msgpack.Packer, parts: list, m: Mapping[str, Any], canon: bool) -> None:
+    """Append the canonical msgpack of the str-keyed map ``m`` to ``parts``: byte for
+    byte what ``_pack(m)`` gives, packed a chunk of pairs at a time."""
+    keys = _sorted_keys(list(m))
+    parts.append(packer.pack_map_header(len(keys)))
+    for i in range(0, len(keys), _CHUNK):
+        chunk = keys[i : i + _CHUNK]
+        body = msgpack.packb({k: (_canon(m[k]) if canon else m[k]) for k in chunk}, use_bin_type=True)
+        # drop the chunk's own map header: the pairs follow the one header above
+        parts.append(body[len(packer.pack_map_header(len(chunk))) :])
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin header for ``n`` bytes (msgpack's Packer has no call for it)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def serialize_view(view: StateView) -> bytes:
+    """The canonical snapshot bytes of a view: a pure function of it, safe to call in a
+    worker thread while the machine goes on applying. Equal views give equal bytes, and
+    ``serialize_view(sm.snapshot_view()) == sm.snapshot()``."""
+    packer = msgpack.Packer(use_bin_type=True)
+    pack = packer.pack
+    # The body map, with its keys in sorted order:
+    # applied_index, conf, kv, max_sessions, sessions, tasks
+    parts: list[bytes] = [packer.pack_map_header(6)]
+    parts.append(pack("applied_index"))
+    parts.append(pack(view.applied_index))
+    parts.append(pack("conf"))
+    parts.append(_pack({
+        "index": view.conf_index,
+        "voters": list(view.voters),
+        "learners": list(view.learners),
+        "priorities": [list(p) for p in view.priorities],
+        "addresses": view.addresses,
+    }))
+    parts.append(pack("kv"))
+    _pack_map_chunked(packer, parts, view.kv, canon=False)  # str -> bytes: already canonical
+    parts.append(pack("max_sessions"))
+    parts.append(pack(view.max_sessions))
+    parts.append(pack("sessions"))
+    parts.append(packer.pack_array_header(len(view.sessions)))
+    for i in range(0, len(view.sessions), _CHUNK):
+        chunk = view.sessions[i : i + _CHUNK]
+        body = _pack(list(chunk))
+        parts.append(body[len(packer.pack_array_header(len(chunk))) :])
+    parts.append(pack("tasks"))
+    _pack_map_chunked(packer, parts, view.tasks, canon=True)
+    # The outer map {body, format, sha256, version} around the body's parts, joined once:
+    # a copy of tens of MB is one C call that holds the GIL, so make only one.
+    sha = hashlib.sha256()
+    body_len = 0
+    for p in parts:
+        sha.update(p)  # hashlib lets go of the GIL for big parts
+        body_len += len(p)
+    head = [packer.pack_map_header(4), pack("body"), _bin_header(body_len)]
+    tail = [pack("format"), pack(SNAPSHOT_FORMAT), pack("sha256"), pack(sha.digest()),
+            pack("version"), pack(SNAPSHOT_VERSION)]
+    return b"".join(head + parts + tail)
+
+
 # -- the state machine ----------------------------------------------------------------------
 
 _EMPTY_CONF = ConfState(frozenset())
@@ -959,31 +1081,35 @@ class StateMachine:
     # -- snapshots ----------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """Canonical bytes of the whole state: equal states give equal bytes."""
+        """Canonical bytes of the whole state: equal states give equal bytes.
+
+        The same as ``serialize_view(self.snapshot_view())``; the driver calls the two
+        halves separately, so that only the cheap capture runs in its event loop."""
+        return serialize_view(self.snapshot_view())
+
+    def snapshot_view(self) -> "StateView":
+        """A point-in-time view of the state at ``applied_index``, cheap to take.
+
+        Shallow copies of the sections (``dict(kv)`` is one C-level copy: a few
+        milliseconds for 300,000 keys). The values they share with the machine are never
+        changed in place after they are stored: a kv value is ``bytes``; a task record or
+        a session's cached result is replaced by a new object on every change (each
+        handler builds a copy, see ``_task_set`` and ``_record_session``), which the
+        digest already relies on, since the old object's hash leaves the accumulator. So
+        the view stays as it was however the machine moves on, and
+        :func:`serialize_view` may read it in another thread."""
         c = self._conf
-        body = _pack(
-            {
-                "applied_index": self._applied,
-                "max_sessions": self._max_sessions,
-                "kv": self._kv,
-                "sessions": [[cl, s.seq, s.index, s.wire] for cl, s in self._sessions.items()],
-                "tasks": self._tasks,
-                "conf": {
-                    "index": self._conf_index,
-                    "voters": sorted(c.voters),
-                    "learners": sorted(c.learners),
-                    "priorities": [list(p) for p in c.priorities],
-                    "addresses": self._addresses,
-                },
-            }
-        )
-        return _pack(
-            {
-                "format": SNAPSHOT_FORMAT,
-                "version": SNAPSHOT_VERSION,
-                "body": body,
-                "sha256": hashlib.sha256(body).digest(),
-            }
+        return StateView(
+            applied_index=self._applied,
+            max_sessions=self._max_sessions,
+            kv=dict(self._kv),
+            sessions=tuple((cl, s.seq, s.index, s.wire) for cl, s in self._sessions.items()),
+            tasks=dict(self._tasks),
+            conf_index=self._conf_index,
+            voters=tuple(sorted(c.voters)),
+            learners=tuple(sorted(c.learners)),
+            priorities=tuple(tuple(p) for p in c.priorities),
+            addresses=dict(self._addresses),
         )
 
     def restore(self, data: bytes) -> None:

@@ -24,6 +24,13 @@ The hard state file holds ``[1, term, vote, commit]``; a snapshot file holds ``[
 term, voters, learners, [[node, priority], ...], data]``. Both are replaced atomically
 (temp file, fsync, rename, directory fsync).
 
+A snapshot the application made is stored by ``compact()``, or in two halves so that the
+slow one can run in a worker thread while the driver goes on: ``write_snapshot_file()``
+(temp file ``*.bg.tmp``, fsync, rename, directory fsync; no lock held, nothing else
+changed) then ``finish_compact()`` (under the lock: the log's new base, and the purge of
+old snapshot files and WAL segments). A crash between the two recovers from the new file
+and the WAL after it, which is still whole.
+
 Recovery (``open``): the newest readable snapshot (an unreadable one is skipped with a
 warning), then every WAL record in order. A torn tail (the last record of the last segment
 incomplete or failing its crc, with nothing valid after it, including trailing zeros) is
@@ -162,20 +169,47 @@ def _valid_record_after(buf: bytes, pos: int) -> int | None:
     return None
 
 
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin header for ``n`` bytes (msgpack's Packer has no call for it)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
 def _snapshot_payload(snap: Snapshot) -> bytes:
+    head, data = _snapshot_payload_parts(snap)
+    return head + data
+
+
+def _snapshot_payload_parts(snap: Snapshot) -> tuple[bytes, bytes]:
+    """The snapshot record's payload as (msgpack of everything up to the data's bytes,
+    the data): their concatenation is the payload, so a big snapshot is written without
+    copying its data into one more buffer."""
     m = snap.meta
-    return msgpack.packb(
-        [
-            _FORMAT_VERSION,
-            m.index,
-            m.term,
-            sorted(m.conf.voters),
-            sorted(m.conf.learners),
-            [list(p) for p in m.conf.priorities],
-            bytes(snap.data),
-        ],
-        use_bin_type=True,
-    )
+    data = snap.data
+    p = msgpack.Packer(use_bin_type=True)
+    head = b"".join([
+        p.pack_array_header(7),
+        p.pack(_FORMAT_VERSION),
+        p.pack(m.index),
+        p.pack(m.term),
+        p.pack(sorted(m.conf.voters)),
+        p.pack(sorted(m.conf.learners)),
+        p.pack([list(x) for x in m.conf.priorities]),
+        _bin_header(len(data)),
+    ])
+    return head, data
+
+
+def _framed_snapshot_parts(snap: Snapshot) -> tuple[bytes, bytes]:
+    """``_frame(_snapshot_payload(snap))`` as (header, data): the crc32 runs over the
+    data in place (zlib lets go of the GIL for it)."""
+    head, data = _snapshot_payload_parts(snap)
+    n = _LEN.pack(len(head) + len(data))
+    crc = zlib.crc32(data, zlib.crc32(head, zlib.crc32(n)))
+    return n + _LEN.pack(crc) + head, data
 
 
 def _decode_snapshot(payload) -> Snapshot:
@@ -209,6 +243,15 @@ def _read_single_record(path: str, decode):
     if nxt != len(buf):
         return None, (nxt, f"{len(buf) - nxt} unexpected bytes after the record")
     return rec, None
+
+
+def _test_write_delay() -> float:
+    """Seconds to pause half-way through a background snapshot write: a crash window for
+    tests (``RAFTDECK_TEST_SNAPSHOT_WRITE_DELAY``); 0 unless set."""
+    try:
+        return max(0.0, float(os.environ.get("RAFTDECK_TEST_SNAPSHOT_WRITE_DELAY", "0")))
+    except ValueError:
+        return 0.0
 
 
 def _write_all(fd: int, data) -> None:
@@ -336,6 +379,8 @@ class DiskStorage:
         self._fsync_enabled = fsync
         self._segment_bytes = segment_bytes
         self._lock = threading.RLock()
+        self._snap_write_lock = threading.Lock()  # one write_snapshot_file at a time
+        self._stats_lock = threading.Lock()  # fsync counters: two threads may fsync at once
         self._lock_key: str | None = None
         self._closed = False
         self._failed: BaseException | None = None
@@ -491,7 +536,8 @@ class DiskStorage:
 
     def compact(self, snapshot: Snapshot) -> None:
         """The application snapshotted at ``snapshot.meta.index``: store it durably, then
-        delete the WAL segments nobody needs any more.
+        delete the WAL segments nobody needs any more. The same as
+        :meth:`write_snapshot_file` then :meth:`finish_compact`, in the caller's thread.
 
         The log after the index is kept. Segments are deleted when all their entries are at
         or below the index of the OLDER of the two snapshots kept, so that a damaged newest
@@ -499,17 +545,81 @@ class DiskStorage:
         """
         with self._lock:
             self._check_usable()
-            s, st = snapshot.meta.index, snapshot.meta.term
-            b, last = self._base_index, self._last_index()
-            if s <= b:
-                log.debug("compact(%d): not newer than the stored snapshot %d; ignored", s, b)
+            if not self._check_compact(snapshot):
                 return
-            if s > last:
-                raise ValueError(f"cannot compact at {s}: the log ends at {last}")
-            if self._terms[s - b - 1] != st:
-                raise ValueError(f"cannot compact at {s}: entry {s} has term {self._terms[s - b - 1]}, not {st}")
             try:
                 self._write_snapshot_file(snapshot)
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+            self.finish_compact(snapshot)
+
+    def write_snapshot_file(self, snapshot: Snapshot) -> bool:
+        """The slow half of :meth:`compact`: write the snapshot's file durably (temp file,
+        fsync, rename, directory fsync), changing nothing else. For a worker thread.
+
+        It does not take the storage lock, so ``save()`` and ``sync()`` go on meanwhile
+        (the file is not part of the recovered state until it is renamed into place, and
+        once it is, the WAL still holds everything after an older snapshot, so a crash at
+        any point recovers: from the old snapshot, or from this one, plus the WAL). Only
+        one such write runs at a time. Returns False (and writes nothing) if the storage
+        already holds a snapshot at or past its index. An ``OSError`` leaves no temp file
+        behind and does not make the storage unusable: nothing it relies on was touched.
+        """
+        m = snapshot.meta
+        with self._snap_write_lock:
+            self._check_usable()
+            if m.index <= self._base_index:
+                return False
+            path = self._snap_path(m.index, m.term)
+            tmp = path + ".bg.tmp"  # not save()'s temp name: that one may be written meanwhile
+            head, data = _framed_snapshot_parts(snapshot)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                try:
+                    _write_all(fd, head)
+                    delay = _test_write_delay()
+                    if delay:  # a test's crash window: half the file written, not yet renamed
+                        _write_all(fd, memoryview(data)[: len(data) // 2])
+                        time.sleep(delay)
+                        _write_all(fd, memoryview(data)[len(data) // 2 :])
+                    else:
+                        _write_all(fd, data)  # os.write lets go of the GIL
+                    self._fsync_fd(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                self._fsync_dir(self._snap_dir)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            return True
+
+    def finish_compact(self, snapshot: Snapshot) -> bool:
+        """The cheap half of :meth:`compact`, after :meth:`write_snapshot_file`: make the
+        written snapshot the base of the log and delete the segments and snapshot files
+        nobody needs any more. Returns False if the storage has moved past the snapshot
+        meanwhile (one from the leader was installed): its file is then deleted."""
+        with self._lock:
+            self._check_usable()
+            m = snapshot.meta
+            try:
+                ok = self._check_compact(snapshot)
+            except ValueError:
+                self._discard_snapshot_file(m.index, m.term)
+                raise
+            if not ok:
+                self._discard_snapshot_file(m.index, m.term)
+                return False
+            s, st, b = m.index, m.term, self._base_index
+            try:
+                key = (s, st)
+                if key not in self._snapshots:
+                    self._snapshots.append(key)
+                    self._snapshots.sort()
                 del self._terms[: s - b]
                 self._base_index, self._base_term = s, st
                 self._purge_snapshots()
@@ -517,6 +627,35 @@ class DiskStorage:
             except BaseException as exc:
                 self._fail(exc)
                 raise
+            return True
+
+    def discard_snapshot_file(self, snapshot: Snapshot) -> None:
+        """Delete the file :meth:`write_snapshot_file` wrote for a snapshot that was
+        refused after all (unless it is one the storage keeps)."""
+        with self._lock:
+            self._discard_snapshot_file(snapshot.meta.index, snapshot.meta.term)
+
+    def _discard_snapshot_file(self, index: int, term: int) -> None:
+        if (index, term) in self._snapshots:
+            return
+        try:
+            os.unlink(self._snap_path(index, term))
+        except FileNotFoundError:
+            pass
+
+    def _check_compact(self, snapshot: Snapshot) -> bool:
+        """Whether a snapshot the application made can become the base: False if not
+        newer than the stored one; ValueError if the log does not hold its entry."""
+        s, st = snapshot.meta.index, snapshot.meta.term
+        b, last = self._base_index, self._last_index()
+        if s <= b:
+            log.debug("compact(%d): not newer than the stored snapshot %d; ignored", s, b)
+            return False
+        if s > last:
+            raise ValueError(f"cannot compact at {s}: the log ends at {last}")
+        if self._terms[s - b - 1] != st:
+            raise ValueError(f"cannot compact at {s}: entry {s} has term {self._terms[s - b - 1]}, not {st}")
+        return True
 
     def stats(self) -> dict:
         """Counters for status output (plain JSON-able values).
@@ -614,16 +753,17 @@ class DiskStorage:
         t0 = time.perf_counter()
         os.fsync(fd)
         dt = time.perf_counter() - t0
-        self._fsync_calls += 1
-        self._fsync_sum += dt
-        self._fsync_max = max(self._fsync_max, dt)
-        ms = dt * 1000
-        for i, ub in enumerate(_BUCKETS_MS):
-            if ms <= ub:
-                self._fsync_hist[i] += 1
-                break
-        else:
-            self._fsync_hist[-1] += 1
+        with self._stats_lock:
+            self._fsync_calls += 1
+            self._fsync_sum += dt
+            self._fsync_max = max(self._fsync_max, dt)
+            ms = dt * 1000
+            for i, ub in enumerate(_BUCKETS_MS):
+                if ms <= ub:
+                    self._fsync_hist[i] += 1
+                    break
+            else:
+                self._fsync_hist[-1] += 1
 
     def _fsync_dir(self, path: str) -> None:
         if not self._fsync_enabled:

@@ -82,5 +82,14 @@ class TimedStorage:
     def compact(self, snapshot) -> None:
         self._s.compact(snapshot)
 
+    def write_snapshot_file(self, snapshot) -> bool:
+        return self._s.write_snapshot_file(snapshot)
+
+    def finish_compact(self, snapshot) -> bool:
+        return self._s.finish_compact(snapshot)
+
+    def discard_snapshot_file(self, snapshot) -> None:
+        self._s.discard_snapshot_file(snapshot)
+
     def stats(self) -> dict:
         return self._s.stats()

@@ -251,11 +251,31 @@ class RaftNode:
         else:
             self._send_append(to)
 
-    def create_snapshot(self, data: bytes) -> Snapshot:
-        """The application serialized its state at ``applied``: make it the snapshot and
-        compact the log up to it. The driver persists the returned snapshot."""
-        index = self.log.applied
-        term = self.log.term(index)
+    def create_snapshot(self, data: bytes, index: int | None = None) -> Snapshot | None:
+        """The application serialized its state at ``index`` (default: ``applied``): make
+        it the snapshot and compact the log up to it. The driver persists the returned
+        snapshot.
+
+        An explicit ``index`` is for a snapshot serialized in the background while the
+        node went on applying: it must be at most ``applied`` (else ``ValueError``: the
+        caller's bug). A snapshot the node has moved past meanwhile is refused and None
+        returned: ``index`` not above the current snapshot (one from the leader was
+        installed), its entry no longer in the log, or a membership change applied
+        after ``index`` (the snapshot's configuration would be the wrong one; the next
+        snapshot will carry it).
+        """
+        log = self.log
+        if index is None:
+            index = log.applied
+        else:
+            if index > log.applied:
+                raise ValueError(f"snapshot index {index} is beyond the applied index {log.applied}")
+            if index <= log.snapshot_index() or log.term(index) is None:
+                return None
+            later = log.entries[index - log.offset : log.applied - log.offset]  # index+1 .. applied
+            if any(e.kind is EntryKind.CONF_CHANGE for e in later):
+                return None
+        term = log.term(index)
         assert term is not None
         snap = Snapshot(SnapshotMeta(index, term, self.conf), data)
         self.log.compact(snap, self.cfg.compaction_keep)

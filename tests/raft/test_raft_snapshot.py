@@ -137,3 +137,94 @@ def test_restart_after_installing_a_snapshot_from_the_leader():
     net.tick_all(1)
     assert net.apps["c"].values[-1] == b"more"
     assert len(net.sent(InstallSnapshot)) == 1
+
+
+# -- snapshots made in the background at an older applied index ----------------------------
+
+
+def test_a_snapshot_at_an_older_index_compacts_to_it_and_keeps_the_tail():
+    """The driver captured the state at index 5, serialized it while the node applied up
+    to 7: the snapshot is at 5 with 5's term, and entries 6..7 stay in the log (memory
+    and storage), so nothing applied after the capture is lost."""
+    net = Network("abc", compaction_keep=0)
+    net.campaign("a")
+    for i in range(5):
+        net.propose("a", b"v%d" % i)
+    net.stabilize()
+    a = net["a"]
+    assert a.log.applied == 7
+    data_at_5 = b'["v0", "v1", "v2"]'
+    snap = a.create_snapshot(data_at_5, index=5)
+    assert snap is not None
+    assert (snap.meta.index, snap.meta.term, snap.data) == (5, 2, data_at_5)
+    assert a.log.snapshot_index() == 5 and a.log.first_index() == 6 and a.log.last_index() == 7
+    assert [e.data for e in a.log.entries] == [b"v3", b"v4"]
+    net.storage["a"].compact(snap)
+    assert [e.index for e in net.storage["a"].durable.entries] == [6, 7]
+
+    # c, cut off, falls behind the snapshot and is caught up from it plus the tail
+    net.isolate("c")
+    net.propose("a", b"v5")
+    net.stabilize()
+    snap2 = a.create_snapshot(b'["v0", "v1", "v2", "v3", "v4", "v5"]', index=8)
+    net.storage["a"].compact(snap2)
+    net.recover()
+    net.tick_all(2)
+    net.stabilize()
+    assert net.apps["c"].values[-1] == b"v5"
+
+
+def test_a_stale_background_snapshot_is_refused():
+    """Not above the current snapshot, or beyond applied: refused (None) or a bug
+    (ValueError); the log is left as it was."""
+    net = Network("abc", compaction_keep=0)
+    net.campaign("a")
+    for i in range(5):
+        net.propose("a", b"v%d" % i)
+    net.stabilize()
+    a = net["a"]
+    net.snapshot("a")  # at 7
+    before = (a.log.snapshot, a.log.offset, list(a.log.entries))
+    assert a.create_snapshot(b"old", index=5) is None
+    assert a.create_snapshot(b"same", index=7) is None
+    assert (a.log.snapshot, a.log.offset, list(a.log.entries)) == before
+    try:
+        a.create_snapshot(b"future", index=8)
+    except ValueError as e:
+        assert "beyond the applied index 7" in str(e)
+    else:
+        raise AssertionError("a snapshot beyond applied was accepted")
+
+
+def test_a_background_snapshot_overtaken_by_an_installed_one_is_dropped():
+    """c captured its state at some index, then the leader's InstallSnapshot moved it past
+    that index: the stale snapshot must not replace the installed one."""
+    net = cluster_with_snapshot("c", n=10, keep=0)
+    c = net["c"]
+    stale_index = c.log.applied  # what c had applied when it "captured" its view
+    net.tick_all(2)
+    net.stabilize()
+    assert net.sent(InstallSnapshot)
+    assert c.log.snapshot_index() == 12 > stale_index
+    installed = c.log.snapshot
+    assert c.create_snapshot(b"stale", index=stale_index) is None
+    assert c.log.snapshot is installed
+
+
+def test_a_background_snapshot_across_a_membership_change_is_refused():
+    """A conf change applied after the captured index: the snapshot would carry the new
+    membership with the old state, so it is refused; one taken after it is fine."""
+    from nodeagent.raft.messages import ConfChange, ConfChangeOp
+
+    net = Network("abc", compaction_keep=0)
+    net.campaign("a")
+    net.propose("a", b"v0")
+    net.stabilize()
+    a = net["a"]
+    captured = a.log.applied
+    net.propose_conf_change("a", ConfChange(ConfChangeOp.ADD_LEARNER, "d"))
+    net.stabilize()
+    assert a.log.applied > captured and "d" in a.conf.learners
+    assert a.create_snapshot(b"old", index=captured) is None
+    snap = a.create_snapshot(b"new", index=a.log.applied)
+    assert snap is not None and "d" in snap.meta.conf.learners

@@ -344,6 +344,7 @@ class SimNode:
     last_commit: int = 0
     held: list = field(default_factory=list)  # messages that arrived while paused
     incarnation: int = 0
+    background: tuple | None = None  # (incarnation, index, data, due step): a snapshot in flight
 
 
 def default_node_factory(cfg: Config, state: PersistentState, rng, bootstrap):
@@ -379,6 +380,13 @@ class Simulation:
         self.rng_client = random.Random(master.random())
         self.rng_disk = random.Random(master.random())
         self.rng_nodes = random.Random(master.random())
+        # Background snapshots (as the agent's driver takes them): the state is captured at
+        # applied = A and adopted with create_snapshot(data, index=A) some steps later,
+        # after the node went on (or was overtaken by a snapshot from the leader, a
+        # membership change, a crash). Its own stream, seeded apart from ``master``, so the
+        # other decisions of a seed stay as they were.
+        self.rng_snap = random.Random(f"{seed}/background-snapshots")
+        self.background_snapshots = self.rng_snap.random() < 0.5
         self.now = 0
         self.seq = 0
         self.events: list = []
@@ -399,7 +407,7 @@ class Simulation:
         self.read_seq = 0
         self.proposed = 0
         self.stats = {"elections": 0, "crashes": 0, "pauses": 0, "partitions": 0,
-                      "conf_changes": 0, "transfers": 0, "snapshots": 0, "reads_ok": 0,
+                      "conf_changes": 0, "transfers": 0, "snapshots": 0, "snapshots_dropped": 0, "reads_ok": 0,
                       "max_commit": 0, "liveness_ms": 0, "fsync_crashes": 0}
 
         ids = [self._new_id() for _ in range(self.p.nodes)]
@@ -846,7 +854,26 @@ class Simulation:
 
     def _snapshot_maybe(self, sn: SimNode) -> None:
         raft = sn.raft
+        if sn.background is not None:
+            incarnation, index, data, due = sn.background
+            if incarnation != sn.incarnation:
+                sn.background = None  # the node crashed meanwhile: the capture is gone
+            elif self.step_no >= due:
+                sn.background = None
+                snap = raft.create_snapshot(data, index=index)
+                if snap is None:
+                    self.stats["snapshots_dropped"] += 1
+                    return
+                assert snap.meta.index == index
+                sn.disk.compact(snap, sn.mirror.chain_at(index))
+                sn.mirror.compact(raft.log.offset)
+                self.stats["snapshots"] += 1
+            return
         if raft.log.applied - raft.log.snapshot_index() >= self.p.snapshot_interval:
+            if self.background_snapshots:
+                sn.background = (sn.incarnation, raft.log.applied, sn.sm.snapshot_bytes(),
+                                 self.step_no + self.rng_snap.randrange(1, 300))
+                return
             snap = raft.create_snapshot(sn.sm.snapshot_bytes())
             sn.disk.compact(snap, sn.mirror.chain_at(snap.meta.index))
             sn.mirror.compact(raft.log.offset)

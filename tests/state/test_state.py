@@ -731,6 +731,6 @@ def test_state_module_is_pure():
             imported.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
-    allowed = {"__future__", "hashlib", "collections", "collections.abc", "dataclasses", "types", "typing",
+    allowed = {"__future__", "bisect", "hashlib", "collections", "collections.abc", "dataclasses", "types", "typing",
                "msgpack", "nodeagent.raft.messages"}
     assert imported <= allowed, imported - allowed

@@ -727,3 +727,121 @@ def test_a_crash_keeps_term_and_vote_and_an_older_commit(tmp_path):
     assert (rec.hard_state.term, rec.hard_state.vote) == (5, "b")
     assert rec.hard_state.commit <= 6
     assert [e.index for e in rec.entries] == list(range(1, 7))
+
+
+# -- snapshots written in the background ----------------------------------------------------
+
+
+def test_background_snapshot_write_then_finish_is_compact(tmp_path):
+    """write_snapshot_file (in a worker thread) + finish_compact (under the lock) leave the
+    same directory as compact(): the snapshot, the WAL after the older kept snapshot."""
+    dirs = {}
+    for how in ("compact", "split"):
+        d = dirs[how] = tmp_path / how
+        s = DiskStorage.open(d, segment_bytes=400)
+        s.save(HardState(1, "a", 200), ents(1, 200, 1), None)
+        s.sync()
+        for i in (100, 150, 190):
+            if how == "compact":
+                s.compact(snap(i, 1))
+            else:
+                base = s.stats()["snapshot_index"]
+                assert s.write_snapshot_file(snap(i, 1))
+                assert s.stats()["snapshot_index"] == base  # nothing moved yet
+                assert s.finish_compact(snap(i, 1))
+        s.close()
+    assert snapshots(dirs["compact"]) == snapshots(dirs["split"])
+    assert [os.path.basename(p) for p in segments(dirs["compact"])] == [
+        os.path.basename(p) for p in segments(dirs["split"])]
+    rec = reopen(dirs["split"], segment_bytes=400)
+    assert rec.snapshot == snap(190, 1) and rec.entries == tuple(ents(191, 200, 1))
+
+
+def test_a_crash_between_the_snapshot_write_and_finish_recovers_from_it(tmp_path):
+    """The file is in place but the in-memory base and the WAL were not touched: recovery
+    starts at the new snapshot and replays the WAL after it; the older snapshot is kept."""
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d, segment_bytes=400)
+    s.save(HardState(1, "a", 120), ents(1, 120, 1), None)
+    s.sync()
+    s.compact(snap(50, 1))
+    assert s.write_snapshot_file(snap(100, 1))
+    s.save(None, ents(121, 130, 1), None)  # the node went on meanwhile
+    s.sync()
+    crashed = tmp_path / "crashed"  # what a crash here leaves on disk: no close, no finish
+    shutil.copytree(d, crashed)
+    s.close()
+    d = crashed
+    rec = reopen(d, segment_bytes=400)
+    assert rec.snapshot == snap(100, 1)
+    assert rec.entries == tuple(ents(101, 130, 1))
+    assert snapshots(d) == ["snap-00000000000000000050-1.snap", "snap-00000000000000000100-1.snap"]
+
+
+def test_a_background_snapshot_overtaken_by_the_leaders_is_dropped(tmp_path):
+    """While our snapshot at 100 was written, a snapshot from the leader at 300 (another
+    history) replaced the log: finish_compact refuses ours and deletes its file."""
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d)
+    s.save(HardState(1, "a", 120), ents(1, 120, 1), None)
+    s.sync()
+    assert s.write_snapshot_file(snap(100, 1))
+    s.save(HardState(3, None, 300), [], snap(300, 3))
+    s.sync()
+    assert not s.finish_compact(snap(100, 1))
+    assert snapshots(d) == ["snap-00000000000000000300-3.snap"]
+    assert not s.write_snapshot_file(snap(200, 1))  # behind the base: nothing written
+    assert snapshots(d) == ["snap-00000000000000000300-3.snap"]
+    s.close()
+    rec = reopen(d)
+    assert rec.snapshot == snap(300, 3) and rec.entries == ()
+
+
+def test_save_and_sync_go_on_while_a_snapshot_is_written(tmp_path, monkeypatch):
+    """The background write does not hold the storage lock: appends and fsyncs of the
+    WAL complete while it is stalled half-way (the test hook's pause)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("RAFTDECK_TEST_SNAPSHOT_WRITE_DELAY", "3")
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d)
+    s.save(HardState(1, "a", 100), ents(1, 100, 1), None)
+    s.sync()
+    t = threading.Thread(target=s.write_snapshot_file, args=(snap(100, 1, b"x" * 100_000),))
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(n.endswith(".bg.tmp") for n in os.listdir(d / "snap")):
+            assert time.monotonic() < deadline, "the background write never started"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        s.save(HardState(1, "a", 110), ents(101, 110, 1), None)
+        s.sync()
+        assert t.is_alive(), "the write finished before the WAL work: the test proves nothing"
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        t.join(30)
+    assert s.finish_compact(snap(100, 1, b"x" * 100_000))
+    s.close()
+    rec = reopen(d)
+    assert rec.snapshot.meta.index == 100 and rec.entries == tuple(ents(101, 110, 1))
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 255, 256, 65_535, 65_536, 3_000_000])
+def test_a_snapshot_record_written_in_parts_is_the_one_record(size):
+    """The background write frames the record as a header plus the data in place; the
+    bytes are exactly those of the one-buffer record (msgpack of the whole list)."""
+    import msgpack
+    import zlib
+
+    from nodeagent import storage as storage_mod
+
+    s = snap(7, 2, bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    m = s.meta
+    payload = msgpack.packb([1, m.index, m.term, sorted(m.conf.voters), sorted(m.conf.learners),
+                             [list(p) for p in m.conf.priorities], s.data], use_bin_type=True)
+    n = struct.pack(">I", len(payload))
+    record = n + struct.pack(">I", zlib.crc32(payload, zlib.crc32(n))) + payload
+    head, data = storage_mod._framed_snapshot_parts(s)
+    assert head + data == record == storage_mod._frame(storage_mod._snapshot_payload(s))
