@@ -266,6 +266,11 @@ class ClusterClient:
         self._session_ids = itertools.count(1)
         self._connect_locks: dict[str, asyncio.Lock] = {}
 
+    # The longest pause between attempts while no leader answers: an election takes a few
+    # hundred ms, so polling every ~50 ms finds the new leader soon after it is elected
+    # (a 250 ms cap added up to that much to a failover as clients saw it).
+    search_delay_max = 0.05
+
     @classmethod
     def from_inventory(cls, path: str, *, role: str = "admin", cert: str | None = None,
                        key: str | None = None, **kw) -> "ClusterClient":
@@ -332,6 +337,7 @@ class ClusterClient:
         delay = 0.02
         tried = 0
         while True:
+            cap = self.search_delay_max  # looking for a leader: poll often
             names = self._candidates(tried)
             if not names:
                 break
@@ -362,6 +368,8 @@ class ClusterClient:
                         unknown = e
                     if e.code != "busy":
                         self.leader = None
+                    else:
+                        cap = 0.25  # an overloaded leader: back off further
                 else:
                     if unknown is not None and changes_state:
                         # An earlier attempt may have applied: a refusal of this one says
@@ -371,7 +379,7 @@ class ClusterClient:
             if loop.time() + delay >= deadline:
                 break
             await asyncio.sleep(delay * (0.5 + self.rng.random()))
-            delay = min(delay * 2, 0.25)
+            delay = min(delay * 2, cap)
         if unknown is not None and changes_state:
             raise OutcomeUnknown(f"{type_}: {unknown}")
         raise last or unknown or ConnectionFailed("no agent reachable")
