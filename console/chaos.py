@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from console import linearizability as lin
+from console.argtypes import int_range, positive_float
 from console.client import ClusterClient, ConnectionFailed, OutcomeUnknown, RequestError
 from console.history import Op, check_tasks, dump_line, latency_stats
 
@@ -663,25 +664,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 f"unknown nemesis {bad[0]!r}: use a comma list of {', '.join(NEMESES)} (or none)")
         return kinds
 
-    def count(lo: int, hi: int):
-        def check(text: str) -> int:
-            try:
-                v = int(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-            if not lo <= v <= hi:
-                raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, not {v}")
-            return v
-        return check
-
-    def seconds(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-        return v
+    count, seconds = int_range, positive_float
 
     p.add_argument("--nodes", type=count(1, 15), default=5, help="agents to start (default 5)")
     p.add_argument("--duration", type=seconds, default=60.0, metavar="S",

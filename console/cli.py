@@ -19,6 +19,8 @@ import time
 import uuid
 from typing import Any
 
+from console.argtypes import int_range, positive_float
+
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the local agents when the console exits")
     p.add_argument("--readonly", action="store_true",
                    help="open the console read-only: every action key is refused")
-    p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
+    p.add_argument("--wait-s", type=positive_float, default=30.0, metavar="S",
                    help="how long to wait for a leader with a quorum (default 30)")
 
     p = sub.add_parser("bench", help="benchmarks: raftdeck side by side with PySyncObj",
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("down", _cmd_down, "stop the local agents that `up` started",
             "Stop every local agent that has a pid file: SIGTERM, then SIGKILL after --grace-s. "
             "Removes the pid files. Agents started by other means are left alone.")
-    p.add_argument("--grace-s", type=_positive_float, default=10.0, metavar="S",
+    p.add_argument("--grace-s", type=positive_float, default=10.0, metavar="S",
                    help="seconds between SIGTERM and SIGKILL (default 10)")
 
     cmd("status", _cmd_status, "one line per agent and a health line",
@@ -129,25 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=("sleep", "cpu", "echo", "shell"))
     p.add_argument("--arg", action="append", default=[], metavar="K=V",
                    help="a task argument (repeatable)")
-    p.add_argument("--count", type=_int_range(1, 100000), default=1, metavar="N",
+    p.add_argument("--count", type=int_range(1, 100000), default=1, metavar="N",
                    help="how many tasks (default 1)")
-    p.add_argument("--timeout-ms", type=_int_range(1, 86_400_000), default=60_000, metavar="T",
+    p.add_argument("--timeout-ms", type=int_range(1, 86_400_000), default=60_000, metavar="T",
                    help="per-attempt time limit (default 60000)")
-    p.add_argument("--max-attempts", type=_int_range(1, 100), default=None, metavar="N",
+    p.add_argument("--max-attempts", type=int_range(1, 100), default=None, metavar="N",
                    help="attempts per task (default: the cluster's max_attempts)")
     p.add_argument("--policy", choices=("least_loaded", "round_robin", "weighted", "hash"),
                    help="placement policy (default: the cluster's)")
     p.add_argument("--key", help="placement key for the hash policy")
     p.add_argument("--id-prefix", default="t-", metavar="X", help="task id prefix (default t-)")
     p.add_argument("--wait", action="store_true", help="wait for the results")
-    p.add_argument("--wait-s", type=_positive_float, default=120.0, metavar="S",
+    p.add_argument("--wait-s", type=positive_float, default=120.0, metavar="S",
                    help="with --wait: give up after this long (default 120)")
 
     p = cmd("tasks", _cmd_tasks, "list tasks", "List tasks in submission order.")
     p.add_argument("--state", choices=("submitted", "assigned", "running", "succeeded",
                                        "failed", "timed_out", "cancelled"))
     p.add_argument("--node", help="only tasks placed on this node")
-    p.add_argument("--limit", type=_int_range(1, 10000), default=100, metavar="L",
+    p.add_argument("--limit", type=int_range(1, 10000), default=100, metavar="L",
                    help="at most this many (default 100)")
     p.add_argument("--after", metavar="ID", help="start after this task id (paging)")
 
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "certificate in use); another role exits 1.")
         p.add_argument("node", metavar="NODE")
         if verb == "restart":
-            p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
+            p.add_argument("--wait-s", type=positive_float, default=30.0, metavar="S",
                            help="how long to wait for it to answer (default 30)")
 
     p = cmd("partition", None, "cut Raft traffic between nodes",
@@ -178,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
             "one direction only. Client traffic is not affected. Undo with `raftdeck heal`.")
     psub = p.add_subparsers(dest="shape", metavar="SHAPE", parser_class=_Parser, required=True)
     fault = _Parser(add_help=False)
-    fault.add_argument("--duration-ms", type=_int_range(1, 2**31 - 1), metavar="T",
+    fault.add_argument("--duration-ms", type=int_range(1, 2**31 - 1), metavar="T",
                        help="heal by itself after T ms (default: until `raftdeck heal`)")
     _common(fault, argparse.SUPPRESS)
     q = psub.add_parser("isolate", parents=[fault], help="cut one node off from all others",
@@ -237,13 +239,13 @@ def _deploy_parsers(cmd) -> None:
     """deploy / upgrade / undeploy / logs (their code is console/deploy.py)."""
     ssh = _Parser(add_help=False)
     ssh.add_argument("--hosts", metavar="A,B", help="only these nodes (default: every node with ssh:)")
-    ssh.add_argument("--parallel", type=_int_range(1, 256), default=4, metavar="N",
+    ssh.add_argument("--parallel", type=int_range(1, 256), default=4, metavar="N",
                      help="hosts worked on at once (default 4)")
     ssh.add_argument("--known-hosts", metavar="PATH", help="known_hosts file (default "
                      "$RAFTDECK_KNOWN_HOSTS, else ~/.ssh/known_hosts)")
     ssh.add_argument("--accept-new-host-keys", action="store_true",
                      help="learn the key of a host not in known_hosts (a changed key is never accepted)")
-    ssh.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="S",
+    ssh.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="S",
                      help="seconds to wait for a host's SSH connection (default 10)")
     wheels = _Parser(add_help=False)
     wheels.add_argument("--wheel", metavar="PATH", help="install this raftdeck wheel (default: "
@@ -260,7 +262,7 @@ def _deploy_parsers(cmd) -> None:
             "a failing host does not stop the others; exit 1 if any failed.")
     p._add_container_actions(ssh)
     p._add_container_actions(wheels)
-    p.add_argument("--wait-s", type=_positive_float, default=30.0, metavar="S",
+    p.add_argument("--wait-s", type=positive_float, default=30.0, metavar="S",
                    help="how long to wait for a leader after deploying (default 30)")
     p = cmd("upgrade", _cmd_upgrade, "rolling upgrade of the deployed agents",
             "Deploy the new wheel one node at a time: followers first, the leader last after "
@@ -269,7 +271,7 @@ def _deploy_parsers(cmd) -> None:
             "first failure.")
     p._add_container_actions(ssh)
     p._add_container_actions(wheels)
-    p.add_argument("--catch-up-s", type=_positive_float, default=60.0, metavar="S",
+    p.add_argument("--catch-up-s", type=positive_float, default=60.0, metavar="S",
                    help="how long each node may take to catch up (default 60)")
     p = cmd("undeploy", _cmd_undeploy, "stop the deployed agents and remove their files",
             "Stop each deployed agent (SIGTERM, SIGKILL after --grace-s) and remove what deploy "
@@ -277,12 +279,12 @@ def _deploy_parsers(cmd) -> None:
             "logs are kept unless --purge-data.")
     p._add_container_actions(ssh)
     p.add_argument("--purge-data", action="store_true", help="also delete the data directory and logs")
-    p.add_argument("--grace-s", type=_positive_float, default=10.0, metavar="S",
+    p.add_argument("--grace-s", type=positive_float, default=10.0, metavar="S",
                    help="seconds between SIGTERM and SIGKILL (default 10)")
     p = cmd("logs", _cmd_logs, "the last lines of a node's agent log (local or over SSH)",
             "Print the last lines of a node's JSON log; for a remote node they are read over SSH.")
     p.add_argument("node", metavar="NODE")
-    p.add_argument("--lines", "-n", type=_int_range(1, 100000), default=50, metavar="N",
+    p.add_argument("--lines", "-n", type=int_range(1, 100000), default=50, metavar="N",
                    help="how many lines (default 50)")
     p.add_argument("--stderr", action="store_true", help="also the agent's stdout/stderr file")
 
@@ -319,7 +321,7 @@ def _common(p: argparse.ArgumentParser, default) -> None:
                    help="the inventory file (default inventory.yaml)")
     p.add_argument("--json", action="store_true", default=default if sup else False,
                    help="print one JSON document instead of text")
-    p.add_argument("--timeout", type=_positive_float, metavar="S",
+    p.add_argument("--timeout", type=positive_float, metavar="S",
                    default=default if sup else 10.0,
                    help="how long one cluster operation may take, retries included (default 10)")
     p.add_argument("--role", choices=("viewer", "operator", "admin"),
@@ -330,29 +332,6 @@ def _common(p: argparse.ArgumentParser, default) -> None:
                    help="with TLS: present this certificate instead (with --tls-key)")
     p.add_argument("--tls-key", metavar="PATH", default=default if sup else None,
                    help="with TLS: the private key of --tls-cert")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-    return v
-
-
-def _int_range(lo: int, hi: int):
-    def check(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, not {v}")
-        return v
-
-    return check
 
 
 # == main ========================================================================================
