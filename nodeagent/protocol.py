@@ -35,6 +35,7 @@ import msgpack
 from nodeagent.raft import messages as rm
 
 __all__ = [
+    "bin_header",
     "CLOSED",
     "DEFAULT_MAX_FRAME",
     "MESSAGE_SCHEMAS",
@@ -1119,3 +1120,12 @@ class FrameDecoder:
         elif self._pos >= _COMPACT_AT:
             del self._buf[: self._pos]
             self._pos = 0
+
+
+def bin_header(n: int) -> bytes:
+    """The msgpack bin header for ``n`` bytes (msgpack's Packer has no call for it)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")

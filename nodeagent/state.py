@@ -105,6 +105,7 @@ from typing import Any
 
 import msgpack
 
+from nodeagent.protocol import bin_header
 from nodeagent.raft.messages import ConfChange, ConfChangeOp, ConfState, EntryKind
 
 __all__ = [
@@ -704,15 +705,6 @@ def _pack_map_chunked(packer: msgpack.Packer, parts: list, m: Mapping[str, Any],
         parts.append(body[len(packer.pack_map_header(len(chunk))) :])
 
 
-def _bin_header(n: int) -> bytes:
-    """The msgpack bin header for ``n`` bytes (msgpack's Packer has no call for it)."""
-    if n < 1 << 8:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n < 1 << 16:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
-
-
 def serialize_view(view: StateView) -> bytes:
     """The canonical snapshot bytes of a view: a pure function of it, safe to call in a
     worker thread while the machine goes on applying. Equal views give equal bytes, and
@@ -751,7 +743,7 @@ def serialize_view(view: StateView) -> bytes:
     for p in parts:
         sha.update(p)  # hashlib lets go of the GIL for big parts
         body_len += len(p)
-    head = [packer.pack_map_header(4), pack("body"), _bin_header(body_len)]
+    head = [packer.pack_map_header(4), pack("body"), bin_header(body_len)]
     tail = [pack("format"), pack(SNAPSHOT_FORMAT), pack("sha256"), pack(sha.digest()),
             pack("version"), pack(SNAPSHOT_VERSION)]
     return b"".join(head + parts + tail)

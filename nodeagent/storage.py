@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from nodeagent.protocol import bin_header
 from nodeagent.raft.messages import (
     ConfState,
     Entry,
@@ -169,15 +170,6 @@ def _valid_record_after(buf: bytes, pos: int) -> int | None:
     return None
 
 
-def _bin_header(n: int) -> bytes:
-    """The msgpack bin header for ``n`` bytes (msgpack's Packer has no call for it)."""
-    if n < 1 << 8:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n < 1 << 16:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
-
-
 def _snapshot_payload(snap: Snapshot) -> bytes:
     head, data = _snapshot_payload_parts(snap)
     return head + data
@@ -198,7 +190,7 @@ def _snapshot_payload_parts(snap: Snapshot) -> tuple[bytes, bytes]:
         p.pack(sorted(m.conf.voters)),
         p.pack(sorted(m.conf.learners)),
         p.pack([list(x) for x in m.conf.priorities]),
-        _bin_header(len(data)),
+        bin_header(len(data)),
     ])
     return head, data
 
