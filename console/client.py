@@ -401,7 +401,14 @@ class ClusterClient:
         raise OutcomeUnknown("could not register a client session")
 
     async def _write(self, type_: str, **fields) -> Any:
-        s = await self._session()
+        try:
+            s = await self._session()
+        except RequestError as e:
+            if e.code == "forbidden" and e.message.startswith("register "):
+                # The session is ours, the write is what the operator asked for: name it.
+                raise RequestError(e.code, type_ + e.message[len("register"):], e.leader,
+                                   e.node) from None
+            raise
         seq = s.next_seq
         s.next_seq += 1
         try:

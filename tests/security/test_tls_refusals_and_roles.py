@@ -138,6 +138,11 @@ def test_roles_viewer_operator_admin_and_the_audit_log(cluster):
             await expect_forbidden(viewer.call(leader, "put", key="k", value=b"v",
                                                client_id="v1", seq=1), "operator")
             await expect_forbidden(viewer.call(leader, "register", client_id="v1"), "operator")
+            # Through the client library the refusal names the write asked for, not the
+            # session registration it starts with.
+            with pytest.raises(RequestError) as e:
+                await viewer.put("k", b"v")
+            assert e.value.code == "forbidden" and e.value.message.startswith("put needs the operator role")
             await expect_forbidden(viewer.call(follower, "put", key="k", value=b"v", client_id="v1",
                                                seq=2, forward=True), "operator")
             await expect_forbidden(viewer.fault(follower, action="partition", **{"from": [follower]}),
