@@ -21,7 +21,7 @@ from pathlib import Path
 import msgpack
 
 from console.client import ClusterClient, OutcomeUnknown
-from console.local import LocalCluster, free_ports
+from console.local import LocalCluster, free_ports, stop_processes
 from nodeagent.config import ClusterConfig
 
 
@@ -331,16 +331,7 @@ class PySyncObjCluster:
     async def stop(self) -> None:
         if self.mon is not None:
             await self.mon.close()
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 10
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
+        stop_processes(self.procs.values())
 
     def client(self) -> PsoClient:
         return PsoClient(self._addresses(), timeout=self.timeout)

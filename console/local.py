@@ -31,6 +31,22 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def stop_processes(procs, grace_s: float = 10.0) -> None:
+    """SIGTERM every process still running, wait up to ``grace_s`` for them all, SIGKILL
+    (and reap) whichever is left."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+
+
 class LocalCluster:
     def __init__(self, tmp: Path, n: int = 3, *, priorities: dict[str, int] | None = None,
                  election_ms: int = 1000, heartbeat_ms: int = 100,
@@ -131,18 +147,11 @@ class LocalCluster:
         return p is not None and p.poll() is None
 
     def stop_all(self) -> None:
-        for n, p in self.procs.items():
+        for p in self.procs.values():
             if p.poll() is None:
                 with _suppress():
-                    os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-        deadline = time.monotonic() + 10
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
+                    os.kill(p.pid, signal.SIGCONT)  # a paused agent cannot handle SIGTERM
+        stop_processes(self.procs.values())
 
     def stderr(self, name: str) -> str:
         path = self.tmp / f"{name}.stderr"
