@@ -77,6 +77,13 @@ class Config:
     # behind (or one that just installed a snapshot while the leader took the next one)
     # catches up with appends instead of needing another snapshot.
     compaction_keep: int = 1000
+    # When the leader's commit index advances: True (etcd's way) sends every follower an
+    # append at once, empty if it has nothing new, just to carry the index; False
+    # (hashicorp/raft's way) lets the index ride on the next append or heartbeat (within
+    # one heartbeat_tick; a ReadIndex's own heartbeat round carries it too). Lazy halves
+    # the messages per write when writes come one at a time (docs/BENCHMARKS.md);
+    # followers apply up to one heartbeat later.
+    eager_commit: bool = False
 
     def __post_init__(self) -> None:
         if self.heartbeat_tick < 1 or self.election_tick <= self.heartbeat_tick:
@@ -333,7 +340,7 @@ class RaftNode:
             if self.role is Role.LEADER and self.id in self.prs:
                 # The leader counts itself only for what it has persisted.
                 if self.prs[self.id].maybe_update(self.log.stable) and self._maybe_commit():
-                    self._bcast_append()
+                    self._commit_advanced()
         for e in rd.committed_entries:
             self.log.applied_to(e.index)
             if e.kind is EntryKind.CONF_CHANGE:
@@ -655,7 +662,7 @@ class RaftNode:
         elif pr.state is ProgressState.REPLICATE:
             pr.inflights.free_le(m.index)
         if self._maybe_commit():
-            self._bcast_append()
+            self._commit_advanced()
         elif was_paused:
             self._send_append(m.frm)
         while self._send_append(m.frm, send_if_empty=False):
@@ -719,6 +726,16 @@ class RaftNode:
         self._send(InstallSnapshot(self.id, to, self.term, snap))
         pr.become_snapshot(snap.meta.index)
         return True
+
+    def _commit_advanced(self) -> None:
+        """Tell the followers about a new commit index: at once (``eager_commit``), or
+        only along with entries they have not been sent yet; heartbeats carry it anyway."""
+        if self.cfg.eager_commit:
+            self._bcast_append()
+            return
+        for nid in sorted(self.prs):
+            if nid != self.id:
+                self._send_append(nid, send_if_empty=False)
 
     def _bcast_append(self) -> None:
         for nid in sorted(self.prs):

@@ -212,7 +212,9 @@ class Network:
         ids = list(ids)
         learners = list(learners)
         self.seed = seed
-        self.config = config
+        # These tests were written for etcd's eager commit propagation (followers hear of
+        # a commit at once); test_commit_propagation.py covers the lazy default.
+        self.config = {"eager_commit": True, **config}
         self.conf = ConfState.of([i for i in ids if i not in learners], learners, priorities)
         self.nodes: dict[str, RaftNode] = {}
         self.storage: dict[str, MemoryStorage] = {}

@@ -387,6 +387,10 @@ class Simulation:
         # other decisions of a seed stay as they were.
         self.rng_snap = random.Random(f"{seed}/background-snapshots")
         self.background_snapshots = self.rng_snap.random() < 0.5
+        # How a leader tells followers of a new commit index: at once (eager) or with the
+        # next append or heartbeat (lazy, the agents' default). Half the seeds each; its own
+        # stream too.
+        self.eager_commit = random.Random(f"{seed}/eager-commit").random() < 0.5
         self.now = 0
         self.seq = 0
         self.events: list = []
@@ -427,7 +431,8 @@ class Simulation:
         tail = "\n".join(self.trace[-25:])
         raise SimFailure(
             f"seed {self.seed}: step {self.step_no} t={self.now}ms: {what}\n"
-            f"profile: {self.p}\nlast events:\n{tail}\n"
+            f"profile: {self.p}; snapshots: {'background' if self.background_snapshots else 'inline'}; "
+            f"commit: {'eager' if self.eager_commit else 'lazy'}\nlast events:\n{tail}\n"
             f"replay: {self.replay_hint or f'python -m tests.sim --seed {self.seed} --steps {self.steps}'}"
         )
 
@@ -449,7 +454,8 @@ class Simulation:
         return Config(n, election_tick=ELECTION_TICK, heartbeat_tick=HEARTBEAT_TICK,
                       max_inflight=self.p.max_inflight,
                       max_entries_per_msg=self.p.max_entries_per_msg,
-                      compaction_keep=self.p.compaction_keep)
+                      compaction_keep=self.p.compaction_keep,
+                      eager_commit=self.eager_commit)
 
     def _start(self, n: str, bootstrap: ConfState | None = None) -> None:
         sn = self.nodes[n]
