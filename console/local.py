@@ -198,9 +198,24 @@ class LocalCluster:
                 if all(s["leader"] == ld and s["term"] == term for s in st.values()) and \
                         len(st) == len([n for n in names if self.alive(n)]):
                     return ld
+            if names and not any(self.alive(n) for n in names):
+                break  # nothing left to wait for
             await asyncio.sleep(0.05)
-        raise AssertionError(f"no single leader among {names} within {timeout}s: "
-                             f"{ {n: (s['role'], s['term'], s['leader']) for n, s in (await self.statuses(c, names)).items()} }")
+        seen = {n: (s['role'], s['term'], s['leader'])
+                for n, s in (await self.statuses(c, names)).items()}
+        raise AssertionError(f"no single leader among {names} within {timeout}s: {seen}"
+                             f"{self.exited_report(names)}")
+
+    def exited_report(self, names) -> str:
+        """For an error message: each named agent that has exited, its exit code and the
+        end of its stderr (why a cluster never came up)."""
+        lines = []
+        for n in names:
+            p = self.procs.get(n)
+            if p is not None and p.poll() is not None:
+                tail = self.stderr(n).strip().splitlines()[-3:]
+                lines.append(f"{n} exited with code {p.returncode}: " + (" | ".join(tail) or "no stderr"))
+        return ("; " + "; ".join(lines)) if lines else ""
 
     async def wait_converged(self, c: ClusterClient, timeout: float = 30.0, names=None) -> dict:
         """Wait until every named live node has applied the same index with the same digest."""
