@@ -207,8 +207,11 @@ class AgentConnection:
             self._waiters.pop(rid, None)
             raise OutcomeUnknown(f"{self.name}: connection lost while sending") from None
         try:
-            reply = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the future in a new
+            # task per request (measurable on the write path).
+            async with asyncio.timeout(timeout):
+                reply = await fut
+        except TimeoutError:
             self._waiters.pop(rid, None)
             raise OutcomeUnknown(f"{self.name}: no reply within {timeout:g}s") from None
         if not reply["ok"]:
