@@ -9,6 +9,7 @@ requests and back; the rules live in the driver, the core and the state machine.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import os
 import random
 import time
@@ -86,6 +87,10 @@ class Agent:
         state = st.StateMachine()
         if persisted.snapshot is not None:
             state.restore(persisted.snapshot.data)
+            # The core keeps its snapshot only to send it to a lagging follower: it holds
+            # the file, not a second copy of the state (storage.SnapshotFile).
+            persisted = dataclasses.replace(persisted,
+                                            snapshot=self.storage.snapshot_file(persisted.snapshot))
         hb = cfg.cluster.heartbeat_interval_ms
         raft_cfg = RaftConfig(
             self.node_id,
@@ -93,6 +98,7 @@ class Agent:
             heartbeat_tick=1,
         )
         node = RaftNode(raft_cfg, persisted, rng=self.rng, bootstrap=initial_conf(cfg))
+        self.storage.forget_recovered()  # the core has the entries now
         self.server_ssl, self.client_ssl = self._tls_contexts()
         self.transport = Transport(self.node_id, self.cluster_name, dict(self.addresses),
                                    max_frame=max(self.max_frame, 64 << 20), rng=self.rng,

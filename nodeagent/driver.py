@@ -22,7 +22,7 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import msgpack
@@ -34,6 +34,7 @@ from .raft.messages import (
     ConfChangeRejected,
     Entry,
     EntryKind,
+    InstallSnapshot,
     NotLeader,
     ProposalDropped,
     RaftError,
@@ -41,7 +42,7 @@ from .raft.messages import (
     SnapshotMeta,
 )
 from .raft.ready import begin_ready, finish_ready
-from .state import StateMachine, StateView, serialize_view
+from .state import StateError, StateMachine, StateView, serialize_view
 
 log = logging.getLogger("nodeagent.driver")
 
@@ -144,6 +145,10 @@ class Driver:
         self.snapshot_in_thread = snapshot_in_thread
         self.snapshots_taken = 0
         self.snapshots_dropped = 0
+        self.snapshots_sent = 0  # InstallSnapshot messages handed to the transport
+        self.snapshots_installed = 0  # snapshots from the leader restored here
+        self.snapshots_refused = 0  # snapshots from the leader that did not load
+        self._incoming: tuple[SnapshotMeta, StateMachine] | None = None  # loaded, not yet restored
         self._nursery: trio.Nursery | None = None
         self._snap_inflight = False
         self._snap_done: tuple | None = None  # (Snapshot, written, started, loop seconds so far)
@@ -219,7 +224,15 @@ class Driver:
         kind = ev[0]
         if kind == "raft":
             self.messages_in += 1
-            self.node.step(ev[1])
+            m = ev[1]
+            if type(m) is InstallSnapshot:
+                if not self._check_incoming_snapshot(m):
+                    return
+                self.node.step(m)
+                if self.node.log.pending_snapshot is None:
+                    self._incoming = None  # not taken (stale): do not hold it
+                return
+            self.node.step(m)
             return
         pending: Pending = ev[1]
         try:
@@ -375,7 +388,12 @@ class Driver:
         self._snap_inflight = False
         t1 = time.perf_counter()
         index = snap.meta.index
-        adopted = self.node.create_snapshot(snap.data, index=index) if written else None
+        adopted = None
+        if written:
+            # The core holds the file, not the bytes (storage.SnapshotFile): the leader
+            # needs them only to send to a follower that fell behind the log.
+            data = self._snapshot_file(snap).data
+            adopted = self.node.create_snapshot(data, index=index)
         if adopted is None:
             # The node moved past ``index`` (a snapshot from the leader, or a membership
             # change after it): this one is stale.
@@ -400,12 +418,63 @@ class Driver:
 
     def send(self, messages) -> None:
         for m in messages:
+            if type(m) is InstallSnapshot:
+                if not isinstance(m.snapshot.data, bytes):
+                    m = self._read_snapshot(m)
+                    if m is None:
+                        continue
+                self.snapshots_sent += 1
             self.messages_out += 1
             self._send(m)
 
+    def _snapshot_file(self, snap: Snapshot) -> Snapshot:
+        """``snap`` with its data left in its file, or as it is if that cannot be done."""
+        try:
+            return self.storage.snapshot_file(snap)
+        except (AttributeError, OSError) as exc:  # a storage without files; a vanished file
+            if not isinstance(exc, AttributeError):
+                log.warning("snapshot kept in memory", extra={"index": snap.meta.index,
+                                                              "error": repr(exc)})
+            return snap
+
+    def _read_snapshot(self, m: InstallSnapshot) -> InstallSnapshot | None:
+        """The message with its snapshot's bytes read back from disk; None (the message is
+        dropped: the core sends the snapshot again after an election timeout) if they do
+        not read back."""
+        snap = m.snapshot
+        try:
+            data = bytes(snap.data)
+        except (OSError, ValueError) as exc:
+            log.error("snapshot does not read back; not sent", extra={
+                "index": snap.meta.index, "to": m.to, "error": repr(exc)})
+            return None
+        return replace(m, snapshot=Snapshot(snap.meta, data))
+
+    def _check_incoming_snapshot(self, m: InstallSnapshot) -> bool:
+        """Load a leader's snapshot before the core sees it: one that does not load is
+        refused here (logged, counted; the node stays as it was and the leader tries again
+        after an election timeout), instead of being stored and then failing to restore.
+        The loaded machine is kept for ``restore``, so the work is not done twice."""
+        try:
+            loaded = StateMachine.load(m.snapshot.data)
+        except StateError as exc:
+            self.snapshots_refused += 1
+            log.error("snapshot from the leader refused", extra={
+                "leader": m.frm, "index": m.snapshot.meta.index, "error": str(exc)})
+            return False
+        self._incoming = (m.snapshot.meta, loaded)
+        return True
+
     def restore(self, snapshot: Snapshot) -> None:
-        self.state.restore(snapshot.data)
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None and incoming[0] == snapshot.meta:
+            self.state.adopt(incoming[1])
+        else:
+            self.state.restore(snapshot.data)
         self.last_snapshot_index = snapshot.meta.index
+        self.snapshots_installed += 1
+        log.info("snapshot installed", extra={"index": snapshot.meta.index, "bytes": len(snapshot.data),
+                                              "leader": self.node.lead})
         # Every proposal at or below the snapshot is decided, but we cannot tell how:
         # its outcome is unknown to us.
         for index in [i for i in self._proposals if i <= snapshot.meta.index]:
@@ -471,6 +540,9 @@ class Driver:
             "digest": self.state.digest(),
             "keys": self.state.statistics().keys,  # a count: keys() sorts them all
             "leader_changes_1m": sum(1 for t in self.leader_changes if now - t < 60),
+            "snapshots": {"taken": self.snapshots_taken, "dropped": self.snapshots_dropped,
+                          "sent": self.snapshots_sent, "installed": self.snapshots_installed,
+                          "refused": self.snapshots_refused},
             "pending_proposals": len(self._proposals),
             "pending_reads": len(self._reads_by_ctx) + len(self._reads_ready),
             "inbox_dropped": self.dropped_inbox,

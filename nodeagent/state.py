@@ -1107,7 +1107,10 @@ class StateMachine:
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot's. Raises ``StateError`` if the data
         is not a valid snapshot; the machine is then left unchanged."""
-        new = _parse_snapshot(data)
+        self.adopt(_parse_snapshot(data))
+
+    def adopt(self, new: "StateMachine") -> None:
+        """Take over the whole state of ``new`` (a machine loaded from a snapshot)."""
         self._max_sessions = new._max_sessions
         self._applied = new._applied
         self._kv = new._kv

@@ -91,5 +91,8 @@ class TimedStorage:
     def discard_snapshot_file(self, snapshot) -> None:
         self._s.discard_snapshot_file(snapshot)
 
+    def snapshot_file(self, snapshot):
+        return self._s.snapshot_file(snapshot)
+
     def stats(self) -> dict:
         return self._s.stats()

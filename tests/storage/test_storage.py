@@ -845,3 +845,57 @@ def test_a_snapshot_record_written_in_parts_is_the_one_record(size):
     record = n + struct.pack(">I", zlib.crc32(payload, zlib.crc32(n))) + payload
     head, data = storage_mod._framed_snapshot_parts(s)
     assert head + data == record == storage_mod._frame(storage_mod._snapshot_payload(s))
+
+
+# -- the core holds a snapshot's file, not its bytes ---------------------------------------
+
+
+def test_snapshot_file_reads_back_even_after_a_newer_snapshot_deletes_it(tmp_path):
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d)
+    s.save(HardState(1, "a", 300), ents(1, 300, 1), None)
+    s.sync()
+    big = os.urandom(300_000)
+    s.compact(snap(100, 1, big))
+    held = s.snapshot_file(snap(100, 1, big))
+    assert held.meta == snap(100, 1).meta and len(held.data) == len(big)
+    assert not isinstance(held.data, bytes)  # nothing held in memory
+    assert bytes(held.data) == big
+    # Two newer snapshots: storage keeps two files, so 100's is deleted...
+    s.compact(snap(200, 1))
+    s.compact(snap(250, 1))
+    assert not any(n.startswith("snap-00000000000000000100") for n in snapshots(d))
+    # ...and whoever still holds it (a send already queued) reads it all the same.
+    assert bytes(held.data) == big
+    assert s.snapshot_file(held) is held
+    held.data.close()
+    with pytest.raises(ValueError, match="closed"):
+        bytes(held.data)
+    s.close()
+
+
+def test_snapshot_file_damaged_on_disk_does_not_read_back(tmp_path):
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d)
+    s.save(HardState(1, "a", 50), ents(1, 50, 1), None)
+    s.sync()
+    s.compact(snap(40, 1, b"x" * 5000))
+    held = s.snapshot_file(snap(40, 1, b"x" * 5000))
+    (path,) = [os.path.join(d, "snap", n) for n in snapshots(d)]
+    flip(path, os.path.getsize(path) - 100)  # in the data: the record's CRC no longer holds
+    with pytest.raises(ValueError, match="crc|CRC|checksum"):
+        bytes(held.data)
+    s.close()
+
+
+def test_recovered_state_is_let_go_once_taken(tmp_path):
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d)
+    s.save(HardState(1, "a", 20), ents(1, 20, 1), None)
+    s.sync()
+    s.close()
+    s = DiskStorage.open(d)
+    assert len(s.recovered().entries) == 20
+    s.forget_recovered()
+    assert s.recovered() == PersistentState()
+    s.close()
