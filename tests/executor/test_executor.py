@@ -474,7 +474,12 @@ def test_cpu_tasks_do_not_delay_a_heartbeat_loop():
         assert all(r.outcome == "succeeded" for r in rec.results.values())
         assert min(r.finished_at - r.started_at for r in rec.results.values()) >= 2.0
         assert len(lateness) >= 20  # the loop kept beating while the tasks burned CPU
-        assert max(lateness) < 0.2, f"heartbeat late by {max(lateness) * 1000:.0f} ms"
+        # Had the tasks run in this process, beats would be ~2 s late. The bounds leave
+        # room for a busy CI machine (other tests' agents share the two cores).
+        late = sorted(lateness)
+        p90 = late[int(len(late) * 0.9)]
+        assert p90 < 0.25 and late[-1] < 1.5, \
+            f"heartbeat late by {p90 * 1000:.0f} ms (p90), {late[-1] * 1000:.0f} ms (max)"
 
     run(ex, body)
 

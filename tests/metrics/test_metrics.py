@@ -357,14 +357,16 @@ def test_slowloris_is_cut_off_and_others_are_still_served():
                     await slow.send_all(b"X-Drip: 1\r\n")
                 except trio.BrokenResourceError:
                     break
-            with trio.fail_after(2):
+            with trio.fail_after(10):
                 try:
                     data = await slow.receive_some(1024)
                 except trio.BrokenResourceError:  # reset instead of FIN: also cut off
                     data = b""
             assert data == b""  # closed by the server, with no response
             elapsed = trio.current_time() - start
-            assert 0.2 <= elapsed < 1.5, elapsed
+            # cut off by the 0.3 s deadline, not at once; the upper bound is loose
+            # for a busy machine
+            assert 0.2 <= elapsed < 5, elapsed
 
     _run_server(test, timeout=0.3)
 
@@ -397,7 +399,7 @@ def test_connections_past_the_limit_are_closed_at_once():
         hold = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
         await trio.sleep(0.05)  # let the server's handlers take their slots
         extra = await trio.open_tcp_stream("127.0.0.1", port)
-        with trio.fail_after(1):
+        with trio.fail_after(10):  # "at once"; loose for a busy machine
             try:
                 assert await extra.receive_some(1024) == b""
             except trio.BrokenResourceError:
