@@ -269,11 +269,13 @@ class RaftdeckApp(App):
         Binding("L", "logs", "Logs", id="logs"),
         Binding("T", "tasks", "Tasks", id="tasks"),
         Binding("w", "worst", "Worst first", id="worst"),
+        Binding("D", "deploy", "Deploy (SSH)", id="deploy"),
+        Binding("U", "upgrade", "Rolling upgrade (SSH)", id="upgrade"),
         Binding("slash", "filter", "Filter", id="filter"),
         Binding("colon", "command_palette", "Commands", id="palette", show=False),
     ]
     ACTIONS_THAT_CHANGE = {"kill", "restart", "pause", "isolate", "heal", "transfer", "split",
-                           "latency", "loss"}
+                           "latency", "loss", "deploy", "upgrade"}
     SORTS = ("name", "role", "term", "commit", "applied", "lag", "load")
     LATENCY_PRESETS = (50, 200, 1000, 0)  # ms; 0 heals the latency rule
     LOSS_PRESETS = (0.1, 0.3, 0.0)
@@ -282,11 +284,12 @@ class RaftdeckApp(App):
     def __init__(self, nodes: list[NodeInfo], cluster: str, addresses: dict[str, tuple[str, int]],
                  *, procs: ProcessControl | None = None, readonly: bool = False,
                  interval_ms: int | None = None, follow: bool = True, mono=time.monotonic,
-                 wall=time.time, ssl=None, role: str | None = None):
+                 wall=time.time, ssl=None, role: str | None = None, inventory=None):
         """``follow=False`` connects to nothing (the model is fed by the caller: demos
         and snapshot tests); ``mono`` and ``wall`` are the clocks, injectable for the same
         reason. ``interval_ms`` (how often each agent may push) defaults to
-        ``push_interval_ms(len(nodes))``."""
+        ``push_interval_ms(len(nodes))``. ``inventory`` (the loaded inventory) enables the
+        deploy and upgrade keys for its nodes with ``ssh:`` settings."""
         super().__init__()
         self.follow = follow
         self.mono = mono
@@ -301,6 +304,7 @@ class RaftdeckApp(App):
         self.interval_ms = interval_ms
         self.ssl = ssl  # the operator certificate's context (None: TLS off)
         self.role = role  # its role, for the local process actions (None: not checked)
+        self.inventory = inventory
         self.client = ClusterClient(self.addresses, cluster, timeout=2.0, op_timeout=5.0, ssl=ssl)
         self.paused: set[str] = set()
         self.worst_first = False
@@ -557,6 +561,37 @@ class RaftdeckApp(App):
         event.input.remove_class("visible")
         self.query_one(NodeTable).focus()
         self.refresh_view()
+
+    # -- deploy over SSH (console/deploy.py; the same run as `raftdeck deploy/upgrade`) --
+
+    @work(group="actions")
+    async def action_deploy(self) -> None:
+        await self._deploy("deploy", "Install or update raftdeck and start the agents on {hosts} "
+                                     "over SSH (known host keys only)?")
+
+    @work(group="actions")
+    async def action_upgrade(self) -> None:
+        await self._deploy("upgrade", "Rolling upgrade of {hosts} to this version: followers "
+                                      "first, the leader last after a transfer?")
+
+    async def _deploy(self, action: str, question: str) -> None:
+        from console.deploy import remote_nodes
+        from console.screens import DeployScreen
+
+        if self.role is not None and self.role != "admin":
+            self.notify(f"{action} needs the admin role; this console runs as {self.role}",
+                        severity="error")
+            return
+        nodes = remote_nodes(self.inventory) if self.inventory is not None else []
+        if not nodes:
+            self.note(f"nothing to {action}: no node of this inventory has ssh: settings "
+                      "(docs/OPERATIONS.md, Deploying to real hosts)")
+            return
+        hosts = ", ".join(n.name for n in nodes)
+        if not await self._confirm(question.format(hosts=hosts), cluster_wide=True):
+            return
+        self.note(f"{action}: {hosts}")
+        self.push_screen(DeployScreen.for_inventory(self.inventory, action, client_ssl=self.ssl))
 
     async def _confirm(self, question: str, cluster_wide: bool = False) -> bool:
         return await self.push_screen_wait(Confirm(question, self.cluster if cluster_wide else None))

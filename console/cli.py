@@ -757,7 +757,7 @@ def _cmd_console(args, inv) -> int:
     app = RaftdeckApp(node_infos(inv), inv.cluster.name,
                       {n.name: (n.host, n.port) for n in inv.nodes},
                       procs=procs, readonly=getattr(args, "readonly", False),
-                      ssl=ssl_ctx, role=role)
+                      ssl=ssl_ctx, role=role, inventory=inv)
     app.run()
     return EXIT_OK
 
