@@ -305,6 +305,7 @@ class RaftdeckApp(App):
         self.ssl = ssl  # the operator certificate's context (None: TLS off)
         self.role = role  # its role, for the local process actions (None: not checked)
         self.inventory = inventory
+        self._deploy_progress = None  # the last deploy/upgrade started from the keys
         self.client = ClusterClient(self.addresses, cluster, timeout=2.0, op_timeout=5.0, ssl=ssl)
         self.paused: set[str] = set()
         self.worst_first = False
@@ -587,11 +588,18 @@ class RaftdeckApp(App):
             self.note(f"nothing to {action}: no node of this inventory has ssh: settings "
                       "(docs/OPERATIONS.md, Deploying to real hosts)")
             return
+        running = self._deploy_progress
+        if running is not None and not running.ended:
+            self.note(f"a {running.action} is still running: showing it")
+            self.push_screen(DeployScreen(running))
+            return
         hosts = ", ".join(n.name for n in nodes)
         if not await self._confirm(question.format(hosts=hosts), cluster_wide=True):
             return
         self.note(f"{action}: {hosts}")
-        self.push_screen(DeployScreen.for_inventory(self.inventory, action, client_ssl=self.ssl))
+        screen = DeployScreen.for_inventory(self.inventory, action, client_ssl=self.ssl)
+        self._deploy_progress = screen.progress
+        self.push_screen(screen)
 
     async def _confirm(self, question: str, cluster_wide: bool = False) -> bool:
         return await self.push_screen_wait(Confirm(question, self.cluster if cluster_wide else None))

@@ -389,6 +389,7 @@ class DeployProgress:
         self.listeners: list[Callable[[HostRow], None]] = []
         self.version = 0
         self.error: str | None = None  # the run itself failed (e.g. building the wheels)
+        self.ended = False  # the run returned or failed (set by whoever runs it)
 
     def add(self, name: str, address: str) -> None:
         self.rows[name] = HostRow(name, address)

@@ -85,6 +85,8 @@ class DeployScreen(Screen):
                 await run(inv, action, progress, **kw)
             except Exception as e:  # shown in the summary line, never a crash of the console
                 progress.error = " ".join(str(e).split()) or type(e).__name__
+            finally:
+                progress.ended = True
                 progress.version += 1
 
         return cls(progress, go)
@@ -98,7 +100,10 @@ class DeployScreen(Screen):
         self.refresh_view()
         self.set_interval(self.interval, self.refresh_view)
         if self.run_fn is not None:
-            self.run_worker(self.run_fn(), group="deploy", exclusive=True)
+            # On the app, not this screen: closing the screen must not cancel a deploy
+            # half-way (a screen's workers end with it).
+            run, self.run_fn = self.run_fn, None
+            self.app.run_worker(run(), group="deploy")
 
     def refresh_view(self) -> None:
         if self.progress.version == self._seen and all(r.done for r in self.progress.rows.values()):

@@ -54,8 +54,17 @@ def test_deploy_key_asks_for_the_cluster_name_then_shows_every_host(tmp_path):
             await pilot.press("D")
             await pilot.pause(0.2)
             await pilot.press(*"dk", "enter")
+            first = await until(pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen,
+                                10, "the deploy screen")
+            # Closing the screen does not stop the run; D shows the running one again
+            # (no second run, no question).
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, DeployScreen), 10, "closed")
+            assert not first.progress.ended, "the wheels take seconds to build"
+            await pilot.press("D")
             screen = await until(pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen,
-                                 10, "the deploy screen")
+                                 10, "the deploy screen again")
+            assert screen.progress is first.progress
             rows = screen.progress.rows
             await until(pilot, lambda: len(rows) == 3 and all(r.done for r in rows.values()),
                         120, lambda: f"every host done: {rows}")
@@ -65,6 +74,7 @@ def test_deploy_key_asks_for_the_cluster_name_then_shows_every_host(tmp_path):
                 assert "connection refused; check ssh.port and that sshd runs on the host" in r.message
             await until(pilot, lambda: "3 FAILED" in screen.summary_text, 10,
                         lambda: f"the summary says so: {screen.summary_text!r}")
+            await until(pilot, lambda: screen.progress.ended, 10, "the run ended")
             await pilot.press("escape")
             await until(pilot, lambda: not isinstance(app.screen, DeployScreen), 10, "closed")
 
