@@ -13,13 +13,8 @@ from console.local import LocalCluster
 pytestmark = pytest.mark.integration
 
 
-def test_a_follower_behind_the_compacted_log_installs_the_leaders_snapshot(tmp_path):
-    lc = LocalCluster(tmp_path / "c", 3, snapshot_interval=100)
-    lc.start_all()
-    try:
-        asyncio.run(_main(lc))
-    finally:
-        lc.stop_all()
+def test_a_follower_behind_the_compacted_log_installs_the_leaders_snapshot(make_cluster):
+    asyncio.run(_main(make_cluster(3, snapshot_interval=100)))
 
 
 async def _main(lc: LocalCluster) -> None:
@@ -51,16 +46,11 @@ async def _main(lc: LocalCluster) -> None:
             assert await c.get(f"k{i:05d}", consistency="stale", node=behind) == b"v%d" % i
 
 
-def test_a_snapshot_that_does_not_load_is_refused_and_the_follower_stays_up(tmp_path):
+def test_a_snapshot_that_does_not_load_is_refused_and_the_follower_stays_up(make_cluster):
     """A leader's snapshot whose data is damaged (here: sent by hand on the leader's peer
     link) is refused before it is stored: the follower logs it, counts it, keeps its state
     and keeps following; it does not crash on it."""
-    lc = LocalCluster(tmp_path / "c", 3, tls=False)
-    lc.start_all()
-    try:
-        asyncio.run(_corrupt(lc))
-    finally:
-        lc.stop_all()
+    asyncio.run(_corrupt(make_cluster(3, tls=False)))
 
 
 async def _corrupt(lc: LocalCluster) -> None:
