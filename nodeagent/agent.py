@@ -456,6 +456,7 @@ class Agent:
                                    if k != "running_tasks"},
                       "assigned_total": self.tasks.assigned_total,
                       "loads": self.tasks.loads.snapshot(time.monotonic(), self.tasks.lease),
-                      "expired_total": self.tasks.expired_total},
+                      "expired_total": self.tasks.expired_total,
+                      "retention": self.tasks.retention},
         })
         return s

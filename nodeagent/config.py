@@ -148,6 +148,9 @@ class ClusterConfig:
     dispatch_policy: str = "least_loaded"
     max_attempts: int = 3  # attempts per task, the first included
     task_lease_ms: int = 5000
+    # Finished tasks kept (oldest submitted forgotten first); the task table would grow
+    # forever otherwise (docs/OPERATIONS.md, Tasks).
+    task_retention: int = 10000
     fsync: bool = True  # False is for demos: a power loss may lose acknowledged writes
     tls: TLSConfig | None = None
     max_frame_bytes: int = 4 * MiB
@@ -405,6 +408,7 @@ _CLUSTER_FIELDS: dict[str, tuple[str, Any, Any]] = {
     "dispatch_policy": ("choice", "least_loaded", DISPATCH_POLICIES),
     "max_attempts": ("int", 3, (1, 1000)),
     "task_lease_ms": ("int", 5000, (1, INT_MAX)),
+    "task_retention": ("int", 10000, (1, INT_MAX)),
     "fsync": ("bool", True, None),
     "tls": ("tls", None, None),
     "max_frame_bytes": ("int", 4 * MiB, (FRAME_MIN, FRAME_MAX)),

@@ -983,6 +983,10 @@ class StateMachine:
         """Ids of the non-final tasks whose current attempt is on ``node`` (assigned or running)."""
         return self._in_order(self._task_ids_by_node.get(node, set()))
 
+    def finished_tasks(self) -> int:
+        """How many tasks are in a final state (succeeded, failed, timed_out, cancelled)."""
+        return sum(len(self._task_ids_by_state[st]) for st in FINAL_STATES)
+
     def task_counts(self) -> dict[str, int]:
         """Number of tasks in each state (every state present, zeros included)."""
         return {st: len(ids) for st, ids in self._task_ids_by_state.items()}
@@ -1505,6 +1509,30 @@ def _apply_cancel_task(sm: StateMachine, cmd: Command, index: int) -> ApplyResul
         effects = (("kill", record["node"], task_id, record["attempt"]),)
     sm._task_set(task_id, new)
     return ApplyResult(True, value=_canon(sm._tasks[task_id]), effects=effects)
+
+
+def _check_keep(v: Any) -> int:
+    return _check_int_in(v, 0, _INT64[1])
+
+
+@_op("forget_tasks", keep=_check_keep)
+def _apply_forget_tasks(sm: StateMachine, cmd: Command, index: int) -> ApplyResult:
+    """Retention (proposed by the leader): forget the finished tasks submitted first until
+    at most ``keep`` finished tasks remain. Tasks not yet finished are never forgotten.
+    The value is how many were forgotten."""
+    excess = sm.finished_tasks() - cmd.args["keep"]
+    if excess <= 0:
+        return ApplyResult(True, value=0)
+    doomed: list[str] = []
+    tasks = sm._tasks
+    for _, task_id in sm._task_order:
+        if tasks[task_id]["state"] in FINAL_STATES:
+            doomed.append(task_id)
+            if len(doomed) == excess:
+                break
+    for task_id in doomed:
+        sm._task_delete(task_id)
+    return ApplyResult(True, value=len(doomed))
 
 
 # -- replica divergence ---------------------------------------------------------------------

@@ -55,6 +55,8 @@ class TaskManager:
         self.default_policy = cfg.cluster.dispatch_policy
         self.lease = cfg.cluster.task_lease_ms / 1000.0
         self.max_attempts = cfg.cluster.max_attempts
+        self.retention = cfg.cluster.task_retention
+        self._forget_not_before = 0.0  # one forget_tasks in flight at a time, roughly
         self.executor = Executor(cfg.node.capacity, allow_shell=cfg.node.allow_shell,
                                  on_start=self._on_start, on_result=self._on_result)
         self.loads = LoadTable()
@@ -116,12 +118,23 @@ class TaskManager:
             batch += self._place(state, alive)
         if now - self._leader_since >= self.lease:
             batch += self._expire(state, alive, now)
+        batch += self._retention(state, now)
         if batch:
             try:
                 node.propose_many(batch)
             except (NotLeader, ProposalDropped):
                 self._assigning.clear()
                 self._expiring.clear()
+
+    def _retention(self, state: st.StateMachine, now: float) -> list[bytes]:
+        """Keep the table bounded: once the finished tasks exceed ``task_retention`` by a
+        tenth (at least 100), forget the oldest down to it (one replicated command, so
+        every replica forgets the same ones)."""
+        slack = max(100, self.retention // 10)
+        if now < self._forget_not_before or state.finished_tasks() <= self.retention + slack:
+            return []
+        self._forget_not_before = now + 5.0  # until it has applied (or was lost)
+        return [st.encode_command("forget_tasks", keep=self.retention)]
 
     def _collect_reports(self, now: float) -> None:
         node = self.agent.driver.node

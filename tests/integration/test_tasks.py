@@ -216,3 +216,42 @@ def test_learners_take_tasks_like_voters(make_cluster):
             assert per_node["n4"] >= 5 and per_node["n5"] >= 5, per_node
 
     run(main())
+
+
+def test_finished_tasks_beyond_the_retention_are_forgotten_on_every_replica(make_cluster):
+    """task_retention 10: whenever finished tasks exceed it by the slack (100), the leader
+    has every replica forget the finished ones submitted first, down to 10. The newest keep
+    their results, and every replica agrees (tests/state covers which ones exactly)."""
+    lc = make_cluster(3, capacities={n: 4 for n in ("n1", "n2", "n3")},
+                      cluster_extra={"task_retention": 10})
+
+    async def main():
+        async with lc.client() as c:
+            leader = await lc.wait_leader(c)
+            ids = [f"r{i:03d}" for i in range(130)]
+            await c.submit([{"id": t, "kind": "echo", "args": {"data": t.encode()},
+                             "timeout_ms": 30_000} for t in ids])
+            deadline = time.monotonic() + 120
+            while True:  # all 130 finished (or forgotten): none waiting or running
+                st = await lc.statuses(c, [leader])
+                counts = st[leader]["tasks"]["counts"]
+                live = counts["submitted"] + counts["assigned"] + counts["running"]
+                if live == 0 and await c.task(ids[-1]) is not None \
+                        and (await c.task(ids[-1]))["state"] in FINAL:
+                    break
+                assert time.monotonic() < deadline, counts
+                await asyncio.sleep(0.2)
+            assert st[leader]["tasks"]["retention"] == 10
+            assert 10 <= counts["succeeded"] <= 110, counts  # at least one forget happened
+            records = await c.tasks(limit=1000)
+            kept = [r["id"] for r in records]
+            assert all(r["state"] in FINAL for r in records)
+            # The first submitted go first, among those finished at the time (a task still
+            # running then is kept); the newest are all there.
+            assert kept == sorted(kept) and ids[0] not in kept and ids[-10:] == kept[-10:], kept
+            assert (await c.task(ids[-1]))["stdout"] == ids[-1].encode()
+            assert await c.task(ids[0]) is None
+            st = await lc.wait_converged(c)
+            assert {s["tasks"]["counts"]["succeeded"] for s in st.values()} == {len(kept)}
+
+    run(main())

@@ -831,3 +831,54 @@ TaskTable.TestCase.settings = settings(
     max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_random_histories_keep_the_invariants = TaskTable.TestCase
+
+
+# -- retention: forget_tasks ------------------------------------------------------------------
+
+
+def test_forget_tasks_forgets_the_first_submitted_finished_tasks_only():
+    m = M()
+    for i in range(10):
+        m.submit(f"t{i}", ts=100 + i)
+    for i in (0, 1, 2, 4, 6, 8):  # finished: t0 t1 t2 t4 t6 t8 (t3 running, the rest waiting)
+        m.assign(f"t{i}")
+        m.start(f"t{i}")
+        m.complete(f"t{i}")
+    m.assign("t3")
+    m.start("t3")
+    m.cancel("t5")  # finished too, without running
+    assert m.sm.finished_tasks() == 7
+
+    r = m.raw(encode_command("forget_tasks", keep=3))
+    assert r.ok and r.value == 4
+    # the four finished ones submitted first are gone; running and waiting ones stay
+    assert [t for t in (f"t{i}" for i in range(10)) if m.sm.task(t) is None] == ["t0", "t1", "t2", "t4"]
+    assert m.sm.finished_tasks() == 3
+    assert m.sm.task("t3")["state"] == "running" and m.sm.task("t9")["state"] == "submitted"
+    assert m.sm.task("t8")["stdout"] == b"out"  # kept ones keep their results
+    # nothing more to forget: a no-op that still applies
+    r = m.raw(encode_command("forget_tasks", keep=3))
+    assert r.ok and r.value == 0
+    # a forgotten id is unknown: resubmitting it is a new task
+    assert m.submit("t0", ts=500).ok and m.sm.task("t0")["state"] == "submitted"
+
+
+def test_forget_tasks_leaves_replicas_and_snapshots_equal():
+    a, b = M(), M()
+    for m in (a, b):
+        for i in range(6):
+            m.submit(f"t{i}", ts=10 + i)
+            m.cancel(f"t{i}")
+        m.raw(encode_command("forget_tasks", keep=2))
+    assert a.sm.digest() == b.sm.digest()
+    restored = StateMachine.load(a.sm.snapshot())
+    assert restored.digest() == a.sm.digest()
+    assert sorted(restored.tasks) == ["t4", "t5"]
+    assert restored.task_counts()["cancelled"] == 2
+
+
+def test_forget_tasks_command_is_validated():
+    with pytest.raises(CommandError, match="keep"):
+        encode_command("forget_tasks", keep=-1)
+    with pytest.raises(CommandError):
+        encode_command("forget_tasks")
