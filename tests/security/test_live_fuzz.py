@@ -228,7 +228,10 @@ def live_fuzz(tmp_path, burst_size: int):
         # the agent logged the protocol errors, at most 50 lines in any second per kind
         recs = log_records(lc.log_path(leader))
         errs = [r for r in recs if r.get("msg") == "protocol error; closing"]
-        assert errs and len(errs) <= counts.errors, (len(errs), counts.errors)
+        # One line per connection at most (a protocol error closes it). Not "at most the
+        # error frames the fuzzer read": on a loaded machine a worker may stop waiting and
+        # close before the agent's error frame reaches it (CI saw 734 lines, 725 frames).
+        assert errs and len(errs) <= counts.connections, (len(errs), counts.connections)
         for kind in ("protocol error; closing", "connection refused"):
             per_second = collections.Counter(r["ts"][:19] for r in recs if r.get("msg") == kind)
             # (the limiter counts monotonic seconds: a wall-clock second may span two)
