@@ -10,7 +10,7 @@ import time
 import pytest
 
 from console.app import app_for_local_cluster
-from console.testing import until
+from console.testing import until, until_asked
 from console.widgets.node_table import NodeTable
 
 pytestmark = pytest.mark.integration
@@ -34,11 +34,10 @@ def test_kill_restart_isolate_heal_from_the_keyboard(make_cluster):
             # Kill it from the keyboard, confirming: a new leader within 3 s (generous
             # here: the machine is shared), the old one shown as down.
             await pilot.press("k")
-            await pilot.pause(0.2)
+            await until_asked(pilot)
             await pilot.press("y")
             t0 = time.monotonic()
-            new = await until(pilot, lambda: [n for n in leader_rows(app) if n != old],
-                              20, "a new leader")
+            await until(pilot, lambda: [n for n in leader_rows(app) if n != old], 20, "a new leader")
             elapsed = time.monotonic() - t0
             print(f"kill key to a new leader on screen: {elapsed:.2f} s", file=sys.stderr)
             await until(pilot, lambda: app.model.row(old).reachable is False, 20, "old shown down")
@@ -58,7 +57,7 @@ def test_kill_restart_isolate_heal_from_the_keyboard(make_cluster):
             follower = next(n for n in lc.names if n != cur)
             table.select(follower)
             await pilot.press("i")
-            await pilot.pause(0.2)
+            await until_asked(pilot)
             await pilot.press("y")
             await until(pilot, lambda: app.model.row(follower).leader in (None, follower)
                         and app.model.row(follower).role != "leader", 20, "isolated node leaderless")
@@ -84,7 +83,7 @@ def test_split_latency_loss_and_readonly_keys(make_cluster):
             faults = lambda: [f.summary for f in app.model.health(time.monotonic()).faults]  # noqa: E731
             # Split in two asks for the cluster's name; then neither half of 2 has quorum.
             await pilot.press("S")
-            await pilot.pause(0.3)
+            await until_asked(pilot)
             await pilot.press(*lc.cluster, "enter")
             await until(pilot, lambda: len(faults()) >= 2, 20, "split listed as faults")
             await until(pilot, lambda: not app.model.health(time.monotonic()).has_quorum
@@ -156,7 +155,7 @@ def test_targets_by_role_leader_and_minority(make_cluster):
             minority = set(table.marked_keys)
             assert len(minority) == 2 and leader not in minority
             await pilot.press("i")
-            await pilot.pause(0.3)
+            await until_asked(pilot)
             await pilot.press(*lc.cluster, "enter")
             await until(pilot, lambda: all(app.model.row(n).role != "leader" and
                                            app.model.row(n).leader in (None, n) or

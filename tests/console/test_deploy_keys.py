@@ -14,7 +14,7 @@ import pytest
 from console.app import RaftdeckApp
 from console.cluster import node_infos
 from console.screens import DeployScreen
-from console.testing import until
+from console.testing import until, until_asked
 from nodeagent.config import parse_inventory
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def test_deploy_key_asks_for_the_cluster_name_then_shows_every_host(tmp_path):
         app = app_for(inv, role="admin")
         async with app.run_test(size=(160, 40)) as pilot:
             await pilot.press("D")
-            await pilot.pause(0.2)
+            await until_asked(pilot)
             await pilot.press(*"dk", "enter")
             first = await until(pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen,
                                 10, "the deploy screen")
@@ -101,7 +101,7 @@ def test_deploy_key_refused_without_admin_without_ssh_nodes_and_when_cancelled(t
         app = app_for(inventory(tmp_path), role="admin")
         async with app.run_test(size=(160, 40)) as pilot:
             await pilot.press("D")
-            await pilot.pause(0.2)
+            await until_asked(pilot)
             await pilot.press("escape")
             await pilot.pause(0.5)
             assert not isinstance(app.screen, DeployScreen)

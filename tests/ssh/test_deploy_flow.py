@@ -135,7 +135,7 @@ def console_kill_and_restart(inv, known_hosts: Path) -> None:
     from console.cluster import node_infos
     from console.deploy import SSHOptions
     from console.procs import Processes
-    from console.testing import until
+    from console.testing import until, until_asked
     from console.widgets.node_table import NodeTable
 
     async def main():
@@ -152,7 +152,7 @@ def console_kill_and_restart(inv, known_hosts: Path) -> None:
             old = await until(pilot, leader, 40, "a leader, every node up")
             app.query_one(NodeTable).select(old)
             await pilot.press("k")
-            await pilot.pause(0.3)
+            await until_asked(pilot)
             await pilot.press("y")
             await until(pilot, lambda: app.model.row(old).reachable is False, 30, "killed node down")
             await until(pilot, lambda: (app.model.health(time.monotonic()).leader or old) != old,
