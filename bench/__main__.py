@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.kv import count, error_name, fs_type, latency_summary, proc_cpu_s
+from bench.kv import AckWriter, count, error_name, fs_type, latency_summary, proc_cpu_s
 import bench.systems as systems_mod
 from bench.systems import PySyncObjCluster, Raftdeck, rss_kib
 
@@ -143,48 +143,31 @@ async def throughput(sys_, writers: int, seconds: float, value: bytes, tag: str 
 async def one_failover(sys_, run: int, value: bytes) -> dict:
     leader = await sys_.wait_leader(60)
     c = sys_.client()
-    acks: list[tuple[float, str | None]] = []
-    errors: dict[str, int] = {}
-    stop, flowing = asyncio.Event(), asyncio.Event()
-
-    async def writer() -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                await c.put(f"fo-{run}-{i:07d}", value)
-            except Exception as e:
-                count(errors, error_name(e))
-                await asyncio.sleep(0.01)
-            else:
-                acks.append((time.perf_counter(), c.leader))
-                if len(acks) >= 20:
-                    flowing.set()
-            i += 1
-
-    task = asyncio.create_task(writer())
+    w = AckWriter(c, f"fo-{run}", value)
+    task = asyncio.create_task(w.run())
     row: dict = {"run": run, "killed": leader}
     try:
         try:
-            await asyncio.wait_for(flowing.wait(), 30)
+            await asyncio.wait_for(w.flowing.wait(), 30)
         except asyncio.TimeoutError:
-            row.update({"kill_to_next_ack_ms": None, "errors": dict(errors),
-                        "note": f"writes did not flow before the kill ({len(acks)} acked in 30 s)"})
+            row.update({"kill_to_next_ack_ms": None, "errors": dict(w.errors),
+                        "note": f"writes did not flow before the kill ({len(w.acks)} acked in 30 s)"})
             return row
-        errors.clear()
-        n0 = len(acks)
+        w.errors.clear()
+        n0 = len(w.acks)
         t_kill = time.perf_counter()
         sys_.kill(leader)
         await asyncio.to_thread(sys_.reap, leader)
         first = None
         while time.perf_counter() < t_kill + 60:
-            first = next((t for t, nd in acks[n0:] if nd != leader and t > t_kill), None)
+            first = w.first_ack(n0, t_kill, leader)
             if first is not None:
                 break
             await asyncio.sleep(0.005)
         row["kill_to_next_ack_ms"] = round((first - t_kill) * 1000, 1) if first else None
-        row["errors"] = dict(errors)
+        row["errors"] = dict(w.errors)
     finally:
-        stop.set()
+        w.stop.set()
         await asyncio.gather(task, return_exceptions=True)
         await c.close()
     sys_.restart(leader)

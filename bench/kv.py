@@ -80,6 +80,42 @@ def count(d: dict, key: str) -> None:
     d[key] = d.get(key, 0) + 1
 
 
+class AckWriter:
+    """One client putting new keys (``prefix-0000000``...) one at a time until ``stop``:
+    ``acks`` holds (ack time, the node that answered), ``errors`` counts failures by kind
+    (``err_times``: when each gave up), ``flowing`` is set after 20 acks. The failover
+    runs of bench.kv and of ``python -m bench`` both kill a leader under it."""
+
+    def __init__(self, client, prefix: str, value: bytes):
+        self.client = client
+        self.prefix = prefix
+        self.value = value
+        self.acks: list[tuple[float, str | None]] = []
+        self.errors: dict[str, int] = {}
+        self.err_times: list[float] = []
+        self.stop = asyncio.Event()
+        self.flowing = asyncio.Event()
+
+    async def run(self) -> None:
+        c, i = self.client, 0
+        while not self.stop.is_set():
+            try:
+                await c.put(f"{self.prefix}-{i:07d}", self.value)
+            except Exception as e:
+                count(self.errors, error_name(e))
+                self.err_times.append(time.perf_counter())
+                await asyncio.sleep(0.01)
+            else:
+                self.acks.append((time.perf_counter(), c.leader))  # c.leader: who answered
+                if len(self.acks) >= 20:
+                    self.flowing.set()
+            i += 1
+
+    def first_ack(self, since: int, after: float, not_from: str) -> float | None:
+        """The first ack among ``acks[since:]`` later than ``after`` from another node."""
+        return next((t for t, node in self.acks[since:] if node != not_from and t > after), None)
+
+
 def proc_cpu_s(pid: int) -> float | None:
     """utime + stime of a process, from /proc (None if it is gone)."""
     try:
@@ -254,34 +290,14 @@ async def one_failover(lc: LocalCluster, mon: ClusterClient, run: int, value: by
                        timeout: float, limit_s: float) -> dict:
     leader = await lc.wait_leader(mon)
     c = lc.client(timeout=timeout)
-    acks: list[tuple[float, str | None]] = []  # (ack time, node that answered)
-    errors: dict[str, int] = {}
-    err_times: list[float] = []
-    stop = asyncio.Event()
-    flowing = asyncio.Event()
-
-    async def writer() -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                await c.put(f"fo-{run}-{i:07d}", value)
-            except Exception as e:
-                count(errors, error_name(e))
-                err_times.append(time.perf_counter())
-                await asyncio.sleep(0.01)
-            else:
-                acks.append((time.perf_counter(), c.leader))  # c.leader: the node that answered
-                if len(acks) >= 20:
-                    flowing.set()
-            i += 1
-
-    task = asyncio.create_task(writer())
+    w = AckWriter(c, f"fo-{run}", value)
+    task = asyncio.create_task(w.run())
     row: dict = {"run": run, "killed": leader}
     try:
-        await asyncio.wait_for(flowing.wait(), 30)
-        errors.clear()
-        err_times.clear()
-        n_before = len(acks)
+        await asyncio.wait_for(w.flowing.wait(), 30)
+        w.errors.clear()
+        w.err_times.clear()
+        n_before = len(w.acks)
         t_kill = time.perf_counter()
         lc.signal(leader, 9)  # SIGKILL, sent now; reaped below
         elected_at: float | None = None
@@ -293,10 +309,7 @@ async def one_failover(lc: LocalCluster, mon: ClusterClient, run: int, value: by
         first_ack: float | None = None
         end = t_kill + limit_s
         while time.perf_counter() < end:
-            for t, node in acks[n_before:]:
-                if node != leader and t > t_kill:
-                    first_ack = t
-                    break
+            first_ack = w.first_ack(n_before, t_kill, leader)
             if elected_at is None:
                 st = await lc.statuses(mon, others)
                 ls = {s["leader"] for s in st.values()}
@@ -305,20 +318,20 @@ async def one_failover(lc: LocalCluster, mon: ClusterClient, run: int, value: by
             if first_ack is not None and elected_at is not None:
                 break
             await asyncio.sleep(0.01)
-        old_acks_after_kill = sum(1 for t, node in acks[n_before:] if node == leader and t > t_kill)
-        stop.set()
+        old_acks_after_kill = sum(1 for t, node in w.acks[n_before:] if node == leader and t > t_kill)
+        w.stop.set()
         await task
         row.update({
             "new_leader": new_leader,
             "kill_to_next_ack_ms": round((first_ack - t_kill) * 1000, 1) if first_ack else None,
             "kill_to_leader_seen_ms": round((elected_at - t_kill) * 1000, 1) if elected_at else None,
             "acks_from_killed_node_after_kill": old_acks_after_kill,
-            "errors": dict(errors),
+            "errors": dict(w.errors),
             # when each failed put gave up, relative to the kill
-            "error_at_ms": [round((t - t_kill) * 1000, 1) for t in err_times],
+            "error_at_ms": [round((t - t_kill) * 1000, 1) for t in w.err_times],
         })
     finally:
-        stop.set()
+        w.stop.set()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
