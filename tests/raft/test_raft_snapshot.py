@@ -23,14 +23,20 @@ def cluster_with_snapshot(lagging: str = "c", n: int = 10, keep: int = 0) -> Net
     return net
 
 
-def test_create_snapshot_compacts_the_log():
-    """The application snapshots its state at the applied index; the core folds every
-    entry up to it into the snapshot, and storage keeps only the entries after it."""
+def five_values_applied() -> Network:
+    """a leads a, b, c (no tail kept behind snapshots); v0..v4 applied everywhere."""
     net = Network("abc", compaction_keep=0)
     net.campaign("a")
     for i in range(5):
         net.propose("a", b"v%d" % i)
     net.stabilize()
+    return net
+
+
+def test_create_snapshot_compacts_the_log():
+    """The application snapshots its state at the applied index; the core folds every
+    entry up to it into the snapshot, and storage keeps only the entries after it."""
+    net = five_values_applied()
 
     snap = net.snapshot("a")
     assert (snap.meta.index, snap.meta.term) == (7, 2)
@@ -100,11 +106,7 @@ def test_a_lost_snapshot_is_sent_again_after_a_timeout():
 def test_restart_from_a_snapshot_the_node_made():
     """A node that crashes after compacting restarts from its snapshot and the entries
     after it: same log bounds, same membership, same state, and it keeps replicating."""
-    net = Network("abc", compaction_keep=0)
-    net.campaign("a")
-    for i in range(5):
-        net.propose("a", b"v%d" % i)
-    net.stabilize()
+    net = five_values_applied()
     snap = net.snapshot("b")
     for i in range(5, 8):
         net.propose("a", b"v%d" % i)
@@ -146,11 +148,7 @@ def test_a_snapshot_at_an_older_index_compacts_to_it_and_keeps_the_tail():
     """The driver captured the state at index 5, serialized it while the node applied up
     to 7: the snapshot is at 5 with 5's term, and entries 6..7 stay in the log (memory
     and storage), so nothing applied after the capture is lost."""
-    net = Network("abc", compaction_keep=0)
-    net.campaign("a")
-    for i in range(5):
-        net.propose("a", b"v%d" % i)
-    net.stabilize()
+    net = five_values_applied()
     a = net["a"]
     assert a.log.applied == 7
     data_at_5 = b'["v0", "v1", "v2"]'
@@ -177,11 +175,7 @@ def test_a_snapshot_at_an_older_index_compacts_to_it_and_keeps_the_tail():
 def test_a_stale_background_snapshot_is_refused():
     """Not above the current snapshot, or beyond applied: refused (None) or a bug
     (ValueError); the log is left as it was."""
-    net = Network("abc", compaction_keep=0)
-    net.campaign("a")
-    for i in range(5):
-        net.propose("a", b"v%d" % i)
-    net.stabilize()
+    net = five_values_applied()
     a = net["a"]
     net.snapshot("a")  # at 7
     before = (a.log.snapshot, a.log.offset, list(a.log.entries))
