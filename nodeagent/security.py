@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .protocol import MESSAGE_SCHEMAS
+
 ROLES = ("viewer", "operator", "admin")
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 NODE = "node"  # the kind (and client role) of an agent's own certificate
@@ -118,8 +120,6 @@ def required_role(msg_type: str, msg: Mapping[str, Any] | None = None) -> str:
     """The least role allowed to send this request: the protocol's table
     (``MESSAGE_SCHEMAS[type].role``), raised to admin for a submission with a shell task,
     and ``node`` for requests only agents send. Unknown types need admin."""
-    from .protocol import MESSAGE_SCHEMAS
-
     if msg_type in NODE_ONLY:
         return NODE
     spec = MESSAGE_SCHEMAS.get(msg_type)
@@ -144,10 +144,13 @@ def effective_role(identity: Identity, as_role: str | None) -> str:
     return identity.role
 
 
-def check_request(role: str, msg_type: str, msg: Mapping[str, Any] | None = None) -> str | None:
+def check_request(role: str, msg_type: str, msg: Mapping[str, Any] | None = None, *,
+                  need: str | None = None) -> str | None:
     """None if ``role`` may send this request, else the refusal's message (the error code
-    is ``forbidden``). Pure: role x request -> allowed."""
-    need = required_role(msg_type, msg)
+    is ``forbidden``). Pure: role x request -> allowed. ``need``: ``required_role`` of the
+    request, if the caller has it already."""
+    if need is None:
+        need = required_role(msg_type, msg)
     if need == NODE:
         if role == NODE:
             return None

@@ -359,20 +359,21 @@ class Server:
             finally:
                 nursery.cancel_scope.cancel()
 
-    def _authorize(self, session: "ClientSession", msg: dict) -> tuple[str, str | None]:
+    def _authorize(self, session: "ClientSession", msg: dict, need: str) -> tuple[str, str | None]:
         """(the role the request runs with, None) or (role, the refusal message). With TLS
         off nobody is authenticated, so nothing is checked: every client is admin."""
         if self.ssl_context is None:
             return "admin", None
         role = effective_role(session.identity, msg.get("as_role"))
-        return role, check_request(role, msg["type"], msg)
+        return role, check_request(role, msg["type"], msg, need=need)
 
     async def _answer(self, session: "ClientSession", msg: dict) -> dict | None:
         agent = self.agent
         rid = msg["id"]
         t0 = time.monotonic()
-        role, refusal = self._authorize(session, msg)
-        admin = required_role(msg["type"], msg) == "admin"
+        need = required_role(msg["type"], msg)  # once: the check and the audit both use it
+        role, refusal = self._authorize(session, msg, need)
+        admin = need == "admin"
         if refusal is not None:
             self.forbidden += 1
             self._rlog.log(logging.WARNING, "request forbidden", remote=session.conn.peer,
