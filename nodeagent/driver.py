@@ -431,10 +431,9 @@ class Driver:
         """``snap`` with its data left in its file, or as it is if that cannot be done."""
         try:
             return self.storage.snapshot_file(snap)
-        except (AttributeError, OSError) as exc:  # a storage without files; a vanished file
-            if not isinstance(exc, AttributeError):
-                log.warning("snapshot kept in memory", extra={"index": snap.meta.index,
-                                                              "error": repr(exc)})
+        except OSError as exc:  # the file cannot be opened: keep the bytes instead
+            log.warning("snapshot kept in memory", extra={"index": snap.meta.index,
+                                                          "error": repr(exc)})
             return snap
 
     def _read_snapshot(self, m: InstallSnapshot) -> InstallSnapshot | None:
