@@ -224,40 +224,66 @@ class Agent:
         await tls.do_handshake()
         return tls
 
-    async def _write(self, op: str, msg: dict, seq: int | None = None, **fields):
+    # Writes. The server answers put/delete/cas without a task per request
+    # (Server._write_now: ``begin_write``, then ``write_reply`` from the driver's
+    # callback); the handlers below take the same steps for every other path.
+
+    def begin_write(self, msg: dict, on_done=None):
+        """Propose ``msg`` (put, delete or cas: the request carries its command's fields)
+        to the driver; its Pending. Raises RequestFailed if the command does not encode."""
+        spec = st.OPS[msg["type"]]
+        fields = {f: msg[f] for f in (*spec.required, *spec.optional) if f in msg}
+        return self._propose(msg["type"], msg, msg["seq"], on_done, **fields)
+
+    def _propose(self, op: str, msg: dict, seq: int, on_done=None, **fields):
         try:
-            data = st.encode_command(op, client=msg["client_id"], seq=seq or msg["seq"], **fields)
+            data = st.encode_command(op, client=msg["client_id"], seq=seq, **fields)
         except st.CommandError as e:
             raise RequestFailed("rejected", str(e)) from None
+        return self.driver.submit("propose", data, on_done=on_done)
+
+    @staticmethod
+    def _applied(pending) -> tuple[int, Any]:
+        """(index, ApplyResult) of a finished write; RequestFailed if it failed or the
+        state machine refused it."""
+        index, result = pending.outcome()
+        if result.error:
+            raise RequestFailed(result.error, result.detail or result.error)
+        return index, result
+
+    @classmethod
+    def write_reply(cls, msg: dict, pending) -> dict:
+        """The ``result`` of a finished put, delete or cas; raises RequestFailed."""
+        index, result = cls._applied(pending)
+        if msg["type"] == "cas":
+            now = msg["value"] if result.ok else result.value
+            return {"swapped": bool(result.ok), "value": now, "index": index}
+        return {"index": index}
+
+    async def _settle(self, msg: dict, pending):
+        """Wait for a proposal; a follower asked to (``forward``) relays it to the leader."""
         try:
-            index, result = await self._wait("propose", data)
+            await pending.wait(self.server.request_timeout)
         except RequestFailed as e:
             leader = e.leader
             if e.code != "not_leader" or not msg.get("forward") or leader is None \
                     or leader == self.node_id or leader not in self.addresses:
                 raise
             raise Relayed(await self.forwarder.forward(leader, msg)) from None
-        if result.error:
-            raise RequestFailed(result.error, result.detail or result.error)
-        return index, result
+        return pending
+
+    async def _write(self, op: str, msg: dict, seq: int | None = None, **fields):
+        pending = self._propose(op, msg, seq or msg["seq"], **fields)
+        return self._applied(await self._settle(msg, pending))
 
     async def _rq_put(self, session, msg):
-        index, _ = await self._write("put", msg, key=msg["key"], value=msg["value"])
-        return {"index": index}, None
+        return self.write_reply(msg, await self._settle(msg, self.begin_write(msg))), None
+
+    _rq_delete = _rq_cas = _rq_put
 
     async def _rq_register(self, session, msg):
         index, _ = await self._write("noop", msg, seq=1)
         return {"index": index}, None
-
-    async def _rq_delete(self, session, msg):
-        index, _ = await self._write("delete", msg, key=msg["key"])
-        return {"index": index}, None
-
-    async def _rq_cas(self, session, msg):
-        index, result = await self._write("cas", msg, key=msg["key"], expected=msg["expected"],
-                                          value=msg["value"])
-        now = msg["value"] if result.ok else result.value
-        return {"swapped": bool(result.ok), "value": now, "index": index}, None
 
     async def _rq_get(self, session, msg):
         if msg.get("consistency", "linearizable") == "stale":

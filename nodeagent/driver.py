@@ -58,33 +58,54 @@ class RequestFailed(Exception):
 
 
 class Pending:
-    """A one-shot result slot a client handler waits on."""
+    """A one-shot result slot: a client handler waits on it (``wait``), or it calls
+    ``on_done(pending)`` when answered (the server's write path, without a task per
+    request). ``on_done`` runs inside the driver's task: it must be quick, and an
+    exception from it is logged, never raised into the driver."""
 
-    __slots__ = ("event", "result", "error")
+    __slots__ = ("event", "result", "error", "done", "on_done")
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
+    def __init__(self, on_done: Callable[["Pending"], None] | None = None) -> None:
+        self.event: trio.Event | None = None  # made only when somebody waits
         self.result: Any = None
         self.error: RequestFailed | None = None
+        self.done = False
+        self.on_done = on_done
 
     def set(self, result: Any) -> None:
-        if not self.event.is_set():
+        if not self.done:
             self.result = result
-            self.event.set()
+            self._finish()
 
     def fail(self, code: str, message: str, leader: str | None = None) -> None:
-        if not self.event.is_set():
+        if not self.done:
             self.error = RequestFailed(code, message, leader)
-            self.event.set()
+            self._finish()
 
-    async def wait(self, timeout: float) -> Any:
-        with trio.move_on_after(timeout):
-            await self.event.wait()
-        if not self.event.is_set():
-            raise RequestFailed("timeout", f"no answer within {timeout:g}s; the outcome is unknown")
+    def _finish(self) -> None:
+        self.done = True
+        if self.event is not None:
+            self.event.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:
+                log.exception("a request's completion callback failed")
+
+    def outcome(self) -> Any:
+        """The result of a finished request, or its RequestFailed raised."""
         if self.error is not None:
             raise self.error
         return self.result
+
+    async def wait(self, timeout: float) -> Any:
+        if not self.done:
+            self.event = trio.Event()
+            with trio.move_on_after(timeout):
+                await self.event.wait()
+        if not self.done:
+            raise RequestFailed("timeout", f"no answer within {timeout:g}s; the outcome is unknown")
+        return self.outcome()
 
 
 @dataclass
@@ -173,9 +194,10 @@ class Driver:
             self.dropped_inbox += 1
             return False
 
-    def submit(self, kind: str, *args) -> Pending:
-        """A client request for the driver; the returned Pending is answered by it."""
-        p = Pending()
+    def submit(self, kind: str, *args, on_done: Callable[[Pending], None] | None = None) -> Pending:
+        """A client request for the driver; the returned Pending is answered by it
+        (``on_done``: see Pending; a full inbox calls it at once, from here)."""
+        p = Pending(on_done)
         try:
             self._inbox_send.send_nowait((kind, p, *args))
         except trio.WouldBlock:

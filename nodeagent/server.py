@@ -42,7 +42,9 @@ READ_CHUNK = 65536
 
 
 class Connection:
-    """Frame I/O over one stream: a decoder for input, a lock for output."""
+    """Frame I/O over one stream: a decoder for input, a lock for output, and an outbox
+    for replies made outside any task of this connection (``push``; ``flush_loop``
+    writes whatever has gathered in one send)."""
 
     def __init__(self, stream: trio.abc.Stream, max_frame: int, peer: str):
         self.stream = stream
@@ -53,6 +55,8 @@ class Connection:
         self.kind = "pending"  # "peer" or "client" once its hello is accepted
         self.last_activity = trio.current_time()
         self.partial_since: float | None = None  # when the frame now being received began
+        self._out: list[bytes] = []
+        self._out_lot = trio.lowlevel.ParkingLot()
 
     async def receive(self) -> dict | None:
         """The next message, or None at a clean end of stream."""
@@ -75,6 +79,24 @@ class Connection:
         async with self._send_lock:
             with trio.fail_after(timeout):
                 await self.stream.send_all(data)
+
+    def push(self, msg: dict[str, Any]) -> None:
+        """Queue a frame for ``flush_loop``; never waits (the driver's callbacks call it)."""
+        if not self.closed:
+            self._out.append(encode(msg))
+            self._out_lot.unpark()
+
+    async def flush_loop(self, timeout: float = 10.0) -> None:
+        """Send what ``push`` queued, every frame gathered meanwhile in one send; a peer
+        that does not take it within ``timeout`` ends the connection (TooSlowError)."""
+        while True:
+            if not self._out:
+                await self._out_lot.park()
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            async with self._send_lock:
+                with trio.fail_after(timeout):
+                    await self.stream.send_all(data)
 
 
 class Refused(Exception):
@@ -112,6 +134,9 @@ class _RateLog:
             fields["suppressed"] = dropped
         log.log(level, event, extra=fields)
 
+
+# Requests answered without a task of their own (Server._write_now).
+WRITES = frozenset({"put", "delete", "cas"})
 
 OVERFLOW = 64  # connections accepted past max_connections, to find the peers among them
 
@@ -201,6 +226,7 @@ class Server:
             self._count_refusal("too_slow")
             self._rlog.log(logging.INFO, "connection too slow; closing", remote=peer)
         finally:
+            conn.closed = True
             self.connections -= 1
             if conn.kind == "peer":
                 self.peers -= 1
@@ -322,14 +348,23 @@ class Server:
                     await conn.send(reply)
                     conn.last_activity = trio.current_time()
 
+            def finish(reply: dict) -> None:  # the end of a write answered without a task
+                nonlocal inflight
+                inflight -= 1
+                conn.push(reply)
+                conn.last_activity = trio.current_time()
+
             async def watchdog() -> None:
                 # Idle: nothing in flight, no subscription, no frame for idle_timeout.
                 # Slow: a frame begun and not finished within frame_timeout.
+                # Late: a write without an answer past request_timeout.
                 # one wake-up a second per connection at the defaults
-                tick = max(0.05, min(1.0, self.idle_timeout / 4, self.frame_timeout / 4))
+                tick = max(0.05, min(1.0, self.idle_timeout / 4, self.frame_timeout / 4,
+                                     self.request_timeout / 4))
                 while True:
                     await trio.sleep(tick)
                     now = trio.current_time()
+                    session.expire_writes(now, self.request_timeout)
                     if conn.partial_since is not None and now - conn.partial_since > self.frame_timeout:
                         raise Refused("too_slow", f"a frame took more than {self.frame_timeout:g}s "
                                                   "to arrive", logging.INFO)
@@ -339,6 +374,7 @@ class Server:
                                                       "reconnect when needed", logging.INFO)
 
             nursery.start_soon(watchdog)
+            nursery.start_soon(conn.flush_loop)
             try:
                 while True:
                     msg = await conn.receive()
@@ -355,9 +391,50 @@ class Server:
                                               f"more than {self.max_inflight} requests in flight"))
                         continue
                     inflight += 1
-                    nursery.start_soon(run_one, msg)
+                    if t in WRITES and not msg.get("forward"):
+                        self._write_now(session, msg, finish)
+                    else:
+                        nursery.start_soon(run_one, msg)
             finally:
                 nursery.cancel_scope.cancel()
+
+    def _write_now(self, session: "ClientSession", msg: dict, finish) -> None:
+        """A put, delete or cas without a task of its own: checked and proposed here, and
+        answered by ``finish(reply)`` from the driver when it applies (or fails), or from
+        the watchdog after request_timeout. Most of an agent's requests are these; a task,
+        a cancel scope and an event each cost more than the write's own work (issue 9).
+        Relayed writes (``forward``) take the general path."""
+        agent = self.agent
+        rid = msg["id"]
+        t0 = time.monotonic()
+        _, _, refused = self._admit(session, msg, t0)  # a write's role is never admin: no audit
+        if refused is not None:
+            finish(refused)
+            return
+
+        def done(p) -> None:
+            session.writes.pop(p, None)
+            try:
+                result = agent.write_reply(msg, p)
+            except RequestFailed as e:
+                finish(self._failed(msg, e, t0))
+                return
+            except Exception:
+                finish(self._internal(msg, t0))
+                return
+            agent.observe_request(msg["type"], time.monotonic() - t0, ok=True)
+            finish({"type": "reply", "id": rid, "ok": True, "result": result})
+
+        try:
+            p = agent.begin_write(msg, on_done=done)
+        except RequestFailed as e:
+            finish(self._failed(msg, e, t0))
+            return
+        except Exception:
+            finish(self._internal(msg, t0))
+            return
+        if not p.done:
+            session.writes[p] = trio.current_time() + self.request_timeout
 
     def _authorize(self, session: "ClientSession", msg: dict, need: str) -> tuple[str, str | None]:
         """(the role the request runs with, None) or (role, the refusal message). With TLS
@@ -367,29 +444,35 @@ class Server:
         role = effective_role(session.identity, msg.get("as_role"))
         return role, check_request(role, msg["type"], msg, need=need)
 
-    async def _answer(self, session: "ClientSession", msg: dict) -> dict | None:
-        agent = self.agent
-        rid = msg["id"]
-        t0 = time.monotonic()
+    def _admit(self, session: "ClientSession", msg: dict,
+               t0: float) -> tuple[str, str, dict | None]:
+        """(the role the request needs, the role it runs with, None), or a forbidden
+        reply in place of None (logged, counted, audited if it needed admin)."""
         need = required_role(msg["type"], msg)  # once: the check and the audit both use it
         role, refusal = self._authorize(session, msg, need)
-        admin = need == "admin"
         if refusal is not None:
             self.forbidden += 1
             self._rlog.log(logging.WARNING, "request forbidden", remote=session.conn.peer,
                            request=msg["type"], role=role, identity=session.identity.name,
                            reason=refusal)
-            if admin and self.audit is not None:
+            if need == "admin" and self.audit is not None:
                 self.audit.record(actor=session.identity, role=role, remote=session.conn.peer,
                                   msg=msg, ok=False, error="forbidden")
-            agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
-            return _fail(rid, "forbidden", refusal)
+            self.agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
+            return need, role, _fail(msg["id"], "forbidden", refusal)
         if "as_role" in MESSAGE_SCHEMAS[msg["type"]].fields:
             msg["as_role"] = role if role in ROLES else None  # a relay carries it on
             if msg["as_role"] is None:
                 del msg["as_role"]
+        return need, role, None
+
+    async def _answer(self, session: "ClientSession", msg: dict) -> dict | None:
+        t0 = time.monotonic()
+        need, role, refused = self._admit(session, msg, t0)
+        if refused is not None:
+            return refused
         reply = await self._run(session, msg, t0)
-        if admin and self.audit is not None:
+        if need == "admin" and self.audit is not None:
             err = None if reply["ok"] else reply["error"]["code"]
             self.audit.record(actor=session.identity, role=role, remote=session.conn.peer,
                               msg=msg, ok=reply["ok"], error=err)
@@ -399,27 +482,33 @@ class Server:
 
     async def _run(self, session: "ClientSession", msg: dict, t0: float) -> dict:
         agent = self.agent
-        rid = msg["id"]
         try:
             result, leader = await agent.handle_request(session, msg)
         except RequestFailed as e:
-            reply = _fail(rid, e.code, e.message)
-            if e.leader is not None or e.code == "not_leader":
-                reply["leader"] = e.leader
-            agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
-            return reply
+            return self._failed(msg, e, t0)
         except Exception:
-            # Our bug, not the client's: log it, answer, and keep serving everyone else.
-            # The request may or may not have taken effect.
-            log.exception("request handler failed", extra={"request": msg["type"]})
-            agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
-            return _fail(rid, "internal", f"the agent failed while handling {msg['type']}; "
-                                          "the outcome is unknown; see the agent's log")
+            return self._internal(msg, t0)
         agent.observe_request(msg["type"], time.monotonic() - t0, ok=True)
-        reply = {"type": "reply", "id": rid, "ok": True, "result": result}
+        reply = {"type": "reply", "id": msg["id"], "ok": True, "result": result}
         if leader is not None:
             reply["leader"] = leader
         return reply
+
+    def _failed(self, msg: dict, e: RequestFailed, t0: float) -> dict:
+        reply = _fail(msg["id"], e.code, e.message)
+        if e.leader is not None or e.code == "not_leader":
+            reply["leader"] = e.leader
+        self.agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
+        return reply
+
+    def _internal(self, msg: dict, t0: float) -> dict:
+        """Our bug, not the client's (call it from an ``except``): logged and answered;
+        the agent keeps serving everyone else. The request may or may not have taken
+        effect."""
+        log.exception("request handler failed", extra={"request": msg["type"]})
+        self.agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
+        return _fail(msg["id"], "internal", f"the agent failed while handling {msg['type']}; "
+                                            "the outcome is unknown; see the agent's log")
 
 
 class ClientSession:
@@ -432,6 +521,13 @@ class ClientSession:
         self.client_id = client_id
         self.identity = identity
         self._sub_scope: trio.CancelScope | None = None
+        self.writes: dict = {}  # Pending -> trio deadline, writes answered without a task
+
+    def expire_writes(self, now: float, timeout: float) -> None:
+        """Answer the writes still unanswered past their deadline: outcome unknown."""
+        late = [p for p, deadline in self.writes.items() if deadline <= now]
+        for p in late:
+            p.fail("timeout", f"no answer within {timeout:g}s; the outcome is unknown")
 
     @property
     def subscribed(self) -> bool:

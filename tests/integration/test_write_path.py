@@ -1,0 +1,141 @@
+"""The agent's write path for put, delete and cas (nodeagent/server.py ``_write_now``):
+answered from the driver's callback, without a task per request. Real agents, raw
+connections: every write gets exactly one reply, pipelined writes on one connection are
+all answered, a write that cannot commit is answered ``timeout`` after the request
+timeout (not left hanging), and a connection that goes away with writes in flight leaves
+the agent serving."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from console.client import AgentConnection, RequestError
+from console.local import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+REQUEST_TIMEOUT_S = 10.0  # nodeagent.server.Server's default request_timeout
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    lc = LocalCluster(tmp_path / "c", 3)
+    lc.tmp.mkdir(parents=True, exist_ok=True)
+    lc.start_all()
+    yield lc
+    lc.stop_all()
+
+
+async def _connect(lc: LocalCluster, name: str, client_id: str) -> AgentConnection:
+    """A connection of its own (TLS, the admin certificate), outside any ClusterClient."""
+    conn = AgentConnection(name, "127.0.0.1", lc.ports[name], lc.cluster, client_id=client_id,
+                           ssl=lc.ssl_context("admin"))
+    await conn.connect()
+    return conn
+
+
+def test_pipelined_writes_on_one_connection_each_get_one_answer(cluster):
+    """300 puts, 40 cas and 40 deletes in flight together on one connection: each id is
+    answered once, with its own index, and the values are what the writes said."""
+
+    async def main():
+        async with cluster.client() as c:
+            leader = await cluster.wait_leader(c)
+            conn = await _connect(cluster, leader, "pipe-1")
+            try:
+                await conn.request("register", client_id="pipe-1")
+                seq = iter(range(2, 10_000))
+                puts = [conn.request("put", key=f"p{i}", value=b"v%d" % i, client_id="pipe-1",
+                                     seq=next(seq), timeout=30) for i in range(300)]
+                got = await asyncio.gather(*puts)
+                indexes = [r["index"] for r in got]
+                assert len(set(indexes)) == 300
+                cas = [conn.request("cas", key=f"p{i}", expected=b"v%d" % i, value=b"w",
+                                    client_id="pipe-1", seq=next(seq), timeout=30) for i in range(40)]
+                dels = [conn.request("delete", key=f"p{i}", client_id="pipe-1", seq=next(seq),
+                                     timeout=30) for i in range(40, 80)]
+                got = await asyncio.gather(*cas, *dels)
+                assert all(r["swapped"] and r["value"] == b"w" for r in got[:40])
+                assert all(isinstance(r["index"], int) for r in got[40:])
+                # A cas that does not match says so and shows the value it found.
+                r = await conn.request("cas", key="p0", expected=b"nope", value=b"x",
+                                       client_id="pipe-1", seq=next(seq))
+                assert r == {"swapped": False, "value": b"w", "index": r["index"]}
+            finally:
+                await conn.close()
+            assert await c.get("p0") == b"w"
+            assert await c.get("p40") is None
+            assert await c.get("p299") == b"v299"
+
+    asyncio.run(main())
+
+
+def test_a_write_that_cannot_commit_is_answered_timeout(cluster):
+    """Both followers stopped (SIGSTOP): the leader's put cannot commit. The agent answers
+    it ``timeout`` (the outcome is unknown) once its request timeout has passed, instead
+    of leaving the client waiting; after the followers resume, the agent serves writes."""
+
+    async def main():
+        async with cluster.client() as c:
+            leader = await cluster.wait_leader(c)
+            followers = [n for n in cluster.names if n != leader]
+            conn = await _connect(cluster, leader, "stuck-1")
+            try:
+                await conn.request("register", client_id="stuck-1")
+                for n in followers:
+                    cluster.signal(n, signal.SIGSTOP)
+                try:
+                    t0 = time.monotonic()
+                    with pytest.raises(RequestError) as e:
+                        await conn.request("put", key="k", value=b"v", client_id="stuck-1",
+                                           seq=2, timeout=REQUEST_TIMEOUT_S + 20)
+                    waited = time.monotonic() - t0
+                    assert e.value.code == "timeout", e.value
+                    assert "outcome is unknown" in e.value.message
+                    # Not before the request timeout; the watchdog ticks once a second.
+                    assert REQUEST_TIMEOUT_S - 0.5 <= waited < REQUEST_TIMEOUT_S + 15, waited
+                finally:
+                    for n in followers:
+                        cluster.signal(n, signal.SIGCONT)
+            finally:
+                await conn.close()
+            await cluster.wait_leader(c)
+            await c.put("after", b"1")
+            assert await c.get("after") == b"1"
+
+    asyncio.run(main())
+
+
+def test_a_connection_closed_with_writes_in_flight_leaves_the_agent_serving(cluster):
+    """A client sends 200 puts and closes at once. The agent neither crashes nor stops
+    serving others; the writes it took apply (every replica ends with the same state)."""
+
+    async def main():
+        async with cluster.client() as c:
+            leader = await cluster.wait_leader(c)
+            for round_ in range(3):
+                cid = f"gone-{round_}"
+                conn = await _connect(cluster, leader, cid)
+                await conn.request("register", client_id=cid)
+                for i in range(200):
+                    conn._writer.write(_put_frame(i, cid, 2 + i))
+                await conn._writer.drain()
+                await conn.close()
+            await c.put("still", b"here")
+            st = await cluster.wait_converged(c)
+            assert all(cluster.alive(n) for n in cluster.names)
+            assert len({s["digest"] for s in st.values()}) == 1
+            assert await c.get("still") == b"here"
+
+    asyncio.run(main())
+
+
+def _put_frame(i: int, cid: str, seq: int) -> bytes:
+    from nodeagent.protocol import encode
+
+    return encode({"type": "put", "id": 10_000 + i, "key": f"g{i}", "value": b"x" * 100,
+                   "client_id": cid, "seq": seq})
