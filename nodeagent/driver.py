@@ -8,9 +8,9 @@ retransmits); client requests get ``busy``.
 The loop: wait for inbox events until the next tick is due, handle every event that is
 ready (so a burst of proposals becomes one Ready, one fsync and one append per peer),
 tick when due, then carry out Readies (``raft/ready.py``) until the node has nothing left
-to do. With fsync on, each fsync runs in a worker thread: meanwhile the other tasks keep
-sending (the leader's appends leave before its own fsync) and answering, and new events
-wait in the inbox to join the next round (group commit). Snapshots, too, are
+to do. With fsync on, the leader's appends leave before its own fsync; the fsync runs in
+this task while the disk is fast, in a worker thread while it is slow (``_sync``), and new
+events wait in the inbox to join the next round (group commit). Snapshots, too, are
 serialized and written in a worker thread (see ``_start_snapshot``): this task only
 captures the state and, later, adopts the snapshot.
 """
@@ -45,6 +45,8 @@ from .raft.ready import begin_ready, finish_ready
 from .state import StateError, StateMachine, StateView, serialize_view
 
 log = logging.getLogger("nodeagent.driver")
+
+_TICK = ("tick",)
 
 
 class RequestFailed(Exception):
@@ -153,9 +155,12 @@ class Driver:
         self._read_seq = itertools.count()
         self._on_apply_conf = on_apply_conf
         self.metrics = metrics
-        # fsync in a worker thread (when it really waits for the disk), so the event loop
-        # sends the leader's appends and answers clients meanwhile
+        # fsync may run in a worker thread (when it really waits for the disk), so the
+        # event loop sends the leader's appends and answers clients meanwhile; see _sync
         self.sync_in_thread = sync_in_thread
+        self.sync_ewma = 0.0  # seconds, recent fsyncs (exponentially weighted)
+        self.syncs_inline = 0
+        self.syncs_threaded = 0
         self.changed = trio.Event()  # set when the status changed (subscriptions wait on it)
         self.version = 0
         self.leader_changes: list[float] = []
@@ -174,6 +179,7 @@ class Driver:
         self._snap_inflight = False
         self._snap_done: tuple | None = None  # (Snapshot, written, started, loop seconds so far)
         self._snap_not_before = 0.0  # trio time: back off after a failed write
+        self._tick_due = False
         self.dropped_inbox = 0
         self.messages_in = 0
         self.messages_out = 0
@@ -217,33 +223,50 @@ class Driver:
     async def _run(self, task_status) -> None:
         await self._process()
         task_status.started()
-        next_tick = trio.current_time() + self.tick_interval
+        self._nursery.start_soon(self._ticker)
         recv = self._inbox_recv
         while True:
-            with trio.move_on_at(next_tick):
-                ev = await recv.receive()
+            ev = await recv.receive()
+            self._handle(ev)
+            # Everything already queued joins this round: one Ready, one fsync.
+            for _ in range(4096):
+                try:
+                    ev = recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
                 self._handle(ev)
-                # Everything already queued joins this round: one Ready, one fsync.
-                for _ in range(4096):
-                    try:
-                        ev = recv.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    self._handle(ev)
-            now = trio.current_time()
-            if now >= next_tick:
+            if self._tick_due:
+                self._tick_due = False
                 self.node.tick()
                 if self.on_tick is not None:
                     self.on_tick()
-                next_tick += self.tick_interval
-                if next_tick < now:  # we fell far behind (a stall): do not burst ticks
-                    next_tick = now + self.tick_interval
             if self._snap_done is not None:
                 self._finish_snapshot()
             await self._process()
 
+    async def _ticker(self) -> None:
+        """Raft's clock: every tick_interval, mark a tick due and wake the loop. (A task
+        of its own, so the loop waits on its inbox alone: a deadline per wait cost a
+        cancel scope per event.) A full inbox needs no wake-up: the loop is busy and sees
+        the mark on its next round."""
+        interval = self.tick_interval
+        next_tick = trio.current_time() + interval
+        while True:
+            await trio.sleep_until(next_tick)
+            self._tick_due = True
+            try:
+                self._inbox_send.send_nowait(_TICK)
+            except trio.WouldBlock:
+                pass
+            now = trio.current_time()
+            next_tick += interval
+            if next_tick < now:  # we fell far behind (a stall): do not burst ticks
+                next_tick = now + interval
+
     def _handle(self, ev: tuple) -> None:
         kind = ev[0]
+        if kind == "tick":
+            return  # the loop ticks after handling the round's events
         if kind == "raft":
             self.messages_in += 1
             m = ev[1]
@@ -295,7 +318,6 @@ class Driver:
         node = self.node
         prev_role, prev_lead, prev_term = self._seen
         progressed = False
-        threaded = self.sync_in_thread
         while node.has_ready():
             # raft/ready.py: persist, send the leader's appends, apply what was durable,
             # fsync, send the rest, apply, advance. The fsync runs in a worker thread, so
@@ -306,10 +328,7 @@ class Driver:
             if rd is None:
                 break
             if rd.must_sync:
-                if threaded:
-                    await self._sync_in_thread()
-                else:
-                    self.storage.sync()
+                await self._sync()
             finish_ready(node, rd, self, self)
             progressed = True
             for rs in rd.read_states:
@@ -333,10 +352,38 @@ class Driver:
             self.changed.set()
             self.changed = trio.Event()
 
-    async def _sync_in_thread(self) -> None:
-        # Not cancellable half-way: the thread finishes its fsync before we go on or
-        # unwind (a cancelled driver ends the agent anyway).
-        await trio.to_thread.run_sync(self.storage.sync)
+    # A fast fsync (this machine's: 0.1-0.3 ms) runs right here: handing it to a worker
+    # thread and back costs more CPU than it saves (a futex wake each way, the thread's
+    # naming, the trio token's wake-up socket) and adds two hops to every write's path.
+    # A slow one (a busy or rotating disk: milliseconds) goes to the thread, so the loop
+    # keeps sending and answering meanwhile. Which: by the recent fsyncs, each timed where
+    # it ran (the thread times its own), so a disk that gets fast again is noticed.
+    INLINE_SYNC_S = 0.001
+    SYNC_EWMA_WEIGHT = 0.2
+
+    async def _sync(self) -> None:
+        if not self.sync_in_thread:
+            self.storage.sync()
+            return
+        if self.sync_ewma < self.INLINE_SYNC_S:
+            # Let what this Ready queued (the leader's appends, replies of entries applied
+            # before it) leave first, then block on the disk.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            t0 = time.perf_counter()
+            self.storage.sync()
+            took = time.perf_counter() - t0
+            self.syncs_inline += 1
+        else:
+            # Not cancellable half-way: the thread finishes its fsync before we go on or
+            # unwind (a cancelled driver ends the agent anyway).
+            took = await trio.to_thread.run_sync(self._timed_sync)
+            self.syncs_threaded += 1
+        self.sync_ewma += self.SYNC_EWMA_WEIGHT * (took - self.sync_ewma)
+
+    def _timed_sync(self) -> float:
+        t0 = time.perf_counter()
+        self.storage.sync()
+        return time.perf_counter() - t0
 
     def _serve_reads(self) -> None:
         applied = self.state.applied_index
@@ -564,6 +611,8 @@ class Driver:
             "snapshots": {"taken": self.snapshots_taken, "dropped": self.snapshots_dropped,
                           "sent": self.snapshots_sent, "installed": self.snapshots_installed,
                           "refused": self.snapshots_refused},
+            "fsync": {"inline": self.syncs_inline, "threaded": self.syncs_threaded,
+                      "recent_ms": round(self.sync_ewma * 1000, 3)},
             "pending_proposals": len(self._proposals),
             "pending_reads": len(self._reads_by_ctx) + len(self._reads_ready),
             "inbox_dropped": self.dropped_inbox,

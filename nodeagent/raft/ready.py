@@ -18,7 +18,8 @@ functions, so the order that makes Raft safe is written once:
 7. advance: tell the core all of the above is done.
 
 ``begin_ready`` does 1-3 and ``finish_ready`` 5-7; the caller does 4 in between (the
-trio driver in a worker thread, so its event loop keeps serving while the disk works).
+trio driver in its own task while the disk is fast, in a worker thread while it is slow,
+so its event loop keeps serving while the disk works).
 """
 
 from __future__ import annotations
