@@ -81,10 +81,19 @@ class Connection:
                 await self.stream.send_all(data)
 
     def push(self, msg: dict[str, Any]) -> None:
-        """Queue a frame for ``flush_loop``; never waits (the driver's callbacks call it)."""
-        if not self.closed:
-            self._out.append(encode(msg))
-            self._out_lot.unpark()
+        """Queue a reply for ``flush_loop``; never waits (the driver's callbacks call it).
+        A reply that does not encode (a bug, or a result past the frame limit) is
+        answered ``internal`` instead, so the request does not go unanswered."""
+        if self.closed:
+            return
+        try:
+            frame = encode(msg)
+        except ProtocolError as e:
+            log.error("reply not sent", extra={"remote": self.peer, "error": e.message})
+            frame = encode(_fail(msg.get("id", 0), "internal", "the agent could not encode "
+                                 f"its reply ({e.code}); the outcome is unknown"))
+        self._out.append(frame)
+        self._out_lot.unpark()
 
     async def flush_loop(self, timeout: float = 10.0) -> None:
         """Send what ``push`` queued, every frame gathered meanwhile in one send; a peer

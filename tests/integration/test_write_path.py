@@ -139,3 +139,35 @@ def _put_frame(i: int, cid: str, seq: int) -> bytes:
 
     return encode({"type": "put", "id": 10_000 + i, "key": f"g{i}", "value": b"x" * 100,
                    "client_id": cid, "seq": seq})
+
+
+def test_a_reply_that_does_not_encode_is_answered_internal():
+    """Connection.push (replies made in the driver's callbacks): a reply that cannot be
+    encoded is logged and replaced by an ``internal`` failure for the same id, so the
+    client is not left waiting; the frames already queued go out in one send."""
+    import trio
+    import trio.testing
+
+    from nodeagent.protocol import FrameDecoder, NEED_DATA
+    from nodeagent.server import Connection
+
+    async def main():
+        ours, theirs = trio.testing.memory_stream_pair()
+        conn = Connection(ours, 1 << 20, "test")
+        conn.push({"type": "reply", "id": 1, "ok": True, "result": {"index": 5}})
+        conn.push({"type": "reply", "id": 2, "ok": "not a bool"})  # does not validate
+        got = []
+        dec = FrameDecoder()
+        async with trio.open_nursery() as n:
+            n.start_soon(conn.flush_loop)
+            with trio.fail_after(5):
+                while len(got) < 2:
+                    dec.receive_data(await theirs.receive_some(65536))
+                    while (m := dec.next_message()) is not NEED_DATA:
+                        got.append(m)
+            n.cancel_scope.cancel()
+        assert got[0]["id"] == 1 and got[0]["ok"] is True
+        assert got[1]["id"] == 2 and got[1]["ok"] is False
+        assert got[1]["error"]["code"] == "internal"
+
+    trio.run(main)
