@@ -32,6 +32,7 @@ import asyncio
 import datetime
 import json
 import os
+import resource
 import platform
 import shlex
 import shutil
@@ -70,13 +71,29 @@ def cpu_of(sys_, names) -> dict:
     return {n: proc_cpu_s(sys_.pid(n)) for n in names if sys_.alive(n)}
 
 
+def own_cpu_s() -> float:
+    """CPU seconds of this process: the benchmark's clients."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_per_write(cpu0: dict, cpu1: dict, own0: float, own1: float, writes: int) -> dict:
+    """Microseconds of CPU per acknowledged write: each server process, and ``client``
+    (every client of the run, in this process)."""
+    n = max(1, writes)
+    out = {name: round((cpu1[name] - cpu0[name]) * 1e6 / n) for name in cpu1 if name in cpu0}
+    out["client"] = round((own1 - own0) * 1e6 / n)
+    return out
+
+
 async def sequential(sys_, writes: int, value: bytes) -> dict:
     c = sys_.client()
     try:
         await c.put("seq-warmup", value)
+        leader = await sys_.wait_leader()
         lat: list[float] = []
         errors: dict[str, int] = {}
-        cpu0, t_start = cpu_of(sys_, sys_.names), time.perf_counter()
+        cpu0, own0, t_start = cpu_of(sys_, sys_.names), own_cpu_s(), time.perf_counter()
         for i in range(writes):
             t0 = time.perf_counter()
             try:
@@ -86,11 +103,13 @@ async def sequential(sys_, writes: int, value: bytes) -> dict:
                 continue
             lat.append((time.perf_counter() - t0) * 1000)
         wall = time.perf_counter() - t_start
-        cpu1 = cpu_of(sys_, sys_.names)
+        cpu1, own1 = cpu_of(sys_, sys_.names), own_cpu_s()
     finally:
         await c.close()
     return {"writes": writes, "acked": len(lat), "errors": errors, **latency_summary(lat),
             "writes_per_s": round(len(lat) / wall, 1) if wall else None,
+            "leader": leader,
+            "cpu_us_per_write": cpu_per_write(cpu0, cpu1, own0, own1, len(lat)),
             "server_cpu_ms_per_write": round(sum(cpu1[n] - cpu0[n] for n in cpu1 if n in cpu0)
                                              * 1000 / max(1, len(lat)), 3)}
 
@@ -103,9 +122,10 @@ async def throughput(sys_, writers: int, seconds: float, value: bytes, tag: str 
     try:
         await asyncio.gather(*(cl.put(f"{tag}-warm-{w}", value) for w, cl in enumerate(clients)),
                              return_exceptions=True)
+        leader = await sys_.wait_leader()
         lat: list[float] = []
         errors: dict[str, int] = {}
-        cpu0, t_start = cpu_of(sys_, sys_.names), time.perf_counter()
+        cpu0, own0, t_start = cpu_of(sys_, sys_.names), own_cpu_s(), time.perf_counter()
         deadline = t_start + seconds
 
         def more() -> bool:
@@ -128,7 +148,7 @@ async def throughput(sys_, writers: int, seconds: float, value: bytes, tag: str 
 
         await asyncio.gather(*(writer(w, cl) for w, cl in enumerate(clients)))
         wall = time.perf_counter() - t_start
-        cpu1 = cpu_of(sys_, sys_.names)
+        cpu1, own1 = cpu_of(sys_, sys_.names), own_cpu_s()
     finally:
         for cl in clients:
             await cl.close()
@@ -136,6 +156,7 @@ async def throughput(sys_, writers: int, seconds: float, value: bytes, tag: str 
     return {"writers": writers, "seconds": round(wall, 3), "acked": len(lat),
             "writes_per_s": round(len(lat) / wall, 1) if wall else None,
             "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "errors": errors,
+            "leader": leader, "cpu_us_per_write": cpu_per_write(cpu0, cpu1, own0, own1, len(lat)),
             "server_cores_busy": round(sum(cpu1[n] - cpu0[n] for n in cpu1 if n in cpu0)
                                        / wall, 2) if wall else None}
 
