@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -425,22 +426,16 @@ class Server:
             session.writes.pop(p, None)
             try:
                 result = agent.write_reply(msg, p)
-            except RequestFailed as e:
-                finish(self._failed(msg, e, t0))
-                return
             except Exception:
-                finish(self._internal(msg, t0))
+                finish(self._error_reply(msg, t0))
                 return
             agent.observe_request(msg["type"], time.monotonic() - t0, ok=True)
             finish({"type": "reply", "id": rid, "ok": True, "result": result})
 
         try:
             p = agent.begin_write(msg, on_done=done)
-        except RequestFailed as e:
-            finish(self._failed(msg, e, t0))
-            return
         except Exception:
-            finish(self._internal(msg, t0))
+            finish(self._error_reply(msg, t0))
             return
         if not p.done:
             session.writes[p] = trio.current_time() + self.request_timeout
@@ -493,31 +488,30 @@ class Server:
         agent = self.agent
         try:
             result, leader = await agent.handle_request(session, msg)
-        except RequestFailed as e:
-            return self._failed(msg, e, t0)
         except Exception:
-            return self._internal(msg, t0)
+            return self._error_reply(msg, t0)
         agent.observe_request(msg["type"], time.monotonic() - t0, ok=True)
         reply = {"type": "reply", "id": msg["id"], "ok": True, "result": result}
         if leader is not None:
             reply["leader"] = leader
         return reply
 
-    def _failed(self, msg: dict, e: RequestFailed, t0: float) -> dict:
-        reply = _fail(msg["id"], e.code, e.message)
-        if e.leader is not None or e.code == "not_leader":
-            reply["leader"] = e.leader
+    def _error_reply(self, msg: dict, t0: float) -> dict:
+        """The failure reply for the exception being handled (call it from ``except``): a
+        RequestFailed as its code says (with the leader hint); anything else is our bug,
+        not the client's: logged and answered ``internal`` (the request may or may not
+        have taken effect), and the agent keeps serving everyone else."""
+        e = sys.exc_info()[1]
+        if isinstance(e, RequestFailed):
+            reply = _fail(msg["id"], e.code, e.message)
+            if e.leader is not None or e.code == "not_leader":
+                reply["leader"] = e.leader
+        else:
+            log.exception("request handler failed", extra={"request": msg["type"]})
+            reply = _fail(msg["id"], "internal", f"the agent failed while handling {msg['type']}; "
+                                                 "the outcome is unknown; see the agent's log")
         self.agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
         return reply
-
-    def _internal(self, msg: dict, t0: float) -> dict:
-        """Our bug, not the client's (call it from an ``except``): logged and answered;
-        the agent keeps serving everyone else. The request may or may not have taken
-        effect."""
-        log.exception("request handler failed", extra={"request": msg["type"]})
-        self.agent.observe_request(msg["type"], time.monotonic() - t0, ok=False)
-        return _fail(msg["id"], "internal", f"the agent failed while handling {msg['type']}; "
-                                            "the outcome is unknown; see the agent's log")
 
 
 class ClientSession:
