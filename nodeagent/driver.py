@@ -331,6 +331,10 @@ class Driver:
                 await self._sync()
             finish_ready(node, rd, self, self)
             progressed = True
+            if rd.snapshot is not None:
+                # Installed and restored: the core holds its bytes, the state machine
+                # what they describe. Keep the file instead (read back to send it on).
+                node.hold_snapshot_as(self._snapshot_file(node.log.snapshot))
             for rs in rd.read_states:
                 entry = self._reads_by_ctx.pop(rs.ctx, None)
                 if entry is not None:
@@ -496,6 +500,14 @@ class Driver:
             self.messages_out += 1
             self._send(m)
 
+    def _snapshot_held(self) -> str | None:
+        """Where the core's current snapshot lives: "file" (read back when sent),
+        "memory" (its bytes), None (no snapshot yet)."""
+        snap = self.node.log.snapshot
+        if snap is None:
+            return None
+        return "memory" if isinstance(snap.data, (bytes, bytearray)) else "file"
+
     def _snapshot_file(self, snap: Snapshot) -> Snapshot:
         """``snap`` with its data left in its file, or as it is if that cannot be done."""
         try:
@@ -610,7 +622,7 @@ class Driver:
             "leader_changes_1m": sum(1 for t in self.leader_changes if now - t < 60),
             "snapshots": {"taken": self.snapshots_taken, "dropped": self.snapshots_dropped,
                           "sent": self.snapshots_sent, "installed": self.snapshots_installed,
-                          "refused": self.snapshots_refused},
+                          "refused": self.snapshots_refused, "held": self._snapshot_held()},
             "fsync": {"inline": self.syncs_inline, "threaded": self.syncs_threaded,
                       "recent_ms": round(self.sync_ewma * 1000, 3)},
             "pending_proposals": len(self._proposals),

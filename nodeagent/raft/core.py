@@ -258,6 +258,13 @@ class RaftNode:
         else:
             self._send_append(to)
 
+    def hold_snapshot_as(self, snapshot: Snapshot) -> bool:
+        """Keep ``snapshot`` (the current one, installed and restored: same meta) in place
+        of the copy the log holds, e.g. with its data in a file the driver can read back,
+        so a follower that installed a leader's snapshot does not hold its bytes in memory
+        as well as the state they restored. False (nothing changed) for any other."""
+        return self.log.hold_snapshot_as(snapshot)
+
     def create_snapshot(self, data: bytes, index: int | None = None) -> Snapshot | None:
         """The application serialized its state at ``index`` (default: ``applied``): make
         it the snapshot and compact the log up to it. The driver persists the returned

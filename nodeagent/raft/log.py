@@ -197,6 +197,13 @@ class RaftLog:
             self.applied = max(self.applied, snap.meta.index)
             self.pending_snapshot = None
 
+    def hold_snapshot_as(self, snapshot: Snapshot) -> bool:
+        cur = self.snapshot
+        if cur is None or self.pending_snapshot is not None or cur.meta != snapshot.meta:
+            return False
+        self.snapshot = snapshot
+        return True
+
     def snapshot_index(self) -> int:
         return self.snapshot.meta.index if self.snapshot else 0
 

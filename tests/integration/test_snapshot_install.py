@@ -41,6 +41,10 @@ async def _main(lc: LocalCluster) -> None:
         st = await lc.wait_converged(c, timeout=60)
         assert st[behind]["snapshots"]["installed"] >= 1, st[behind]["snapshots"]
         assert st[leader]["snapshots"]["sent"] > sent_before
+        # Neither keeps a second copy of its state in memory: the installed snapshot, too,
+        # is held as its file.
+        assert st[behind]["snapshots"]["held"] == "file", st[behind]["snapshots"]
+        assert st[leader]["snapshots"]["held"] == "file", st[leader]["snapshots"]
         assert st[behind]["keys"] == n
         for i in (0, n // 2, n - 1):
             assert await c.get(f"k{i:05d}", consistency="stale", node=behind) == b"v%d" % i

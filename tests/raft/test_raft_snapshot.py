@@ -84,6 +84,30 @@ def test_a_follower_far_behind_installs_a_snapshot_then_continues_with_appends()
     assert net.apps["c"].values[-1] == b"next"
 
 
+def test_an_installed_snapshot_may_be_held_as_another_object_with_the_same_meta():
+    """hold_snapshot_as: after the install (applied), the node keeps what the driver hands
+    it (the file) in place of the bytes; a snapshot with another meta is refused."""
+    from dataclasses import replace
+
+    net = cluster_with_snapshot("c")
+    net.tick_all(2)
+    [install] = net.sent(InstallSnapshot, to="c")
+    c = net["c"]
+    assert c.log.snapshot == install.snapshot
+
+    class Held(bytes):  # stands in for storage.SnapshotFile
+        pass
+
+    other = replace(install.snapshot, meta=replace(install.snapshot.meta, index=11))
+    assert not c.hold_snapshot_as(other)
+    held = replace(install.snapshot, data=Held(install.snapshot.data))
+    assert c.hold_snapshot_as(held)
+    assert c.log.snapshot is held
+    net.propose("a", b"after")
+    net.stabilize()
+    assert net.apps["c"].values[-1] == b"after"
+
+
 def test_a_lost_snapshot_is_sent_again_after_a_timeout():
     """A follower in snapshot state gets nothing else until it acknowledges; if the
     snapshot (or its answer) is lost, the leader goes back to probing after an election
