@@ -295,6 +295,11 @@ class RaftNode:
         self.log.compact(snap, self.cfg.compaction_keep)
         return snap
 
+    @property
+    def durable_hard_state(self) -> HardState:
+        """The hard state of the last Ready handed to ``advance``: the one on disk."""
+        return self._prev_hard
+
     def has_ready(self) -> bool:
         return bool(
             self._need_bcast

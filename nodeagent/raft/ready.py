@@ -55,7 +55,7 @@ def _term_and_vote_durable(node: RaftNode, rd: Ready) -> bool:
     in one step): then its AppendEntries must wait for the fsync like everything else,
     or a crash could let it lead the same term twice with different entries."""
     hs = rd.hard_state
-    prev = node._prev_hard  # the last hard state handed to advance(): durable
+    prev = node.durable_hard_state
     return hs is None or (hs.term == prev.term and hs.vote == prev.vote)
 
 
