@@ -373,9 +373,7 @@ class Driver:
             # Let what this Ready queued (the leader's appends, replies of entries applied
             # before it) leave first, then block on the disk.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            t0 = time.perf_counter()
-            self.storage.sync()
-            took = time.perf_counter() - t0
+            took = self._timed_sync()
             self.syncs_inline += 1
         else:
             # Not cancellable half-way: the thread finishes its fsync before we go on or
