@@ -32,7 +32,6 @@ import asyncio
 import datetime
 import json
 import os
-import resource
 import platform
 import shlex
 import shutil
@@ -71,15 +70,9 @@ def cpu_of(sys_, names) -> dict:
     return {n: proc_cpu_s(sys_.pid(n)) for n in names if sys_.alive(n)}
 
 
-def own_cpu_s() -> float:
-    """CPU seconds of this process: the benchmark's clients."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def cpu_per_write(cpu0: dict, cpu1: dict, own0: float, own1: float, writes: int) -> dict:
     """Microseconds of CPU per acknowledged write: each server process, and ``client``
-    (every client of the run, in this process)."""
+    (every client of the run: this process, ``own0``/``own1``)."""
     n = max(1, writes)
     out = {name: round((cpu1[name] - cpu0[name]) * 1e6 / n) for name in cpu1 if name in cpu0}
     out["client"] = round((own1 - own0) * 1e6 / n)
@@ -93,7 +86,7 @@ async def sequential(sys_, writes: int, value: bytes) -> dict:
         leader = await sys_.wait_leader()
         lat: list[float] = []
         errors: dict[str, int] = {}
-        cpu0, own0, t_start = cpu_of(sys_, sys_.names), own_cpu_s(), time.perf_counter()
+        cpu0, own0, t_start = cpu_of(sys_, sys_.names), proc_cpu_s(os.getpid()), time.perf_counter()
         for i in range(writes):
             t0 = time.perf_counter()
             try:
@@ -103,7 +96,7 @@ async def sequential(sys_, writes: int, value: bytes) -> dict:
                 continue
             lat.append((time.perf_counter() - t0) * 1000)
         wall = time.perf_counter() - t_start
-        cpu1, own1 = cpu_of(sys_, sys_.names), own_cpu_s()
+        cpu1, own1 = cpu_of(sys_, sys_.names), proc_cpu_s(os.getpid())
     finally:
         await c.close()
     return {"writes": writes, "acked": len(lat), "errors": errors, **latency_summary(lat),
@@ -125,7 +118,7 @@ async def throughput(sys_, writers: int, seconds: float, value: bytes, tag: str 
         leader = await sys_.wait_leader()
         lat: list[float] = []
         errors: dict[str, int] = {}
-        cpu0, own0, t_start = cpu_of(sys_, sys_.names), own_cpu_s(), time.perf_counter()
+        cpu0, own0, t_start = cpu_of(sys_, sys_.names), proc_cpu_s(os.getpid()), time.perf_counter()
         deadline = t_start + seconds
 
         def more() -> bool:
@@ -148,7 +141,7 @@ async def throughput(sys_, writers: int, seconds: float, value: bytes, tag: str 
 
         await asyncio.gather(*(writer(w, cl) for w, cl in enumerate(clients)))
         wall = time.perf_counter() - t_start
-        cpu1, own1 = cpu_of(sys_, sys_.names), own_cpu_s()
+        cpu1, own1 = cpu_of(sys_, sys_.names), proc_cpu_s(os.getpid())
     finally:
         for cl in clients:
             await cl.close()
