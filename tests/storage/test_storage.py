@@ -448,6 +448,29 @@ def test_segment_rollover_with_small_segments(tmp_path):
     assert rec.entries == tuple(ents(1, 301, 1))
 
 
+def test_segments_reserve_their_blocks_but_read_back_at_their_length(tmp_path):
+    """Each segment's blocks are allocated when it is created (fallocate, keeping the
+    length), so appends do not allocate; the file's length is still exactly what was
+    written, and recovery reads the same entries as ever."""
+    d = tmp_path / "n1"
+    with DiskStorage.open(d, segment_bytes=1 << 16) as s:
+        s.save(HardState(1, "a", 0), ents(1, 30), None)
+        s.sync()
+        s.save(None, ents(31, 4000), None)  # rolls over into new segments
+        s.sync()
+        written = s.stats()["bytes"]
+        assert s.stats()["reserved_segments"] == s.stats()["segments"] > 1
+    segs = segments(d)
+    assert sum(os.path.getsize(p) for p in segs) == written
+    last = os.stat(segs[-1])
+    assert last.st_size < (1 << 16) <= last.st_blocks * 512  # allocated past its length
+    assert reopen(d, segment_bytes=1 << 16).entries == tuple(ents(1, 4000))
+    with DiskStorage.open(d, segment_bytes=1 << 16) as s:  # reopened: reserved again
+        assert s.stats()["reserved_segments"] == 1
+    with DiskStorage.open(tmp_path / "n2", fsync=False) as s:  # no fsync, nothing to gain
+        assert s.stats()["reserved_segments"] == 0
+
+
 # -- fsync accounting ---------------------------------------------------------------------
 
 
