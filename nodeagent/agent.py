@@ -113,6 +113,7 @@ class Agent:
             on_apply_conf=self._on_conf_change,
             metrics=self.metrics,
             sync_in_thread=cfg.cluster.fsync,
+            send_batch=self.transport.send_batch,
         )
         self.tasks = TaskManager(self)
         self.driver.on_tick = self.tasks.on_tick

@@ -140,11 +140,15 @@ class Driver:
         metrics=None,
         sync_in_thread: bool = False,
         snapshot_in_thread: bool = True,
+        send_batch: Callable[[list], None] | None = None,
     ):
         self.node = node
         self.storage = storage
         self.state = state
         self._send = send
+        # All of one Ready's messages at once (the transport writes each peer's share in
+        # one go); without it, ``send`` one by one.
+        self._send_batch = send_batch
         self.tick_interval = tick_interval
         self.snapshot_interval = snapshot_interval
         self._inbox_send, self._inbox_recv = trio.open_memory_channel(inbox_size)
@@ -488,6 +492,7 @@ class Driver:
     # -- the Outbox and StateMachine protocols used by process_ready --
 
     def send(self, messages) -> None:
+        out = []
         for m in messages:
             if type(m) is InstallSnapshot:
                 if not isinstance(m.snapshot.data, bytes):
@@ -495,8 +500,13 @@ class Driver:
                     if m is None:
                         continue
                 self.snapshots_sent += 1
-            self.messages_out += 1
-            self._send(m)
+            out.append(m)
+        self.messages_out += len(out)
+        if self._send_batch is not None:
+            self._send_batch(out)
+        else:
+            for m in out:
+                self._send(m)
 
     def _snapshot_held(self) -> str | None:
         """Where the core's current snapshot lives: "file" (read back when sent),

@@ -21,6 +21,7 @@ at most 50 lines a second per kind, with a count of what was left out.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import sys
 import time
@@ -58,6 +59,7 @@ class Connection:
         self.partial_since: float | None = None  # when the frame now being received began
         self._out: list[bytes] = []
         self._out_lot = trio.lowlevel.ParkingLot()
+        self._sending = 0  # tasks between taking frames to send and having sent them
 
     async def receive(self) -> dict | None:
         """The next message, or None at a clean end of stream."""
@@ -77,9 +79,13 @@ class Connection:
 
     async def send(self, msg: dict[str, Any], timeout: float = 10.0) -> None:
         data = encode(msg)
-        async with self._send_lock:
-            with trio.fail_after(timeout):
-                await self.stream.send_all(data)
+        self._sending += 1
+        try:
+            async with self._send_lock:
+                with trio.fail_after(timeout):
+                    await self.stream.send_all(data)
+        finally:
+            self._sending -= 1
 
     def push(self, msg: dict[str, Any]) -> None:
         """Queue a reply for ``flush_loop``; never waits (the driver's callbacks call it).
@@ -93,8 +99,24 @@ class Connection:
             log.error("reply not sent", extra={"remote": self.peer, "error": e.message})
             frame = encode(_fail(msg.get("id", 0), "internal", "the agent could not encode "
                                  f"its reply ({e.code}); the outcome is unknown"))
+        if not self._out and not self._sending and type(self.stream) is trio.SocketStream:
+            frame = self._write_now(frame)
+            if not frame:
+                return
         self._out.append(frame)
         self._out_lot.unpark()
+
+    def _write_now(self, frame: bytes) -> bytes:
+        """Write a reply on a plain TCP connection from the caller's task, when nothing
+        else is being sent or waits to be (so frames never interleave): no hop to
+        ``flush_loop`` and its lock and timeout scope. Never blocks; returns what the
+        kernel did not take, for ``flush_loop`` (all of it after an error, which that
+        send then reports)."""
+        try:
+            n = os.write(self.stream.socket.fileno(), frame)
+        except OSError:  # BlockingIOError (buffer full) included
+            return frame
+        return frame[n:]
 
     async def flush_loop(self, timeout: float = 10.0) -> None:
         """Send what ``push`` queued, every frame gathered meanwhile in one send; a peer
@@ -104,9 +126,13 @@ class Connection:
                 await self._out_lot.park()
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out.clear()
-            async with self._send_lock:
-                with trio.fail_after(timeout):
-                    await self.stream.send_all(data)
+            self._sending += 1
+            try:
+                async with self._send_lock:
+                    with trio.fail_after(timeout):
+                        await self.stream.send_all(data)
+            finally:
+                self._sending -= 1
 
 
 class Refused(Exception):

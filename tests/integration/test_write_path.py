@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 
 import pytest
 
 from console.client import AgentConnection, RequestError
 from console.local import LocalCluster
+from nodeagent.protocol import NEED_DATA, PROTOCOL_VERSION, FrameDecoder, encode
 
 pytestmark = pytest.mark.integration
 
@@ -251,3 +253,51 @@ def test_the_driver_fsyncs_in_its_task_while_the_disk_is_fast_and_in_a_thread_wh
         trio.run(main)
     finally:
         storage.close()
+
+
+def test_large_replies_to_a_client_that_reads_slowly_arrive_whole(tmp_path):
+    """Plain TCP, where the agent writes a reply from the driver's callback at once when
+    nothing else is being sent (server.Connection._write_now) and hands the rest of a
+    frame the kernel did not take to flush_loop. 60 pipelined cas that fail, each answered
+    with the current 200 KB value, read 4 KB at a time: every reply arrives whole, once,
+    in a stream that decodes to the end."""
+    lc = LocalCluster(tmp_path / "c", 3, tls=False)
+    lc.start_all()
+    try:
+        big = bytes(range(256)) * 800  # 200 KiB
+
+        async def setup() -> str:
+            async with lc.client() as c:
+                leader = await lc.wait_leader(c)
+                await c.put("big", big)
+                return leader
+
+        leader = asyncio.run(setup())
+        with socket.create_connection(("127.0.0.1", lc.ports[leader]), timeout=30) as s:
+            dec = FrameDecoder(max_frame=1 << 20)
+
+            def read_one() -> dict:
+                while (msg := dec.next_message()) is NEED_DATA:
+                    data = s.recv(4096)
+                    assert data, "the agent closed the connection"
+                    dec.receive_data(data)
+                return msg
+
+            s.sendall(encode({"type": "hello", "role": "client", "cluster": lc.cluster,
+                              "version": PROTOCOL_VERSION, "client_id": "slow-1"}))
+            assert read_one()["type"] == "hello_ok"
+            s.sendall(encode({"type": "register", "id": 1, "client_id": "slow-1"}))
+            assert read_one()["ok"]
+            n = 60
+            replies = []
+            for i in range(n):  # one at a time, between pieces of the replies so far
+                s.sendall(encode({"type": "cas", "id": 100 + i, "key": "big", "expected": b"nope",
+                                  "value": b"x", "client_id": "slow-1", "seq": 2 + i}))
+                if i % 3 == 2:
+                    replies.append(read_one())
+            replies += [read_one() for _ in range(n - len(replies))]
+        assert sorted(r["id"] for r in replies) == [100 + i for i in range(n)]
+        for r in replies:
+            assert r["ok"] and r["result"]["swapped"] is False and r["result"]["value"] == big, r["id"]
+    finally:
+        lc.stop_all()

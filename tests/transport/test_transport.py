@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from nodeagent.protocol import CLOSED, NEED_DATA, PROTOCOL_VERSION, FrameDecoder, ProtocolError, encode
-from nodeagent.raft.messages import AppendEntries, Heartbeat
+from nodeagent.raft.messages import AppendEntries, Entry, Heartbeat
 from nodeagent.transport import FaultRule, FaultRules, Transport, backoff_delay
 
 CLUSTER = "test"
@@ -64,8 +64,9 @@ class PeerServer:
 
     def __init__(self, name: str, *, hello_error: tuple[str, str] | None = None, silent: bool = False,
                  reply_node: str | None = None, error_after: int | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, hold: trio.Event | None = None) -> None:
         self.name = name
+        self.hold = hold  # if given: after hello_ok, read nothing until it is set
         self.hello_error = hello_error
         self.silent = silent
         self.reply_node = reply_node or name
@@ -118,12 +119,12 @@ class PeerServer:
         finally:
             self._stopped.set()
 
-    @staticmethod
-    async def _recv(stream, dec: FrameDecoder):
+    async def _recv(self, stream, dec: FrameDecoder):
         while True:
             msg = dec.next_message()
             if msg is NEED_DATA:
-                dec.receive_data(await stream.receive_some(65536))
+                # held servers read in small pieces: many moments with a little room
+                dec.receive_data(await stream.receive_some(65536 if self.hold is None else 4096))
             elif msg is CLOSED:
                 return None
             else:
@@ -146,6 +147,8 @@ class PeerServer:
                 return
             await stream.send_all(encode({"type": "hello_ok", "node": self.reply_node,
                                           "version": PROTOCOL_VERSION, "leader": None}))
+            if self.hold is not None:
+                await self.hold.wait()
             count = 0
             while True:
                 msg = await self._recv(stream, dec)
@@ -305,6 +308,73 @@ def test_batching_coalesces_queued_messages():
         assert s.seqs == list(range(n))
         st = peer_stats(t, "p1")
         assert st["sent"] == n and st["batches"] <= 5, st
+
+    run(body)
+
+
+def big_append(to: str, seq: int, size: int) -> AppendEntries:
+    """An append whose ``commit`` numbers it, carrying ``size`` bytes."""
+    return AppendEntries(frm=ME, to=to, term=1, prev_log_index=seq, prev_log_term=1,
+                         entries=(Entry(1, seq + 1, bytes([seq % 251]) * size),), commit=seq)
+
+
+def test_send_batch_writes_at_once_and_a_full_socket_keeps_every_frame_whole():
+    """send_batch on a plain link writes from the caller's task (sent before any
+    checkpoint let the writer run); when the peer stops reading and the kernel takes only
+    part of a frame, the rest goes out first once the peer reads again: every frame
+    arrives whole and in order."""
+    async def body(nursery):
+        hold = trio.Event()
+        s = PeerServer("p1", hold=hold)
+        await s.start(nursery)
+        t = Transport(ME, CLUSTER, {"p1": s.addr()}, outbox_size=10_000, outbox_bytes=1 << 30, **FAST)
+        await nursery.start(t.run)
+        await wait_for(lambda: peer_stats(t, "p1")["connected"], what="connected")
+        t.send_batch([hb("p1", 0), hb("p1", 1)])
+        st = peer_stats(t, "p1")
+        assert st["sent"] == 2 and st["batches"] == 1 and st["queued"] == 0, st  # no checkpoint yet
+        n = 2
+        while peer_stats(t, "p1")["queued"] == 0:  # until the socket is full and frames wait
+            t.send_batch([big_append("p1", n, 64 * 1024)])
+            n += 1
+            assert n < 10_000, "the socket never filled"
+        for _ in range(5):  # more while it is full: they queue behind the partial frame
+            t.send_batch([big_append("p1", n, 64 * 1024)])
+            n += 1
+        await wait_for(lambda: t._links["p1"].busy, what="the writer blocked in send_all")
+        for _ in range(5):  # and while the writer is inside send_all: queued, not written
+            t.send_batch([big_append("p1", n, 64 * 1024)])
+            n += 1
+        assert peer_stats(t, "p1")["sent"] < n
+        hold.set()
+        for _ in range(100):  # and while the backlog drains
+            t.send_batch([big_append("p1", n, 64 * 1024)])
+            n += 1
+            await trio.sleep(0)
+        await wait_for(lambda: len(s.received) == n, what="delivery")
+        assert s.seqs == list(range(n)) and not s.errors
+        assert [len(m.entries[0].data) for m in s.msgs[2:]] == [64 * 1024] * (n - 2)
+        assert all(m.entries[0].data == bytes([m.commit % 251]) * 64 * 1024 for m in s.msgs[2:])
+        st = peer_stats(t, "p1")
+        assert st["sent"] == n and st["queued"] == 0 and st["dropped_error"] == 0, st
+
+    run(body)
+
+
+def test_send_batch_over_tls_goes_through_the_writer(tmp_path):
+    """TLS links have no direct write (the TLS stream frames the bytes): the writer sends."""
+    server_ctx, client_ctx = _make_tls(tmp_path)
+
+    async def body(nursery):
+        s = PeerServer("p1", ssl_context=server_ctx)
+        await s.start(nursery)
+        t = Transport(ME, CLUSTER, {"p1": s.addr()}, ssl_context=client_ctx, **FAST)
+        await nursery.start(t.run)
+        await wait_for(lambda: peer_stats(t, "p1")["connected"], what="connected")
+        t.send_batch([hb("p1", i) for i in range(3)])
+        assert peer_stats(t, "p1")["queued"] == 3  # nothing sent before the writer runs
+        await wait_for(lambda: len(s.received) == 3, what="delivery")
+        assert s.seqs == [0, 1, 2]
 
     run(body)
 
