@@ -155,6 +155,13 @@ class Kind:
     def encode(self, value: Any, path: str) -> Any:
         return self.decode(value, path)
 
+    def same(self, value: Any) -> bool:
+        """True only when ``decode`` and ``encode`` would both return ``value`` itself
+        without raising: the fast path of a valid scalar field (``_check_map`` then
+        skips the call, and the error path it would format). False means "ask
+        ``decode``/``encode``", never "invalid"."""
+        return False
+
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -167,6 +174,9 @@ class Bool(Kind):
         if type(value) is not bool:
             raise _wrong_type(path, self, value)
         return value
+
+    def same(self, value: Any) -> bool:
+        return type(value) is bool
 
     def describe(self) -> str:
         return "bool"
@@ -185,6 +195,9 @@ class Int(Kind):
         if not self.lo <= value <= self.hi:
             raise _bad(path, f"{_show(value)} is out of range {self._range()}")
         return int(value)
+
+    def same(self, value: Any) -> bool:
+        return type(value) is int and self.lo <= value <= self.hi
 
     def _range(self) -> str:
         names = {INT64_MIN: "-2^63", INT64_MAX: "2^63-1"}
@@ -208,6 +221,9 @@ class Float(Kind):
             raise _bad(path, f"{value!r} is out of range {self.lo}..{self.hi}")
         return float(value)
 
+    def same(self, value: Any) -> bool:
+        return type(value) is float and self.lo <= value <= self.hi
+
     def describe(self) -> str:
         return f"float {self.lo}..{self.hi}"
 
@@ -229,6 +245,13 @@ class Str(Kind):
         elif not self.min_len <= len(value) <= self.max_len:
             raise _bad(path, f"string of {len(value)} characters, allowed {self.min_len}..{self.max_len}")
         return value
+
+    def same(self, value: Any) -> bool:
+        if type(value) is not str:
+            return False
+        if self.choices:
+            return value in self.choices
+        return self.min_len <= len(value) <= self.max_len
 
     def describe(self) -> str:
         if self.choices:
@@ -255,6 +278,9 @@ class Bytes(Kind):
             raise _wrong_type(path, self, value)
         return self._check_len(bytes(value), path)
 
+    def same(self, value: Any) -> bool:
+        return type(value) is bytes and (self.max_len is None or len(value) <= self.max_len)
+
     def _check_len(self, value: bytes, path: str) -> bytes:
         if self.max_len is not None and len(value) > self.max_len:
             raise _bad(path, f"{len(value)} bytes, at most {self.max_len} allowed")
@@ -275,6 +301,9 @@ class Nullable(Kind):
 
     def encode(self, value: Any, path: str) -> Any:
         return None if value is None else self.inner.encode(value, path)
+
+    def same(self, value: Any) -> bool:
+        return value is None or self.inner.same(value)
 
     def describe(self) -> str:
         return f"{self.inner.describe()} | nil"
@@ -412,8 +441,12 @@ def _check_map(
     out: dict[str, Any] = {}
     for key, f in fields.items():
         if key in obj:
+            value = obj[key]
+            if f.kind.same(value):  # a valid scalar, as is: no call, no path
+                out[key] = value
+                continue
             sub = f"{path}.{f.attr or key}"  # Raft records: name the dataclass attribute
-            out[key] = f.kind.encode(obj[key], sub) if encoding else f.kind.decode(obj[key], sub)
+            out[key] = f.kind.encode(value, sub) if encoding else f.kind.decode(value, sub)
         elif f.required:
             what = f"{f.attr}: {f.kind.describe()}" if f.attr else f.kind.describe()
             raise _bad(path, f"missing required field {key!r} ({what})")
@@ -738,7 +771,18 @@ class _EntriesKind(Kind):
     def decode(self, value: Any, path: str) -> tuple[rm.Entry, ...]:
         if type(value) is not list:
             raise _wrong_type(path, self, value)
-        return tuple(self._entry(e, f"{path}[{i}]") for i, e in enumerate(value))
+        out = []
+        for i, e in enumerate(value):
+            if type(e) is list and len(e) == 4:  # the common, valid entry, checked inline
+                term, index, kind, data = e
+                if (type(term) is int and 0 <= term <= INT64_MAX and type(index) is int
+                        and 1 <= index <= INT64_MAX and type(data) is bytes and type(kind) is int):
+                    member = _ENTRY_KINDS_BY_VALUE.get(kind)
+                    if member is not None:
+                        out.append(rm.Entry(term, index, data, member))
+                        continue
+            out.append(self._entry(e, f"{path}[{i}]"))  # anything else: the checks that explain
+        return tuple(out)
 
     @staticmethod
     def _entry(value: Any, path: str) -> rm.Entry:
@@ -755,6 +799,11 @@ class _EntriesKind(Kind):
             raise _wrong_type(path, self, value)
         out = []
         for i, e in enumerate(value):
+            if (type(e) is rm.Entry and type(e.term) is int and 0 <= e.term <= INT64_MAX
+                    and type(e.index) is int and 1 <= e.index <= INT64_MAX
+                    and type(e.kind) is rm.EntryKind and type(e.data) is bytes):
+                out.append([e.term, e.index, e.kind.value, e.data])
+                continue
             sub = f"{path}[{i}]"
             if type(e) is not rm.Entry:
                 raise _bad(sub, f"expected Entry, got {_show(e)}")
@@ -842,8 +891,9 @@ class _Record(Kind):
         attrs = {f.attr: getattr(value, f.attr) for f in self.fields.values()}
         out = {}
         for key, f in self.fields.items():
-            wire = f.kind.encode(attrs[f.attr], f"{path}.{f.attr}")
-            if f.required or attrs[f.attr] != f.default:
+            v = attrs[f.attr]
+            wire = v if f.kind.same(v) else f.kind.encode(v, f"{path}.{f.attr}")
+            if f.required or v != f.default:
                 out[key] = wire
         if self.check is not None:
             self.check(attrs, path)  # after the kinds: the rules may rely on the types
@@ -887,6 +937,7 @@ def _check_append(attrs: Mapping[str, Any], path: str) -> None:
 
 
 _ENTRY_KIND: Final = _EnumKind(rm.EntryKind)
+_ENTRY_KINDS_BY_VALUE: Final = {m.value: m for m in rm.EntryKind}
 _INDEX: Final = Int(1, INT64_MAX)  # log indexes of real entries start at 1
 _CTX: Final = Bytes(4096)
 _CONF: Final = _record(

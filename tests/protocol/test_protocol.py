@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import struct
 from pathlib import Path
 from typing import Any
@@ -790,3 +791,106 @@ def test_every_single_mutation_only_raises_protocol_error(sample):
             mutated = copy.deepcopy(wire)
             _mutate_at(mutated, path, op, copy.deepcopy(value))
             only_allowed_outcomes(frame(mutated), [])
+
+
+# -- the fast paths agree with the checks they skip ------------------------------------------
+
+
+def _all_kinds() -> list[p.Kind]:
+    """Every field kind of the message and Raft tables, nested ones included."""
+    seen: list[p.Kind] = []
+    todo: list[p.Kind] = [f.kind for spec in MESSAGE_SCHEMAS.values() for f in spec.fields.values()]
+    todo += list(p.RAFT_KINDS.values())
+    while todo:
+        k = todo.pop()
+        if any(k is s for s in seen):
+            continue
+        seen.append(k)
+        if isinstance(k, (p.Struct, p._Record)):
+            todo += [f.kind for f in k.fields.values()]
+        elif isinstance(k, p.Nullable):
+            todo.append(k.inner)
+        elif isinstance(k, p.ListOf):
+            todo.append(k.item)
+    return seen
+
+
+_KINDS = _all_kinds()
+EDGES = [None, True, False, 0, 1, -1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**63) - 1,
+         0.0, 1.5, 1e300, float("inf"), float("nan"), "", "x", "running", "nope", "a" * 128, "a" * 129,
+         "a" * 1024, "a" * 1025, b"", b"x", b"x" * 4096, b"x" * 4097, bytearray(b"x"), memoryview(b"x"),
+         rm.EntryKind.NORMAL, [], [1], {}, {"k": 1}]
+
+
+def _check_same(kind: p.Kind, value: Any) -> None:
+    if not kind.same(value):
+        return
+    for fn in (kind.decode, kind.encode):
+        got = fn(value, "f")
+        assert type(got) is type(value) and got == value, (kind, value, got)
+
+
+def test_a_kind_says_same_only_for_values_decode_and_encode_keep():
+    """``Kind.same(v)`` lets ``_check_map`` skip decode/encode: it must hold only where
+    both would return ``v`` unchanged (same value, same type) without raising. Every kind
+    of the tables against every edge value."""
+    for kind in _KINDS:
+        for value in EDGES:
+            _check_same(kind, value)
+    for kind in _KINDS:  # and each kind's own choices and bounds
+        for attr in ("choices",):
+            for c in getattr(kind, attr, ()):
+                _check_same(kind, c)
+                _check_same(kind, c + "x")
+
+
+@FAST
+@given(st.sampled_from(range(len(_KINDS))), tricky_values | plain_values)
+def test_a_kind_says_same_only_for_values_decode_and_encode_keep_random(i, value):
+    _check_same(_KINDS[i], value)
+
+
+def test_same_is_used_for_the_scalars_of_hot_messages():
+    """The fast path is live: the fields of an append response and a put are all scalars
+    whose ``same`` holds (so a bug that made it always False would show here)."""
+    aer = p.RAFT_KINDS["aer"]
+    wire = raft_to_wire(rm.AppendEntriesResponse(frm="a", to="b", term=2, success=True, index=9))
+    assert all(aer.fields[k].kind.same(v) for k, v in wire.items() if k != "k")
+    put = MESSAGE_SCHEMAS["put"].fields
+    req = {"id": 1, "key": "k", "value": b"v", "client_id": "c", "seq": 2}
+    assert all(put[k].kind.same(v) for k, v in req.items())
+
+
+def _check_entry(entry: Any) -> None:
+    kind = p._EntriesKind()
+    try:
+        want = (kind._entry(entry, "e[0]"),)
+    except ProtocolError as e:
+        with pytest.raises(ProtocolError) as got:
+            kind.decode([entry], "e")
+        assert got.value.message == e.message
+        return
+    got = kind.decode([entry], "e")
+    assert got == want and type(got[0].kind) is rm.EntryKind
+    # and back: the inline encoder gives the wire form the full one would
+    assert kind.encode(got, "e") == [[want[0].term, want[0].index, int(want[0].kind), want[0].data]]
+
+
+def test_the_inline_entry_check_agrees_with_the_full_one():
+    """``_EntriesKind.decode`` checks a well-formed entry inline and sends everything else
+    to ``_entry``: the result (or the error) must be the one ``_entry`` gives. Every
+    combination of edge values per position."""
+    terms = [0, 5, -1, 2**63 - 1, 2**63, True, 1.5]
+    indexes = [0, 1, -1, 2**63 - 1, 2**63, True, 2.0]
+    kinds = [0, 1, 2, 99, -1, True, "0", rm.EntryKind.NORMAL]
+    datas = [b"", b"x", "x", bytearray(b"x"), None]
+    for e in itertools.product(terms, indexes, kinds, datas):
+        _check_entry(list(e))
+    for e in ([1, 1, 0], [1, 1, 0, b"", b""], (1, 1, 0, b""), None, b"x"):
+        _check_entry(e)
+
+
+@FAST
+@given(st.lists(tricky_values | plain_values, min_size=4, max_size=4) | tricky_values)
+def test_the_inline_entry_check_agrees_with_the_full_one_random(entry):
+    _check_entry(entry)
