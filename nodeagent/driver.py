@@ -140,15 +140,16 @@ class Driver:
         metrics=None,
         sync_in_thread: bool = False,
         snapshot_in_thread: bool = True,
-        send_batch: Callable[[list], None] | None = None,
+        send_batch: Callable[[list], bool] | None = None,
     ):
         self.node = node
         self.storage = storage
         self.state = state
         self._send = send
         # All of one Ready's messages at once (the transport writes each peer's share in
-        # one go); without it, ``send`` one by one.
+        # one go; True: all of it went out now); without it, ``send`` one by one.
         self._send_batch = send_batch
+        self._sends_waiting = False  # this Ready left messages for writer tasks to send
         self.tick_interval = tick_interval
         self.snapshot_interval = snapshot_interval
         self._inbox_send, self._inbox_recv = trio.open_memory_channel(inbox_size)
@@ -328,6 +329,7 @@ class Driver:
             # the appends and client replies leave while the disk works; nothing steps the
             # node meanwhile (this task is the only one that does), so the leader counts
             # itself towards a commit only after its own fsync, as before.
+            self._sends_waiting = False
             rd = begin_ready(node, self.storage, self, self)
             if rd is None:
                 break
@@ -374,9 +376,11 @@ class Driver:
             self.storage.sync()
             return
         if self.sync_ewma < self.INLINE_SYNC_S:
-            # Let what this Ready queued (the leader's appends, replies of entries applied
-            # before it) leave first, then block on the disk.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            # Let what this Ready queued for writer tasks (the leader's appends over TLS)
+            # leave first, then block on the disk. Written at once (plain TCP), they
+            # already left: no scheduling pass for nothing.
+            if self._sends_waiting:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             took = self._timed_sync()
             self.syncs_inline += 1
         else:
@@ -503,10 +507,12 @@ class Driver:
             out.append(m)
         self.messages_out += len(out)
         if self._send_batch is not None:
-            self._send_batch(out)
+            if not self._send_batch(out):
+                self._sends_waiting = True
         else:
             for m in out:
                 self._send(m)
+            self._sends_waiting = True
 
     def _snapshot_held(self) -> str | None:
         """Where the core's current snapshot lives: "file" (read back when sent),

@@ -208,8 +208,13 @@ class CommandError(ValueError):
 # -- canonical msgpack ----------------------------------------------------------------------
 
 
+_ATOMS = frozenset({str, bytes, int, bool, float, type(None)})
+
+
 def _canon(obj: Any) -> Any:
     """The canonical form of plain data: maps with sorted keys, sequences as lists."""
+    if type(obj) in _ATOMS:  # most calls (every write hashes a few items): no isinstance
+        return obj
     if isinstance(obj, dict):
         return {k: _canon(obj[k]) for k in sorted(obj)}
     if isinstance(obj, (list, tuple)):
@@ -262,11 +267,17 @@ class _Accumulator:
     def __init__(self) -> None:
         self.value = 0
 
-    def add(self, item: Any) -> None:
-        self.value = (self.value + _item_hash(item)) % _MOD
+    def add(self, item: Any) -> int:
+        """Add ``item``; returns its hash (for ``remove_hash`` later)."""
+        h = _item_hash(item)
+        self.value = (self.value + h) % _MOD
+        return h
 
     def remove(self, item: Any) -> None:
         self.value = (self.value - _item_hash(item)) % _MOD
+
+    def remove_hash(self, h: int) -> None:
+        self.value = (self.value - h) % _MOD
 
 
 def _final_digest(applied_index: int, acc: int) -> str:
@@ -624,9 +635,16 @@ class _Sess:
     seq: int
     index: int
     wire: dict[str, Any]
+    hash: int | None = None  # of item(client), once computed: a write replaces it next
 
     def item(self, client: str) -> list:
         return ["session", client, self.seq, self.index, self.wire]
+
+    def remove_from(self, acc: "_Accumulator", client: str) -> None:
+        if self.hash is None:
+            acc.remove(self.item(client))
+        else:
+            acc.remove_hash(self.hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -881,13 +899,13 @@ class StateMachine:
     def _record_session(self, client: str, seq: int, index: int, result: ApplyResult) -> None:
         old = self._sessions.pop(client, None)
         if old is not None:
-            self._acc.remove(old.item(client))
+            old.remove_from(self._acc, client)
         elif len(self._sessions) >= self._max_sessions:
             victim, vs = self._sessions.popitem(last=False)
-            self._acc.remove(vs.item(victim))
+            vs.remove_from(self._acc, victim)
         new = _Sess(seq, index, result.to_wire())
         self._sessions[client] = new
-        self._acc.add(new.item(client))
+        new.hash = self._acc.add(new.item(client))
 
     # -- mutations (the only code that touches the sections; each keeps the digest) -----
 

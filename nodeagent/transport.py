@@ -559,20 +559,24 @@ class Transport:
         link.notify()
         return True
 
-    def send_batch(self, msgs: Iterable[Any]) -> None:
+    def send_batch(self, msgs: Iterable[Any]) -> bool:
         """``send`` each message, then write each peer's queued frames at once where the
         link allows it (``_write_now``), else wake its writer. The driver hands over a
-        whole Ready's messages this way."""
+        whole Ready's messages this way. True when every frame went out now (nothing waits
+        for a writer task)."""
         touched: list[_Link] = []
         for msg in msgs:
             link = self._enqueue(msg)
             if link is not None and link not in touched:
                 touched.append(link)
+        done = True
         for link in touched:
             if link.direct_fd is not None and not link.busy and not link.partial and not self._faults:
-                self._write_now(link)
+                done = self._write_now(link) and done
             else:
                 link.notify()
+                done = False
+        return done
 
     def _enqueue(self, msg: Any) -> _Link | None:
         """Filter and encode ``msg`` into its link's outbox (see ``send``); its link, or
@@ -606,13 +610,14 @@ class Transport:
             link.counts["dropped_full"] += 1
         return link
 
-    def _write_now(self, link: _Link) -> None:
+    def _write_now(self, link: _Link) -> bool:
         """Write a plain TCP link's queued frames from the caller's task, without the
         writer task's hop (two scheduling passes, a timeout scope and an Event per batch:
         about a third of a follower's trio overhead per write; docs/ARCHITECTURE.md).
         Never blocks: what the kernel does not take now becomes ``link.partial``, which
         the writer sends before anything else. Called only while the writer is not inside
-        ``send_all`` and no partial frame is pending, so frames never interleave."""
+        ``send_all`` and no partial frame is pending, so frames never interleave. True
+        when the kernel took it all."""
         frames = [frame for _, frame in link.outbox]
         link.outbox.clear()
         link.queued_bytes = 0
@@ -624,17 +629,18 @@ class Transport:
         except OSError:
             # The connection is broken; the link's reader or writer notices and reconnects.
             link.counts["dropped_error"] += len(frames)
-            return
+            return True  # nothing left to send
         if n == len(data):
             link.counts["sent"] += len(frames)
             link.counts["batches"] += 1
             link.counts["bytes_sent"] += n
             link.last_sent_at = self._clock()
-            return
+            return True
         link.counts["sent"] += len(frames) - 1  # the writer counts the unfinished one
         link.counts["bytes_sent"] += n
         link.partial = data[n:]
         link.notify()
+        return False
 
     # -- faults --------------------------------------------------------------------------
 

@@ -301,15 +301,18 @@ class RaftNode:
         return self._prev_hard
 
     def has_ready(self) -> bool:
+        # Called several times per write: the fields compared one by one rather than a
+        # HardState and a SoftState built for it (the same test as ``ready()`` makes).
+        log, hs, ss = self.log, self._prev_hard, self._prev_soft
         return bool(
             self._need_bcast
             or self.msgs
             or self.read_states
-            or self.log.unstable_entries()
-            or self.log.pending_snapshot is not None
-            or self.log.has_next_committed()
-            or self._hard_state() != self._prev_hard
-            or self._soft_state() != self._prev_soft
+            or log.stable < log.last_index()
+            or log.pending_snapshot is not None
+            or log.has_next_committed()
+            or self.term != hs.term or self.vote != hs.vote or log.committed != hs.commit
+            or self.lead != ss.leader or self.role is not ss.role
         )
 
     def ready(self) -> Ready:
