@@ -76,6 +76,7 @@ class ChaosConfig:
     planted: str | None = None
     priorities: dict[str, int] | None = None  # leader priorities of a started cluster
     unique_writes: float = 0.1   # share of puts that write a fresh key (lost-write detection)
+    tls: bool = True  # a started cluster: mutual TLS (the default) or plain TCP
     task_share: float = 0.05     # share of operations that submit a task
     # A fault script to run instead of the random nemesis (scenario tests):
     # ``async def script(run, admin, stop)``; see the tests/chaos scenarios.
@@ -109,7 +110,7 @@ class _Owned(_Target):
         self.lc = LocalCluster(workdir / "cluster", cfg.nodes, election_ms=cfg.election_ms,
                                heartbeat_ms=cfg.heartbeat_ms,
                                snapshot_interval=cfg.snapshot_interval, name="chaos",
-                               task_lease_ms=3000, priorities=cfg.priorities)
+                               task_lease_ms=3000, priorities=cfg.priorities, tls=cfg.tls)
         self.names = list(self.lc.names)
         self.lc.start_all()
 
@@ -542,7 +543,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"seed": cfg.seed, "nodes": len(target.names),
                               "duration_s": cfg.duration, "nemesis": list(cfg.nemesis),
                               "clients": cfg.clients, "keys": cfg.keys, "planted": cfg.planted,
-                              "out": str(out)}
+                              "tls": None if cfg.inventory else cfg.tls, "out": str(out)}
     try:
         async with target.client(timeout=2.0) as admin:
             ld, _ = await _wait_leader(run, admin, 60.0)
@@ -676,6 +677,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=count(1, 64), default=6, help="concurrent clients (default 6)")
     p.add_argument("--keys", type=count(1, 1000), default=5, help="keys they share (default 5)")
     p.add_argument("--no-tasks", action="store_true", help="do not submit tasks")
+    p.add_argument("--no-tls", action="store_true",
+                   help="start the cluster with plain TCP instead of mutual TLS (its agents "
+                        "then write frames on the socket without a writer task: test that path)")
     p.add_argument("--out", metavar="DIR", help="where history.jsonl and report.json go "
                    "(default: a new temporary directory, printed)")
     p.add_argument("--attach", action="store_true",
@@ -689,12 +693,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ChaosConfig:
+    if args.attach and args.no_tls:
+        from console.cli import EXIT_USAGE, CliError
+
+        raise CliError("chaos: --no-tls chooses how a cluster it starts talks; with --attach "
+                       "the inventory's own tls settings apply (drop one of the two)", EXIT_USAGE)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     return ChaosConfig(nodes=args.nodes, duration=args.duration, nemesis=tuple(args.nemesis),
                        seed=seed, clients=args.clients, keys=args.keys, tasks=not args.no_tasks,
                        out=Path(args.out) if args.out else None,
                        inventory=args.inventory if args.attach else None,
                        checker_seconds=args.checker_s, planted=args.planted_bug,
+                       tls=not args.no_tls,
                        log=lambda line: print(line, flush=True,
                                               file=sys.stderr if args.json else sys.stdout))
 

@@ -27,3 +27,22 @@ def test_a_short_run_prints_where_the_history_is_and_passes(tmp_path, capsys):
     lines = (tmp_path / "o" / "history.jsonl").read_text().splitlines()
     assert len(lines) == report["ops"]["total"] > 0
     assert json.loads((tmp_path / "o" / "report.json").read_text())["verdict"] == "pass"
+
+
+def test_no_tls_with_attach_is_a_usage_error(tmp_path, capsys):
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text("cluster: {name: c}\nnodes:\n  - {name: n1, host: 127.0.0.1, port: 7001}\n")
+    assert main(["chaos", "--attach", "--no-tls", "--inventory", str(inv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--no-tls" in err and "--attach" in err
+
+
+@pytest.mark.integration
+def test_a_short_run_over_plain_tcp_passes(tmp_path, capsys):
+    """--no-tls: the agents talk plain TCP, where they write frames without a writer task."""
+    rc = main(["chaos", "--nodes", "3", "--duration", "2", "--nemesis", "pause", "--seed", "4",
+               "--clients", "2", "--no-tls", "--out", str(tmp_path / "o"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report["checks"]
+    assert report["tls"] is False and report["ops"]["total"] > 0
+    assert "tls: off" in (tmp_path / "o" / "cluster" / "inventory.yaml").read_text()
