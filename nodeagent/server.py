@@ -78,7 +78,10 @@ class Connection:
             return msg
 
     async def send(self, msg: dict[str, Any], timeout: float = 10.0) -> None:
-        data = encode(msg)
+        await self._send_bytes(encode(msg), timeout)
+
+    async def _send_bytes(self, data: bytes, timeout: float) -> None:
+        # Counted in _sending from before the lock: push() must not write past it.
         self._sending += 1
         try:
             async with self._send_lock:
@@ -126,13 +129,7 @@ class Connection:
                 await self._out_lot.park()
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out.clear()
-            self._sending += 1
-            try:
-                async with self._send_lock:
-                    with trio.fail_after(timeout):
-                        await self.stream.send_all(data)
-            finally:
-                self._sending -= 1
+            await self._send_bytes(data, timeout)
 
 
 class Refused(Exception):
