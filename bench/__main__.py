@@ -212,6 +212,9 @@ async def side_by_side(sys_, cfg: Cfg) -> dict:
         out["sequential"] = await sequential(sys_, cfg.writes, value)
         out["throughput"] = await throughput(sys_, cfg.writers, cfg.seconds, value)
         out["rss_kib"] = {n: rss_kib(sys_.pid(n)) for n in sys_.names}
+        # Every put writes a new key, so the RSS above grows with the writes so far: a
+        # faster system holds more keys when it is measured.
+        out["rss_after_writes"] = out["sequential"].get("acked", 0) + out["throughput"].get("acked", 0)
         out["curve"] = [await throughput(sys_, w, cfg.curve_seconds, value, tag=f"cv{w}")
                         for w in cfg.curve]
         out["failover"] = await failover(sys_, cfg.failovers, value)

@@ -45,6 +45,7 @@ def test_quick_run_writes_json_with_every_field(tmp_path):
         assert tp["writers"] == 32 and tp["acked"] > 0 and tp["writes_per_s"] > 0, name
         assert [c["writers"] for c in s["curve"]] == [4], name
         assert all(0 < (v or 0) < 1 << 21 for v in s["rss_kib"].values()), name
+        assert s["rss_after_writes"] == seq["acked"] + tp["acked"], name
         fo = s["failover"]
         assert len(fo["runs"]) == 1 and fo["failed_runs"] in (0, 1), name
         if fo["median_ms"] is not None:
