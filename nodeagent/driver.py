@@ -17,8 +17,6 @@ captures the state and, later, adopts the snapshot.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import heapq
 import itertools
 import logging
@@ -30,6 +28,7 @@ from typing import Any, Callable
 import msgpack
 import trio
 
+from .libc import release_free_memory
 from .raft.core import RaftNode
 from .raft.messages import (
     ConfChange,
@@ -49,31 +48,6 @@ from .state import StateError, StateMachine, StateView, serialize_view
 log = logging.getLogger("nodeagent.driver")
 
 _TICK = ("tick",)
-
-
-def _load_malloc_trim():
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def release_free_memory() -> bool:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); False where
-    there is no such call. A snapshot serializes the whole state in a worker thread
-    (tens of MB, in that thread's malloc arena) and frees it; without this the agent's
-    RSS kept most of each such peak: 526 against 396 bytes of RSS per key written over
-    16 s of 32 writers (docs/BENCHMARKS.md). Once per snapshot: a few ms at most."""
-    if _malloc_trim is None:
-        return False
-    _malloc_trim(0)
-    return True
 
 
 class RequestFailed(Exception):

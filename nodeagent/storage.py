@@ -40,8 +40,6 @@ it, damage in an older segment, a gap in the indexes -- raises ``StorageCorrupti
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import fcntl
 import logging
 import os
@@ -56,6 +54,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from nodeagent.libc import reserve_blocks
 from nodeagent.protocol import bin_header
 from nodeagent.raft.messages import (
     ConfState,
@@ -296,36 +295,6 @@ def _test_write_delay() -> float:
         return max(0.0, float(os.environ.get("RAFTDECK_TEST_SNAPSHOT_WRITE_DELAY", "0")))
     except ValueError:
         return 0.0
-
-
-_FALLOC_FL_KEEP_SIZE = 1
-
-
-def _load_fallocate():
-    """libc's fallocate(2), or None where there is none (not Linux, no glibc symbol)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.fallocate
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _load_fallocate()
-
-
-def _reserve(fd: int, size: int) -> bool:
-    """Allocate the blocks of ``fd`` up to ``size`` bytes without changing its length
-    (``FALLOC_FL_KEEP_SIZE``), so an append followed by an fsync only writes data and
-    the new length, not new block allocations: on this machine's ext4 that is about a
-    fifth of every fsync under three writers (docs/BENCHMARKS.md). The file reads back
-    exactly as without it. False where the filesystem or platform cannot (tmpfs on old
-    kernels, not Linux): then appends allocate as they go, as before."""
-    if _fallocate is None:
-        return False
-    return _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size) == 0
 
 
 def _write_all(fd: int, data) -> None:
@@ -857,7 +826,7 @@ class DiskStorage:
     def _reserve_active(self) -> None:
         # Only worth it when appends are fsynced; a segment may outgrow the reservation
         # (one record larger than what is left), which only means allocating as before.
-        if self._fsync_enabled and _reserve(self._fd, self._segment_bytes):
+        if self._fsync_enabled and reserve_blocks(self._fd, self._segment_bytes):
             self._reserved_segments += 1
 
     def _fsync_dir(self, path: str) -> None:

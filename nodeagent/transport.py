@@ -386,8 +386,8 @@ class _Link:
         self.scope: trio.CancelScope | None = None  # the link task; cancelled on removal
         self.attempt_scope: trio.CancelScope | None = None  # one connection; cancelled on re-address
         self.connected = False
-        # Plain TCP only: the socket's descriptor while connected, for send()'s direct
-        # write when nothing is queued and the writer is not writing (``busy``);
+        # Plain TCP only: the socket's descriptor while connected, for send_batch's
+        # direct write when the writer is not writing (``busy``);
         # ``partial`` is what such a write left over, which the writer sends first.
         self.direct_fd: int | None = None
         self.busy = False
