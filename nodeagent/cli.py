@@ -124,6 +124,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from nodeagent.agent import Agent
+    from nodeagent.libc import share_one_malloc_arena
     from nodeagent.logs import setup_logging
     from nodeagent.security import TLSError
     from nodeagent.storage import StorageCorruption, StorageLocked
@@ -137,6 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     log = logging.getLogger("nodeagent")
+    share_one_malloc_arena()  # before trio's worker threads exist (see nodeagent/libc.py)
     agent = Agent(cfg)
     try:
         agent.recover()
