@@ -73,6 +73,15 @@ def test_pipelined_writes_on_one_connection_each_get_one_answer(cluster):
             assert await c.get("p0") == b"w"
             assert await c.get("p40") is None
             assert await c.get("p199") == b"v199"
+            # Every replica reaches the same state (the followers take most appends in
+            # direct rounds: nodeagent/driver.py deliver, tests/integration/test_direct_round.py).
+            for _ in range(200):
+                st = await c.statuses()
+                if len({(s["applied"], s["digest"]) for s in st.values()}) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert len({(s["applied"], s["digest"]) for s in st.values()}) == 1, st
+            assert all(type(s["direct_rounds"]) is int for s in st.values()), st
 
     asyncio.run(main())
 
