@@ -88,9 +88,53 @@ class ConnectionFailed(Exception):
     """Could not reach the agent (nothing was sent)."""
 
 
+class _Wire(asyncio.Protocol):
+    """An AgentConnection's socket: bytes go to the connection as they arrive (no reader
+    task, no stream buffer between the socket and the frame decoder)."""
+
+    def __init__(self, conn: "AgentConnection"):
+        self.conn = conn
+        self.paused = False
+        self.resumed: asyncio.Future | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.conn._feed(data)
+
+    def eof_received(self) -> bool:
+        self.conn._feed(b"")  # the decoder sees EOF (a frame cut short is an error)
+        return False  # and the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn._lost()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.resumed is not None and not self.resumed.done():
+            self.resumed.set_result(None)
+        self.resumed = None
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is over its high-water mark."""
+        while self.paused and not self.conn._closed.is_set():
+            if self.resumed is None:
+                self.resumed = asyncio.get_running_loop().create_future()
+            await self.resumed
+
+
 class AgentConnection:
     """One connection to one agent. Requests may run concurrently; replies are matched
-    by id. ``status_update`` pushes go to the queue returned by ``subscribe()``."""
+    by id. ``status_update`` pushes go to the queue returned by ``subscribe()``.
+
+    The socket is read by an asyncio protocol (``_Wire``) that decodes frames as they
+    arrive and resolves the waiting request right there: a reply costs one pass of the
+    event loop before its caller runs, not three (stream buffer, reader task, caller)."""
 
     def __init__(self, name: str, host: str, port: int, cluster: str, *,
                  client_id: str | None = None, ssl=None, connect_timeout: float = 3.0):
@@ -102,35 +146,37 @@ class AgentConnection:
         self.ssl = ssl
         self.connect_timeout = connect_timeout
         self.hello: dict | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
+        self._wire: _Wire | None = None
+        self._decoder = FrameDecoder()
+        self._hello_fut: asyncio.Future | None = None  # until the agent answers the hello
         self._waiters: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
-        self._recv_task: asyncio.Task | None = None
         self._updates: asyncio.Queue | None = None
         self._pushed: dict | None = None  # the newest pushed status map (deltas apply to it)
         self._closed = asyncio.Event()
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self._closed.is_set()
+        return self._transport is not None and not self._closed.is_set()
 
     async def connect(self) -> dict:
+        loop = asyncio.get_running_loop()
+        self._hello_fut = loop.create_future()
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, ssl=self.ssl,
-                                        server_hostname=self.host if self.ssl else None),
+            self._transport, self._wire = await asyncio.wait_for(
+                loop.create_connection(lambda: _Wire(self), self.host, self.port, ssl=self.ssl,
+                                       server_hostname=self.host if self.ssl else None),
                 self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise ConnectionFailed(f"{self.name} ({self.host}:{self.port}): "
                                    f"{getattr(e, 'strerror', None) or e or 'timed out'}") from None
-        decoder = FrameDecoder()
-        self._writer.write(encode({"type": "hello", "role": "client", "cluster": self.cluster,
-                                   "version": PROTOCOL_VERSION,
-                                   "client_id": self.client_id[:128]}))
+        self._transport.write(encode({"type": "hello", "role": "client", "cluster": self.cluster,
+                                      "version": PROTOCOL_VERSION,
+                                      "client_id": self.client_id[:128]}))
         try:
-            msg = await asyncio.wait_for(self._read_one(decoder), self.connect_timeout)
-        except (OSError, asyncio.TimeoutError, ProtocolError, asyncio.IncompleteReadError) as e:
+            msg = await asyncio.wait_for(self._hello_fut, self.connect_timeout)
+        except (OSError, asyncio.TimeoutError, ProtocolError) as e:
             await self.close()
             raise ConnectionFailed(f"{self.name}: no hello answer ({e or 'timed out'})") from None
         if msg is None or msg["type"] == "error":
@@ -138,59 +184,74 @@ class AgentConnection:
             why = f"{msg['code']}: {msg['message']}" if msg else "connection closed"
             raise ConnectionFailed(f"{self.name}: refused: {why}")
         self.hello = msg
-        self._recv_task = asyncio.create_task(self._receive_loop(decoder))
         return msg
 
-    async def _read_one(self, decoder: FrameDecoder) -> dict | None:
-        while True:
-            msg = decoder.next_message()
-            if msg is NEED_DATA:
-                data = await self._reader.read(65536)
-                decoder.receive_data(data)
-                continue
-            if msg is CLOSED:
-                return None
-            return msg
-
-    async def _receive_loop(self, decoder: FrameDecoder) -> None:
+    def _feed(self, data: bytes) -> None:
+        """Bytes from the socket (b"" at EOF): decode every whole frame and deliver it."""
+        if self._closed.is_set():
+            return
+        decoder = self._decoder
         try:
+            decoder.receive_data(data)
             while True:
-                msg = await self._read_one(decoder)
-                if msg is None:
+                msg = decoder.next_message()
+                if msg is NEED_DATA:
+                    return
+                if msg is CLOSED or not self._deliver(msg):
                     break
-                t = msg["type"]
-                if t == "reply":
-                    fut = self._waiters.pop(msg["id"], None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-                elif t == "status_update":
-                    if self._updates is not None:
-                        # Deltas are applied here, in order, before any push is dropped.
-                        if msg.get("delta"):
-                            if self._pushed is None:
-                                break  # a delta with no map before it: a broken stream
-                            self._pushed = apply_delta(self._pushed, msg["status"])
-                        else:
-                            self._pushed = msg["status"]
-                        if self._updates.full():
-                            with contextlib.suppress(asyncio.QueueEmpty):
-                                self._updates.get_nowait()  # keep only the newest
-                        self._updates.put_nowait(self._pushed)
-                elif t == "error":
-                    break
-        except (OSError, ProtocolError, asyncio.IncompleteReadError, ValueError):
-            pass  # ValueError: a status delta that does not fit the map it follows
-        finally:
-            self._closed.set()
-            for fut in self._waiters.values():
-                if not fut.done():
-                    fut.set_exception(OutcomeUnknown(f"{self.name}: connection lost"))
-                    # Its caller may have gone (cancelled); do not warn about it then.
-                    fut.add_done_callback(lambda f: f.exception())
-            self._waiters.clear()
+        except (ProtocolError, ValueError) as e:  # ValueError: a status delta that does not fit
+            if self._hello_fut is not None and not self._hello_fut.done():
+                self._hello_fut.set_exception(e if isinstance(e, ProtocolError) else ProtocolError("bad_field", str(e)))
+        self._transport.close()  # connection_lost then fails whatever still waits
+
+    def _deliver(self, msg: dict) -> bool:
+        """Hand one message to whoever waits for it; False ends the connection."""
+        hello = self._hello_fut
+        if hello is not None:
+            self._hello_fut = None
+            if not hello.done():
+                hello.set_result(msg)
+            return msg["type"] != "error"
+        t = msg["type"]
+        if t == "reply":
+            fut = self._waiters.pop(msg["id"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif t == "status_update":
             if self._updates is not None:
-                with contextlib.suppress(asyncio.QueueFull):
-                    self._updates.put_nowait(None)
+                # Deltas are applied here, in order, before any push is dropped.
+                if msg.get("delta"):
+                    if self._pushed is None:
+                        return False  # a delta with no map before it: a broken stream
+                    self._pushed = apply_delta(self._pushed, msg["status"])
+                else:
+                    self._pushed = msg["status"]
+                if self._updates.full():
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        self._updates.get_nowait()  # keep only the newest
+                self._updates.put_nowait(self._pushed)
+        elif t == "error":
+            return False
+        return True
+
+    def _lost(self) -> None:
+        """The connection ended (either side): every request still waiting has an
+        unknown outcome, and a subscription ends. Once: the first call does it."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        hello = self._hello_fut
+        if hello is not None and not hello.done():
+            hello.set_result(None)
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(OutcomeUnknown(f"{self.name}: connection lost"))
+                # Its caller may have gone (cancelled); do not warn about it then.
+                fut.add_done_callback(lambda f: f.exception())
+        self._waiters.clear()
+        if self._updates is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._updates.put_nowait(None)
 
     async def request(self, type_: str, /, *, timeout: float = 5.0, **fields) -> Any:
         """Send one request and return its result; RequestError on ok=false;
@@ -201,8 +262,9 @@ class AgentConnection:
         fut = asyncio.get_running_loop().create_future()
         self._waiters[rid] = fut
         try:
-            self._writer.write(encode({"type": type_, "id": rid, **fields}))
-            await self._writer.drain()
+            self._transport.write(encode({"type": type_, "id": rid, **fields}))
+            if self._wire.paused:
+                await self._wire.drain()
         except (OSError, ConnectionError):
             self._waiters.pop(rid, None)
             raise OutcomeUnknown(f"{self.name}: connection lost while sending") from None
@@ -233,15 +295,13 @@ class AgentConnection:
             yield st
 
     async def close(self) -> None:
-        if self._recv_task is not None:
-            self._recv_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._recv_task
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._writer.wait_closed(), 1.0)
-        self._closed.set()
+        if self._transport is not None and not self._closed.is_set():
+            self._transport.close()  # flushes what is buffered (and TLS says goodbye) first
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), 1.0)
+            if not self._closed.is_set():
+                self._transport.abort()  # a peer that does not take the goodbye
+        self._lost()
 
 
 @dataclass

@@ -134,8 +134,7 @@ def test_a_connection_closed_with_writes_in_flight_leaves_the_agent_serving(clus
                 conn = await _connect(cluster, leader, cid)
                 await conn.request("register", client_id=cid)
                 for i in range(200):
-                    conn._writer.write(_put_frame(i, cid, 2 + i))
-                await conn._writer.drain()
+                    conn._transport.write(_put_frame(i, cid, 2 + i))
                 await conn.close()
             await c.put("still", b"here")
             st = await cluster.wait_converged(c)

@@ -1,0 +1,163 @@
+"""AgentConnection's socket handling (console/client.py ``_Wire``): frames decoded as
+they arrive and handed to the waiting request. The far end is a scripted agent on a real
+127.0.0.1 socket speaking the real protocol, so each test controls exactly which bytes
+arrive when: split frames, replies out of order, garbage, a close mid-frame."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from console.client import AgentConnection, ConnectionFailed, OutcomeUnknown, RequestError
+from nodeagent.protocol import NEED_DATA, PROTOCOL_VERSION, FrameDecoder, encode
+
+HELLO_OK = encode({"type": "hello_ok", "node": "n1", "version": PROTOCOL_VERSION, "leader": "n1"})
+
+
+def _reply(rid: int, result) -> bytes:
+    return encode({"type": "reply", "id": rid, "ok": True, "result": result})
+
+
+class ScriptedAgent:
+    """Accepts one connection, reads the hello, then runs ``script(reader, writer, next)``
+    where ``next()`` returns the client's next request."""
+
+    def __init__(self, script, hello: bytes = HELLO_OK):
+        self.script = script
+        self.hello = hello
+        self.done = asyncio.Event()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader, writer):
+        dec = FrameDecoder()
+
+        async def next_msg():
+            while True:
+                m = dec.next_message()
+                if m is not NEED_DATA:
+                    return m
+                dec.receive_data(await reader.read(65536))
+
+        try:
+            hello = await next_msg()
+            assert hello["type"] == "hello"
+            writer.write(self.hello)
+            await writer.drain()
+            await self.script(reader, writer, next_msg)
+        finally:
+            writer.close()
+            self.done.set()
+
+
+async def _connect(agent: ScriptedAgent) -> AgentConnection:
+    conn = AgentConnection("n1", "127.0.0.1", agent.port, "test", client_id="wire-test")
+    await conn.connect()
+    return conn
+
+
+def test_replies_out_of_order_and_byte_by_byte_reach_their_requests():
+    async def script(reader, writer, next_msg):
+        a, b = await next_msg(), await next_msg()
+        # b's reply first, one byte per write (each its own segment: TCP_NODELAY)
+        for byte in _reply(b["id"], {"value": b["key"]}):
+            writer.write(bytes([byte]))
+            await writer.drain()
+        writer.write(_reply(a["id"], {"value": a["key"]}) + _reply(999, "nobody asked"))
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    async def main():
+        async with ScriptedAgent(script) as agent:
+            conn = await _connect(agent)
+            try:
+                got = await asyncio.gather(conn.request("get", key="a"), conn.request("get", key="b"))
+                assert got == [{"value": "a"}, {"value": "b"}]
+                assert conn.connected
+            finally:
+                await conn.close()
+            assert not conn.connected
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("ending", ["garbage", "cut", "error"])
+def test_a_broken_stream_fails_the_waiting_request_as_unknown(ending):
+    async def script(reader, writer, next_msg):
+        await next_msg()
+        if ending == "garbage":
+            writer.write(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # not msgpack
+        elif ending == "cut":
+            writer.write(_reply(1, "x")[:7])  # then the connection ends mid-frame
+        else:
+            writer.write(encode({"type": "error", "code": "internal", "message": "bye"}))
+        await writer.drain()
+
+    async def main():
+        async with ScriptedAgent(script) as agent:
+            conn = await _connect(agent)
+            with pytest.raises(OutcomeUnknown, match="connection lost"):
+                await conn.request("get", key="a", timeout=10)
+            assert not conn.connected
+            with pytest.raises(ConnectionFailed):
+                await conn.request("get", key="a")
+            await conn.close()
+
+    asyncio.run(main())
+
+
+def test_a_refused_hello_says_why():
+    async def script(reader, writer, next_msg):
+        pass
+
+    refusal = encode({"type": "error", "code": "wrong_cluster", "message": "this is cluster prod"})
+
+    async def main():
+        async with ScriptedAgent(script, hello=refusal) as agent:
+            with pytest.raises(ConnectionFailed, match="refused: wrong_cluster: this is cluster prod"):
+                await _connect(agent)
+
+    asyncio.run(main())
+
+
+def test_an_error_reply_and_status_pushes_with_deltas(caplog):
+    async def script(reader, writer, next_msg):
+        req = await next_msg()
+        writer.write(encode({"type": "reply", "id": req["id"], "ok": False,
+                             "error": {"code": "not_leader", "message": "ask n2"}, "leader": "n2"}))
+        sub = await next_msg()
+        assert sub["type"] == "subscribe"
+        writer.write(_reply(sub["id"], None))
+        writer.write(encode({"type": "status_update", "id": sub["id"], "status": {"term": 1, "role": "leader"}}))
+        writer.write(encode({"type": "status_update", "id": sub["id"], "delta": True,
+                             "status": {"set": {"term": 2}}}))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        # A delta that does not fit the map ends the stream (and the connection).
+        writer.write(encode({"type": "status_update", "id": sub["id"], "delta": True,
+                             "status": {"term": 3}}))
+        await writer.drain()
+        await reader.read()
+
+    async def main():
+        async with ScriptedAgent(script) as agent:
+            conn = await _connect(agent)
+            with pytest.raises(RequestError) as info:
+                await conn.request("get", key="a")
+            assert (info.value.code, info.value.leader) == ("not_leader", "n2")
+            seen = [st async for st in conn.subscribe(100)]
+            assert seen == [{"term": 1, "role": "leader"}, {"term": 2, "role": "leader"}]
+            assert not conn.connected
+            await conn.close()
+
+    asyncio.run(main())
+    # Ended by the client's own decision, not by asyncio catching an exception.
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
