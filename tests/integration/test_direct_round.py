@@ -5,6 +5,7 @@ the leader is this test, handing it AppendEntries as a peer connection would."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -53,6 +54,22 @@ class Follower:
             while not self.driver._parked:
                 await trio.sleep(0)
 
+    async def until_acked(self) -> None:
+        with trio.fail_after(10):
+            while not self.acks():
+                await trio.sleep(0.01)
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        """The driver running and parked, with fast fsyncs on record; stopped after."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.driver.run)
+            await self.until_parked()
+            self.driver.sync_ewma = 0.0  # a busy machine's slow fsyncs would route to the inbox
+            yield
+            nursery.cancel_scope.cancel()
+        self.storage.close()
+
 
 def _run(fn) -> None:
     trio.run(fn)
@@ -62,11 +79,10 @@ def test_a_parked_driver_answers_within_deliver(tmp_path):
     f = Follower(tmp_path)
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(f.driver.run)
+        async with f.running():
             for i in range(2, 22):
                 await f.until_parked()
-                f.driver.sync_ewma = 0.0  # a busy machine's slow fsyncs would route to the inbox
+                f.driver.sync_ewma = 0.0
                 fsyncs = f.storage.stats()["fsyncs"]
                 assert f.driver.deliver(_append(i, i - 1))
                 # Durable and acknowledged before deliver returned: no hop to the driver.
@@ -74,8 +90,6 @@ def test_a_parked_driver_answers_within_deliver(tmp_path):
                 assert f.storage.stats()["fsyncs"] == fsyncs + 1
             assert f.driver.direct_rounds == 20
             assert f.driver.state.applied_index == 20  # commit 20 came with the last one
-            nursery.cancel_scope.cancel()
-        f.storage.close()
 
     _run(main)
     # Durable for real: a restart finds all twenty entries.
@@ -90,21 +104,14 @@ def test_a_handed_over_event_goes_first(tmp_path):
     f = Follower(tmp_path)
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(f.driver.run)
-            await f.until_parked()
-            f.driver.sync_ewma = 0.0
+        async with f.running():
             p = f.driver.submit("propose", encode_command("put", key="a", value=b"1"))
             assert f.driver.deliver(_append(2, 1))
             assert f.driver.direct_rounds == 0 and f.acks() == []  # queued, not run here
-            with trio.fail_after(10):
-                with pytest.raises(RequestFailed, match="not the leader"):
-                    await p.wait(10)
-                while not f.acks():
-                    await trio.sleep(0.01)
+            with pytest.raises(RequestFailed, match="not the leader"):
+                await p.wait(10)
+            await f.until_acked()
             assert f.acks() == [2]
-            nursery.cancel_scope.cancel()
-        f.storage.close()
 
     _run(main)
 
@@ -113,20 +120,14 @@ def test_slow_disk_and_other_messages_take_the_inbox(tmp_path):
     f = Follower(tmp_path)
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(f.driver.run)
-            await f.until_parked()
+        async with f.running():
             f.driver.sync_ewma = 0.005  # recent fsyncs were slow: they go to a thread
             assert f.driver.deliver(_append(2, 1))
             assert f.driver.direct_rounds == 0
-            with trio.fail_after(10):
-                while not f.acks():
-                    await trio.sleep(0.01)
+            await f.until_acked()
             await f.until_parked()
             f.driver.deliver(RequestVote("n3", "n2", 2, 5, 1))  # an election: never direct
             assert f.driver.direct_rounds == 0
-            nursery.cancel_scope.cancel()
-        f.storage.close()
 
     _run(main)
 
@@ -138,10 +139,7 @@ def test_a_failing_direct_round_fails_the_driver(tmp_path):
         raise RuntimeError("planted")
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(f.driver.run)
-            await f.until_parked()
-            f.driver.sync_ewma = 0.0
+        async with f.running():
             f.driver.node.step = broken
             assert f.driver.deliver(_append(2, 1))  # the failure does not land here...
             with trio.fail_after(10):
