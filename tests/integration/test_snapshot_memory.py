@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
         parts = [bytearray(100_000) for _ in range(300)]  # 30 MB in this thread's arena
         for p in parts:
             p[::4096] = b"x" * len(p[::4096])  # touch every page
-        keep.append(bytearray(16))  # a later small block pins the top of the heap
+        keep.append(bytearray(4096))  # a later C-heap block (pymalloc takes only <= 512 B) pins the top
         del parts
 
     t = threading.Thread(target=serialize_like_a_snapshot)
