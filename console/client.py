@@ -199,9 +199,12 @@ class AgentConnection:
                     return
                 if msg is CLOSED or not self._deliver(msg):
                     break
-        except (ProtocolError, ValueError) as e:  # ValueError: a status delta that does not fit
-            if self._hello_fut is not None and not self._hello_fut.done():
-                self._hello_fut.set_exception(e if isinstance(e, ProtocolError) else ProtocolError("bad_field", str(e)))
+        except ProtocolError as e:
+            hello = self._hello_fut
+            if hello is not None and not hello.done():
+                hello.set_exception(e)  # connect() reports the hello as unanswered, and why
+        except ValueError:  # a status delta that does not fit the map it follows
+            pass
         self._transport.close()  # connection_lost then fails whatever still waits
 
     def _deliver(self, msg: dict) -> bool:

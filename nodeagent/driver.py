@@ -220,8 +220,7 @@ class Driver:
         """A Raft message from a peer. Non-blocking; dropped when the inbox is full.
         Replication traffic meeting an idle driver is handled here and now (a direct
         round: see the module docstring)."""
-        if self._parked and type(msg) in _DIRECT and (not self.sync_in_thread
-                                                        or self.sync_ewma < self.INLINE_SYNC_S):
+        if self._parked and type(msg) in _DIRECT and self._sync_is_fast():
             self._direct_round(msg)
             return True
         self._parked = False
@@ -309,8 +308,7 @@ class Driver:
         task to raise, as if its own round had failed."""
         self.direct_rounds += 1
         try:
-            self.messages_in += 1
-            self.node.step(msg)
+            self._handle(("raft", msg))
             if self._snap_done is not None:
                 self._finish_snapshot()
             for _ in self._rounds():
@@ -432,8 +430,12 @@ class Driver:
     INLINE_SYNC_S = 0.001
     SYNC_EWMA_WEIGHT = 0.2
 
+    def _sync_is_fast(self) -> bool:
+        """Whether the next fsync runs in this task (``_sync_here``) rather than a thread."""
+        return not self.sync_in_thread or self.sync_ewma < self.INLINE_SYNC_S
+
     async def _sync(self) -> None:
-        if not self.sync_in_thread or self.sync_ewma < self.INLINE_SYNC_S:
+        if self._sync_is_fast():
             # Let what this Ready queued for writer tasks (the leader's appends over TLS)
             # leave first, then block on the disk. Written at once (plain TCP), they
             # already left: no scheduling pass for nothing.

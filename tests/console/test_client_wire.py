@@ -128,6 +128,18 @@ def test_a_refused_hello_says_why():
     asyncio.run(main())
 
 
+def test_a_hello_answered_with_garbage_says_so():
+    async def script(reader, writer, next_msg):
+        await reader.read()
+
+    async def main():
+        async with ScriptedAgent(script, hello=b"\x00\x00\x00\x03\xc1\xc1\xc1") as agent:
+            with pytest.raises(ConnectionFailed, match="no hello answer"):
+                await _connect(agent)
+
+    asyncio.run(main())
+
+
 def test_an_error_reply_and_status_pushes_with_deltas(caplog):
     async def script(reader, writer, next_msg):
         req = await next_msg()
