@@ -1,0 +1,179 @@
+"""TLS over a trio socket stream with a write that does not wait: ``TLSStream``.
+
+``trio.SSLStream`` makes every send an await (its own lock and retry loop, then the
+socket's), so a frame over TLS could only leave through a writer task: a scheduling hop
+on each side of every message, where a plain TCP link writes from the caller's task
+(docs/ARCHITECTURE.md, "Writes without a hop"). This stream drives an ``ssl.SSLObject``
+over two memory BIOs itself. ``write_now`` encrypts into the outgoing BIO and writes what
+the socket takes at once; ciphertext the kernel does not take waits, in order, for the
+next ``send_all``. Reads decrypt what the socket delivers.
+
+One rule keeps the byte stream in order: only ``send_all`` (one at a time) and
+``write_now`` write to the socket, and ``write_now`` writes nothing while a ``send_all``
+is under way; ciphertext made meanwhile (by ``write_now`` or by a read answering a TLS
+post-handshake message) joins the queue that ``send_all`` empties before it returns.
+
+Errors are those of ``trio.SSLStream``: a TLS failure or a broken socket raises
+``trio.BrokenResourceError`` with the ``ssl.SSLError`` or ``OSError`` as its cause.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+import trio
+
+__all__ = ["TLSStream"]
+
+_READ = 65536
+
+
+class TLSStream(trio.abc.Stream):
+    def __init__(self, transport_stream: trio.SocketStream, context: ssl.SSLContext, *,
+                 server_side: bool = False, server_hostname: str | None = None):
+        self.transport_stream = transport_stream
+        self._fd = transport_stream.socket.fileno()
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
+                                     server_hostname=server_hostname)
+        self._pending = bytearray()  # ciphertext not yet taken by the socket, in order
+        self._sending = False
+        self._receiving = False
+
+    # -- the handshake and what it established -----------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Complete the TLS handshake (the caller's deadline covers it)."""
+        while True:
+            try:
+                self._obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._send_pending()
+                await self._feed()
+            except ssl.SSLError as exc:
+                self._take_out()
+                self._flush_nowait()  # the alert, if the socket takes it: the peer learns why
+                raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+        await self._send_pending()
+
+    def getpeercert(self, binary_form: bool = False):
+        return self._obj.getpeercert(binary_form)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write_now(self, data: bytes) -> bool:
+        """Encrypt ``data`` and write what the socket takes without waiting. True when
+        nothing is left; else the rest waits for the next ``send_all`` (``b""`` will do),
+        which the caller must arrange. Raises ``OSError`` for a broken socket and
+        ``ssl.SSLError`` if TLS has failed."""
+        self._encrypt(data)
+        return self._flush_nowait()
+
+    async def send_all(self, data) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            if data:
+                try:
+                    self._encrypt(data)
+                except ssl.SSLError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+            while self._pending:
+                chunk = bytes(self._pending)
+                self._pending.clear()
+                await self.transport_stream.send_all(chunk)
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    def _encrypt(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._obj.write(view)  # a memory BIO takes it all; loop all the same
+            view = view[n:]
+        self._take_out()
+
+    def _take_out(self) -> None:
+        if self._out.pending:
+            self._pending += self._out.read()
+
+    def _flush_nowait(self) -> bool:
+        if self._sending:
+            return False  # send_all is writing: it sends what joined the queue before returning
+        if self._pending:
+            try:
+                n = os.write(self._fd, self._pending)
+            except BlockingIOError:
+                n = 0
+            del self._pending[:n]
+        return not self._pending
+
+    async def _send_pending(self) -> None:
+        self._take_out()
+        if self._pending:
+            await self.send_all(b"")
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Decrypted bytes, or ``b""`` at the end of the stream (a close_notify, or the
+        socket closed without one: the framing above sees a frame cut short)."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            n = max_bytes or _READ
+            obj, incoming = self._obj, self._in
+            while True:
+                if not incoming.pending and not obj.pending():
+                    # Nothing to decrypt yet: wait for the socket (not for an exception).
+                    if not await self._feed(eof_ok=True):
+                        return b""
+                try:
+                    data = obj.read(n)
+                except ssl.SSLWantReadError:
+                    if not await self._feed(eof_ok=True):
+                        return b""
+                    continue
+                except ssl.SSLZeroReturnError:
+                    return b""
+                except ssl.SSLError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                if self._out.pending:  # a post-handshake answer (a key update)
+                    self._take_out()
+                    self._flush_nowait()
+                return data
+        finally:
+            self._receiving = False
+
+    async def _feed(self, eof_ok: bool = False) -> bool:
+        data = await self.transport_stream.receive_some(_READ)
+        if not data:
+            if eof_ok:
+                return False
+            raise trio.BrokenResourceError("the peer closed the connection during the TLS handshake")
+        self._in.write(data)
+        return True
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Send close_notify if the socket takes it now, then close the socket."""
+        try:
+            if not self._sending:
+                try:
+                    self._obj.unwrap()
+                except (ssl.SSLError, ValueError):
+                    pass
+                self._take_out()
+                self._flush_nowait()
+        except OSError:
+            pass
+        finally:
+            await self.transport_stream.aclose()
