@@ -34,6 +34,7 @@ from .protocol import (CLOSED, MESSAGE_SCHEMAS, NEED_DATA, PROTOCOL_VERSION, Fra
                        ProtocolError, encode)
 from .security import (ANONYMOUS, NODE, ROLES, AuditLog, Identity, TLSError, TokenBucket,
                        check_request, effective_role, identity_from_cert, required_role)
+from .tlsstream import TLSStream
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -102,10 +103,16 @@ class Connection:
             log.error("reply not sent", extra={"remote": self.peer, "error": e.message})
             frame = encode(_fail(msg.get("id", 0), "internal", "the agent could not encode "
                                  f"its reply ({e.code}); the outcome is unknown"))
-        if not self._out and not self._sending and type(self.stream) is trio.SocketStream:
-            frame = self._write_now(frame)
-            if not frame:
-                return
+        if not self._out and not self._sending:
+            kind = type(self.stream)
+            if kind is trio.SocketStream:
+                frame = self._write_now(frame)
+                if not frame:
+                    return
+            elif kind is TLSStream:
+                frame = self._write_now_tls(frame)
+                if frame is None:
+                    return
         self._out.append(frame)
         self._out_lot.unpark()
 
@@ -120,6 +127,20 @@ class Connection:
         except OSError:  # BlockingIOError (buffer full) included
             return frame
         return frame[n:]
+
+    def _write_now_tls(self, frame: bytes) -> bytes | None:
+        """``_write_now`` over TLS: None when the kernel took it all, else what
+        ``flush_loop`` must send: ``b""`` when the rest is ciphertext waiting in the
+        stream (its ``send_all`` sends that first), the frame itself when TLS has failed
+        (that send then reports it)."""
+        try:
+            if self.stream.write_now(frame):
+                return None
+        except ssl.SSLError:
+            return frame  # nothing was encrypted
+        except OSError:
+            pass  # encrypted; the socket failed, which the flush reports
+        return b""
 
     async def flush_loop(self, timeout: float = 10.0) -> None:
         """Send what ``push`` queued, every frame gathered meanwhile in one send; a peer
@@ -280,7 +301,7 @@ class Server:
 
     async def _tls(self, conn: Connection) -> Identity:
         """The TLS handshake (the caller's deadline covers it) and the client's identity."""
-        tls = trio.SSLStream(conn.stream, self.ssl_context, server_side=True)
+        tls = TLSStream(conn.stream, self.ssl_context, server_side=True)
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError as e:

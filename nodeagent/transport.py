@@ -70,6 +70,7 @@ from .protocol import (
     ProtocolError,
     encode,
 )
+from .tlsstream import TLSStream
 
 __all__ = [
     "FAULT_ACTIONS",
@@ -386,12 +387,15 @@ class _Link:
         self.scope: trio.CancelScope | None = None  # the link task; cancelled on removal
         self.attempt_scope: trio.CancelScope | None = None  # one connection; cancelled on re-address
         self.connected = False
-        # Plain TCP only: the socket's descriptor while connected, for send_batch's
-        # direct write when the writer is not writing (``busy``);
-        # ``partial`` is what such a write left over, which the writer sends first.
+        # While connected, what send_batch writes to directly when the writer is not
+        # writing (``busy``): the socket's descriptor (plain TCP) or the TLSStream.
+        # ``partial`` is what a plain write left over, which the writer sends first;
+        # ``flush``: a TLS write left ciphertext in the stream for the writer to send.
         self.direct_fd: int | None = None
+        self.direct_tls: TLSStream | None = None
         self.busy = False
         self.partial = b""
+        self.flush = False
         self.counts = dict.fromkeys(_COUNTERS, 0)
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -571,7 +575,8 @@ class Transport:
                 touched.append(link)
         done = True
         for link in touched:
-            if link.direct_fd is not None and not link.busy and not link.partial and not self._faults:
+            if ((link.direct_fd is not None or link.direct_tls is not None) and not link.busy
+                    and not link.partial and not link.flush and not self._faults):
                 done = self._write_now(link) and done
             else:
                 link.notify()
@@ -611,17 +616,19 @@ class Transport:
         return link
 
     def _write_now(self, link: _Link) -> bool:
-        """Write a plain TCP link's queued frames from the caller's task, without the
-        writer task's hop (two scheduling passes, a timeout scope and an Event per batch:
-        about a third of a follower's trio overhead per write; docs/ARCHITECTURE.md).
-        Never blocks: what the kernel does not take now becomes ``link.partial``, which
-        the writer sends before anything else. Called only while the writer is not inside
-        ``send_all`` and no partial frame is pending, so frames never interleave. True
-        when the kernel took it all."""
+        """Write a link's queued frames from the caller's task, without the writer task's
+        hop (two scheduling passes, a timeout scope and an Event per batch: about a third
+        of a follower's trio overhead per write; docs/ARCHITECTURE.md). Never blocks: what
+        the kernel does not take now becomes ``link.partial`` (over TLS: stays in the
+        stream, ``link.flush``), which the writer sends before anything else. Called only
+        while the writer is not inside ``send_all`` and nothing is left from before, so
+        frames never interleave. True when the kernel took it all."""
         frames = [frame for _, frame in link.outbox]
         link.outbox.clear()
         link.queued_bytes = 0
         data = b"".join(frames) if len(frames) > 1 else frames[0]
+        if link.direct_tls is not None:
+            return self._write_now_tls(link, link.direct_tls, frames, data)
         try:
             n = os.write(link.direct_fd, data)
         except BlockingIOError:
@@ -639,6 +646,23 @@ class Transport:
         link.counts["sent"] += len(frames) - 1  # the writer counts the unfinished one
         link.counts["bytes_sent"] += n
         link.partial = data[n:]
+        link.notify()
+        return False
+
+    def _write_now_tls(self, link: _Link, stream: TLSStream, frames: list[bytes], data: bytes) -> bool:
+        try:
+            done = stream.write_now(data)
+        except OSError:  # ssl.SSLError included
+            # TLS or the connection is broken; the link's reader or writer notices.
+            link.counts["dropped_error"] += len(frames)
+            return True
+        link.counts["sent"] += len(frames)
+        link.counts["batches"] += 1
+        link.counts["bytes_sent"] += len(data)
+        link.last_sent_at = self._clock()
+        if done:
+            return True
+        link.flush = True  # the writer's send_all sends the rest of the ciphertext
         link.notify()
         return False
 
@@ -767,6 +791,8 @@ class Transport:
         link.connected = True
         if type(stream) is trio.SocketStream:
             link.direct_fd = stream.socket.fileno()
+        elif type(stream) is TLSStream:
+            link.direct_tls = stream
         link.counts["connects"] += 1
         link.last_connected_at = started
         log.info("peer connected", extra=self._fields(link, peer_version=link.peer_version,
@@ -777,7 +803,9 @@ class Transport:
         finally:
             link.connected = False
             link.direct_fd = None  # before the close: the descriptor may be reused
+            link.direct_tls = None
             link.partial = b""  # the rest of a frame belongs to this connection only
+            link.flush = False
             up_for = self._clock() - started
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
@@ -804,7 +832,7 @@ class Transport:
                 stream = await trio.open_tcp_stream(host, port)
             if self._ssl_context is not None:
                 phase = "tls"
-                stream = trio.SSLStream(stream, self._ssl_context, server_hostname=host)
+                stream = TLSStream(stream, self._ssl_context, server_hostname=host)
                 with trio.fail_after(self._connect_timeout):
                     await stream.do_handshake()
             phase = "hello"
@@ -895,6 +923,9 @@ class Transport:
             if link.partial:  # the rest of a direct write goes first (counted as one frame)
                 frames, link.partial = [link.partial], b""
                 return frames
+            if link.flush:  # the rest of a direct TLS write: send_all(b"") sends it
+                link.flush = False
+                return []
             timeout = math.inf
             if link.outbox:
                 now = self._clock()

@@ -318,16 +318,20 @@ def big_append(to: str, seq: int, size: int) -> AppendEntries:
                          entries=(Entry(1, seq + 1, bytes([seq % 251]) * size),), commit=seq)
 
 
-def test_send_batch_writes_at_once_and_a_full_socket_keeps_every_frame_whole():
-    """send_batch on a plain link writes from the caller's task (sent before any
-    checkpoint let the writer run); when the peer stops reading and the kernel takes only
-    part of a frame, the rest goes out first once the peer reads again: every frame
-    arrives whole and in order."""
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_send_batch_writes_at_once_and_a_full_socket_keeps_every_frame_whole(tmp_path, tls):
+    """send_batch writes from the caller's task (sent before any checkpoint let the
+    writer run), over plain TCP and over TLS; when the peer stops reading and the kernel
+    takes only part of a frame (over TLS: of its ciphertext), the rest goes out first once
+    the peer reads again: every frame arrives whole and in order."""
+    server_ctx, client_ctx = _make_tls(tmp_path) if tls else (None, None)
+
     async def body(nursery):
         hold = trio.Event()
-        s = PeerServer("p1", hold=hold)
+        s = PeerServer("p1", hold=hold, ssl_context=server_ctx)
         await s.start(nursery)
-        t = Transport(ME, CLUSTER, {"p1": s.addr()}, outbox_size=10_000, outbox_bytes=1 << 30, **FAST)
+        t = Transport(ME, CLUSTER, {"p1": s.addr()}, outbox_size=10_000, outbox_bytes=1 << 30,
+                      ssl_context=client_ctx, **FAST)
         await nursery.start(t.run)
         await wait_for(lambda: peer_stats(t, "p1")["connected"], what="connected")
         t.send_batch([hb("p1", 0), hb("p1", 1)])
@@ -752,10 +756,9 @@ def test_mutual_tls_link_delivers(tmp_path):
             t.send(hb("p1", i))
         await wait_for(lambda: len(s.received) == 50, what="delivery over TLS")
         assert s.seqs == list(range(50))
-        # No direct write on TLS (the TLS stream frames the bytes): send_batch leaves the
-        # frames to the writer, and says so.
-        assert t.send_batch([hb("p1", i) for i in range(50, 53)]) is False
-        assert peer_stats(t, "p1")["queued"] == 3
+        # A direct write over TLS too: send_batch encrypts and writes at once.
+        assert t.send_batch([hb("p1", i) for i in range(50, 53)]) is True
+        assert peer_stats(t, "p1")["queued"] == 0
         await wait_for(lambda: len(s.received) == 53, what="a batch over TLS")
         assert s.seqs == list(range(53))
 
