@@ -61,7 +61,8 @@ class Raftdeck:
         """``source``: run the agents from that source tree (PYTHONPATH) instead of this
         one, to compare two versions in one run; its timeouts must then be given.
         ``tls``: mutual TLS between agents and clients (default ``TLS``, off: PySyncObj
-        and older source trees speak plain TCP; `python -m bench --tls` turns it on)."""
+        and older source trees speak plain TCP; `python -m bench --tls` turns it on, and
+        `python -m bench.ab --tls` for every tree it compares)."""
         d = config_defaults()
         if election_ms is not None:
             d["election_ms"] = election_ms
@@ -72,7 +73,8 @@ class Raftdeck:
         self.fsync = fsync
         self.election_ms, self.heartbeat_ms = d["election_ms"], d["heartbeat_ms"]
         self.snapshot_interval = snapshot_interval or d["snapshot_interval"]
-        self.tls = (TLS if tls is None else tls) and source is None
+        # An older source tree may predate TLS: only when asked for by name.
+        self.tls = tls if tls is not None else (TLS and source is None)
         self.lc = LocalCluster(tmp, n, fsync=fsync, election_ms=self.election_ms,
                                heartbeat_ms=self.heartbeat_ms,
                                snapshot_interval=self.snapshot_interval, name="bench",
