@@ -31,6 +31,7 @@ from .statusmap import compact_status, keepalive_s, status_delta
 from .storage import DiskStorage
 from .tasks import TaskManager, now_ms, report_command
 from .telemetry import AgentMetrics, TimedStorage
+from .tlsstream import TLSStream
 from .transport import FaultRules, Transport
 
 log = logging.getLogger("nodeagent.agent")
@@ -221,7 +222,7 @@ class Agent:
         caller's deadline covers the handshake."""
         if self.client_ssl is None:
             return stream
-        tls = trio.SSLStream(stream, self.client_ssl, server_hostname=host)
+        tls = TLSStream(stream, self.client_ssl, server_hostname=host)
         await tls.do_handshake()
         return tls
 
