@@ -55,7 +55,10 @@ class TLSStream(trio.abc.Stream):
                 await self._feed()
             except ssl.SSLError as exc:
                 self._take_out()
-                self._flush_nowait()  # the alert, if the socket takes it: the peer learns why
+                try:
+                    self._flush_nowait()  # the alert, if the socket takes it: the peer learns why
+                except OSError:
+                    pass
                 raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
         await self._send_pending()
 

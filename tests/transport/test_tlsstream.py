@@ -119,7 +119,8 @@ def test_write_now_during_a_send_all_writes_nothing_itself(contexts):
         first, second = pattern(1, 64 * 1024), pattern(2, 4096)
         async with trio.open_nursery() as n:
             n.start_soon(ours.send_all, first)
-            await trio.sleep(0.05)  # send_all has taken its ciphertext and waits at the gate
+            while not ours._sending:  # set as send_all starts; it runs to the gate unbroken
+                await trio.sleep(0.001)
             assert ours.write_now(second) is False
             gate.open.set()
             got = await read_exactly(theirs, len(first) + len(second))
