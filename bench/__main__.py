@@ -6,7 +6,8 @@
 In one run, on this machine, it starts (one at a time, each on its own temporary
 directory, always stopped afterwards):
 
-- raftdeck, 3 agents, the inventory's default timeouts, fsync on, then fsync off;
+- raftdeck, 3 agents, the inventory's default timeouts, fsync on, then fsync off (both
+  plain TCP, as PySyncObj), then fsync on with mutual TLS (an inventory's default);
 - PySyncObj, 3 processes of bench/pysyncobj_node.py replicating a dict, journal file on,
   with its defaults (appendEntriesUseBatch=True) and with appendEntriesUseBatch=False;
 
@@ -405,7 +406,7 @@ def summarize(res: dict) -> dict:
         row = {k: get(v) for k, v in sbs.items()}
         bk, bv = best({k: get(v) for k, v in pso.items()}, lower)
         row["pysyncobj_best"] = bk
-        for rk in ("raftdeck_fsync", "raftdeck_nofsync"):
+        for rk in ("raftdeck_fsync", "raftdeck_nofsync", "raftdeck_fsync_tls"):
             if rk in sbs:
                 row[f"{rk}_over_pysyncobj_best"] = ratio(row[rk], bv)
         rows[name] = row
@@ -497,6 +498,7 @@ async def run_all(a, tmp: Path, cfg: Cfg) -> dict:
     systems = {
         "raftdeck_fsync": lambda: Raftdeck(tmp / "rd-fsync", 3, fsync=True),
         "raftdeck_nofsync": lambda: Raftdeck(tmp / "rd-nofsync", 3, fsync=False),
+        "raftdeck_fsync_tls": lambda: Raftdeck(tmp / "rd-fsync-tls", 3, fsync=True, tls=True),
         "pysyncobj_batch": lambda: PySyncObjCluster(tmp / "pso-batch", 3, batch=True),
         "pysyncobj_nobatch": lambda: PySyncObjCluster(tmp / "pso-nobatch", 3, batch=False),
     }
@@ -530,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="write a latency/throughput PNG here")
     ap.add_argument("--only", default=None,
                     help="comma-separated: raftdeck_fsync,raftdeck_nofsync,"
-                         "pysyncobj_batch,pysyncobj_nobatch")
+                         "raftdeck_fsync_tls,pysyncobj_batch,pysyncobj_nobatch")
     ap.add_argument("--writes", type=int, default=None, help="sequential puts (2000)")
     ap.add_argument("--seconds", type=float, default=None, help="32-writer run length (10)")
     ap.add_argument("--failovers", type=int, default=None, help="leader kills (5)")
