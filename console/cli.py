@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: raftdeck side by side with PySyncObj",
                        description="Run `python -m bench` (needs the bench extra: pip "
                        "install 'raftdeck[bench]'); every argument after `bench` goes to it, "
-                       "e.g. `raftdeck bench --quick` or `raftdeck bench -- --help`. No "
+                       "e.g. `raftdeck bench --quick` or `raftdeck bench --help`. No "
                        "inventory is read: it starts its own clusters on 127.0.0.1.",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -338,6 +338,14 @@ def _common(p: argparse.ArgumentParser, default) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # Everything after `bench` is the benchmark's: argparse would take `--quick` or
+        # `--help` for options of its own (REMAINDER does not start at an option).
+        from bench.__main__ import main as bench_main
+
+        rest = argv[1:]
+        return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

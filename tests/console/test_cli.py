@@ -435,3 +435,20 @@ def test_every_command_has_help():
     assert "--no-console" in run(None, "up", "--help")[1]
     rc, _, err = run(None, "status", "--bogus")
     assert rc == 2 and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["bench", "--help"], ["bench", "--", "--help"]])
+def test_bench_passes_every_argument_on(argv, capsys):
+    """`raftdeck bench ARGS` is `python -m bench ARGS`, options first included (argparse's
+    REMAINDER alone refused `raftdeck bench --quick`)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m bench")
+
+
+def test_bench_reports_a_bad_argument_as_the_benchmark_does(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--quick", "--no-such-flag"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
