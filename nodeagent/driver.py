@@ -436,9 +436,9 @@ class Driver:
 
     async def _sync(self) -> None:
         if self._sync_is_fast():
-            # Let what this Ready queued for writer tasks (the leader's appends over TLS)
-            # leave first, then block on the disk. Written at once (plain TCP), they
-            # already left: no scheduling pass for nothing.
+            # Let what this Ready left to writer tasks (appends under fault rules, or
+            # behind a full socket) leave first, then block on the disk. Written at once
+            # (the usual case, plain TCP or TLS), they already left: no scheduling pass.
             if self._sends_waiting:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             self._sync_here()

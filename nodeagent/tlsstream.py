@@ -86,8 +86,8 @@ class TLSStream(trio.abc.Stream):
                 except ssl.SSLError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
             while self._pending:
-                chunk = bytes(self._pending)
-                self._pending.clear()
+                # Take the queue whole (no copy); what joins meanwhile goes out next.
+                chunk, self._pending = self._pending, bytearray()
                 await self.transport_stream.send_all(chunk)
         finally:
             self._sending = False
