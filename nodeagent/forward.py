@@ -72,17 +72,21 @@ class Forwarder:
             host, port = self.agent.addresses[leader]
             with trio.fail_after(self.timeout):
                 stream = await trio.open_tcp_stream(host, port)
-                stream = await self.agent.wrap_client_stream(stream, host)
-                await stream.send_all(encode({
-                    "type": "hello", "role": "client", "cluster": self.agent.cluster_name,
-                    "version": PROTOCOL_VERSION, "client_id": f"forward-{self.agent.node_id}"}))
-                link = _Link(leader, stream)
-                while True:
-                    msg = link.decoder.next_message()
-                    if msg is NEED_DATA:
-                        link.decoder.receive_data(await stream.receive_some(65536))
-                        continue
-                    break
+                try:
+                    stream = await self.agent.wrap_client_stream(stream, host)
+                    await stream.send_all(encode({
+                        "type": "hello", "role": "client", "cluster": self.agent.cluster_name,
+                        "version": PROTOCOL_VERSION, "client_id": f"forward-{self.agent.node_id}"}))
+                    link = _Link(leader, stream)
+                    while True:
+                        msg = link.decoder.next_message()
+                        if msg is NEED_DATA:
+                            link.decoder.receive_data(await stream.receive_some(65536))
+                            continue
+                        break
+                except BaseException:  # a failed handshake or hello: do not leak the socket
+                    await trio.aclose_forcefully(stream)
+                    raise
             if msg is CLOSED or msg["type"] != "hello_ok":
                 await trio.aclose_forcefully(stream)
                 raise RequestFailed("not_leader", f"the leader {leader} refused the relay", leader)

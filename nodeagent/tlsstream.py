@@ -33,7 +33,6 @@ class TLSStream(trio.abc.Stream):
     def __init__(self, transport_stream: trio.SocketStream, context: ssl.SSLContext, *,
                  server_side: bool = False, server_hostname: str | None = None):
         self.transport_stream = transport_stream
-        self._fd = transport_stream.socket.fileno()
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
@@ -41,6 +40,7 @@ class TLSStream(trio.abc.Stream):
         self._pending = bytearray()  # ciphertext not yet taken by the socket, in order
         self._sending = False
         self._receiving = False
+        self._closed = False
 
     # -- the handshake and what it established -----------------------------------------
 
@@ -70,8 +70,8 @@ class TLSStream(trio.abc.Stream):
     def write_now(self, data: bytes) -> bool:
         """Encrypt ``data`` and write what the socket takes without waiting. True when
         nothing is left; else the rest waits for the next ``send_all`` (``b""`` will do),
-        which the caller must arrange. Raises ``OSError`` for a broken socket and
-        ``ssl.SSLError`` if TLS has failed."""
+        which the caller must arrange. Raises ``OSError`` for a broken or closed socket
+        and ``ssl.SSLError`` if TLS has failed."""
         self._encrypt(data)
         return self._flush_nowait()
 
@@ -110,8 +110,12 @@ class TLSStream(trio.abc.Stream):
         if self._sending:
             return False  # send_all is writing: it sends what joined the queue before returning
         if self._pending:
+            # The descriptor is looked up on every write, never kept: once the socket is
+            # closed, fileno() is -1 and the write fails (EBADF). A number kept from before
+            # would by then name whatever the process opened next (a pipe of a task being
+            # spawned, a log segment) and the ciphertext would go there.
             try:
-                n = os.write(self._fd, self._pending)
+                n = os.write(self.transport_stream.socket.fileno(), self._pending)
             except BlockingIOError:
                 n = 0
             del self._pending[:n]
@@ -167,9 +171,10 @@ class TLSStream(trio.abc.Stream):
     # -- closing ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Send close_notify if the socket takes it now, then close the socket."""
+        """Send close_notify if the socket takes it now, then close the socket. A second
+        call only closes (again, harmlessly)."""
         try:
-            if not self._sending:
+            if not self._sending and not self._closed:
                 try:
                     self._obj.unwrap()
                 except (ssl.SSLError, ValueError):
@@ -179,4 +184,5 @@ class TLSStream(trio.abc.Stream):
         except OSError:
             pass
         finally:
+            self._closed = True
             await self.transport_stream.aclose()

@@ -388,10 +388,12 @@ class _Link:
         self.attempt_scope: trio.CancelScope | None = None  # one connection; cancelled on re-address
         self.connected = False
         # While connected, what send_batch writes to directly when the writer is not
-        # writing (``busy``): the socket's descriptor (plain TCP) or the TLSStream.
+        # writing (``busy``): the socket (plain TCP; its descriptor is looked up per write,
+        # so a write after a close fails instead of reaching a reused number) or the
+        # TLSStream.
         # ``partial`` is what a plain write left over, which the writer sends first;
         # ``flush``: a TLS write left ciphertext in the stream for the writer to send.
-        self.direct_fd: int | None = None
+        self.direct_sock: trio.socket.SocketType | None = None
         self.direct_tls: TLSStream | None = None
         self.busy = False
         self.partial = b""
@@ -575,7 +577,7 @@ class Transport:
                 touched.append(link)
         done = True
         for link in touched:
-            if ((link.direct_fd is not None or link.direct_tls is not None) and not link.busy
+            if ((link.direct_sock is not None or link.direct_tls is not None) and not link.busy
                     and not link.partial and not link.flush and not self._faults):
                 done = self._write_now(link) and done
             else:
@@ -630,7 +632,7 @@ class Transport:
         if link.direct_tls is not None:
             return self._write_now_tls(link, link.direct_tls, frames, data)
         try:
-            n = os.write(link.direct_fd, data)
+            n = os.write(link.direct_sock.fileno(), data)
         except BlockingIOError:
             n = 0
         except OSError:
@@ -790,7 +792,7 @@ class Transport:
         started = self._clock()
         link.connected = True
         if type(stream) is trio.SocketStream:
-            link.direct_fd = stream.socket.fileno()
+            link.direct_sock = stream.socket
         elif type(stream) is TLSStream:
             link.direct_tls = stream
         link.counts["connects"] += 1
@@ -802,7 +804,7 @@ class Transport:
             failure = await self._session(link, stream, decoder)
         finally:
             link.connected = False
-            link.direct_fd = None  # before the close: the descriptor may be reused
+            link.direct_sock = None
             link.direct_tls = None
             link.partial = b""  # the rest of a frame belongs to this connection only
             link.flush = False

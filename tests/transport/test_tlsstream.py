@@ -1,6 +1,7 @@
 """TLSStream against trio's own SSLStream on real sockets, with the cluster's certificates:
 the handshake, both directions, a write that does not wait, a full socket, and failures."""
 
+import os
 import ssl
 
 import pytest
@@ -179,6 +180,52 @@ def test_a_refused_handshake_raises_broken_resource_with_the_tls_cause(contexts,
         assert mine and isinstance(mine[0].__cause__, ssl.SSLError), errors
         assert "certificate" in str(mine[0]).lower()
         await ours.aclose()
+        await theirs.aclose()
+
+    with_deadline(main)
+
+
+def test_a_write_after_the_close_fails_and_touches_no_reused_descriptor(contexts, tmp_path):
+    """A server answers a request on a connection that has already closed. The close
+    came while a send_all waited on a full socket, so it sent no close_notify and TLS
+    still encrypts. write_now must then fail (OSError) and not write the ciphertext to
+    whatever now holds the socket's old descriptor number. With the number kept from
+    before the close, a reply once went into the pipe of a task being spawned and hung
+    the spawn (CI on session 7's head)."""
+    async def main():
+        ours, theirs = await pair(*contexts)
+        old = ours.transport_stream.socket.fileno()
+        failed = []
+
+        async def stuck_send():
+            try:
+                await ours.send_all(b"x" * (16 * MB))  # the peer does not read
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                failed.append(e)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(stuck_send)
+            while not ours._sending:
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)
+            await ours.aclose()  # from another task, mid-send
+        assert failed, "the send did not fail when its socket closed"
+        # Take the freed number (the lowest free one goes first) with a plain file.
+        files = []
+        while True:
+            fd = os.open(tmp_path / f"f{len(files)}", os.O_WRONLY | os.O_CREAT)
+            files.append(fd)
+            if fd >= old:
+                break
+        try:
+            assert fd == old, f"the socket's number {old} was not reused (got {fd})"
+            with pytest.raises(OSError):
+                ours.write_now(b"late reply" * 100)
+            await ours.aclose()  # a second close writes nothing either
+            assert os.fstat(fd).st_size == 0, "ciphertext went to the reused descriptor"
+        finally:
+            for f in files:
+                os.close(f)
         await theirs.aclose()
 
     with_deadline(main)
