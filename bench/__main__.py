@@ -350,8 +350,9 @@ async def soak(tmp: Path, seconds: float, writers: int, keys: int | None = None)
 
 
 def agent_events(rd: Raftdeck) -> dict:
-    """From the agents' JSON logs: each snapshot's duration (the driver is blocked while it
-    serializes the state) and each role change, to line elections up with their causes."""
+    """From the agents' JSON logs: each snapshot's duration (``ms``: how long it held the
+    driver up, split into ``capture_ms`` and ``adopt_ms``) and each role change, to line
+    elections up with their causes."""
     out = {}
     for n in rd.names:
         snaps, roles = [], []
@@ -366,7 +367,8 @@ def agent_events(rd: Raftdeck) -> dict:
                 continue
             if ev.get("msg") == "snapshot":
                 snaps.append({"ts": ev.get("ts"), "index": ev.get("index"),
-                              "bytes": ev.get("bytes"), "ms": ev.get("ms")})
+                              "bytes": ev.get("bytes"), "ms": ev.get("ms"),
+                              "capture_ms": ev.get("capture_ms"), "adopt_ms": ev.get("adopt_ms")})
             elif ev.get("msg") == "role change":
                 roles.append({"ts": ev.get("ts"), "role": ev.get("role"),
                               "term": ev.get("term"), "leader": ev.get("leader")})
