@@ -528,6 +528,12 @@ class Driver:
             return
         self._snap_done = (snap, written, t0, loop_s)
 
+    async def _delete_purged(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.storage.delete_purged)
+        except OSError as exc:  # a directory fsync failed: the files are gone, or left
+            log.warning("old log files not deleted", extra={"error": repr(exc)})
+
     def _finish_snapshot(self) -> None:
         snap, written, t0, loop_s = self._snap_done
         self._snap_done = None
@@ -549,7 +555,10 @@ class Driver:
             log.info("snapshot dropped", extra={"index": index, "snapshot_index": self.node.log.snapshot_index()})
             return
         assert adopted.meta == snap.meta, (adopted.meta, snap.meta)
-        self.storage.finish_compact(adopted)
+        # The old files go in a worker thread: unlinking a snapshot file of 100 MB and
+        # fsyncing the directories took 20-80 ms here at 750k keys.
+        self.storage.finish_compact(adopted, delete=False)
+        self._nursery.start_soon(self._delete_purged)
         size = len(snap.data)
         del snap  # the serialized bytes: the core holds the file now
         release_free_memory()

@@ -27,9 +27,13 @@ term, voters, learners, [[node, priority], ...], data]``. Both are replaced atom
 A snapshot the application made is stored by ``compact()``, or in two halves so that the
 slow one can run in a worker thread while the driver goes on: ``write_snapshot_file()``
 (temp file ``*.bg.tmp``, fsync, rename, directory fsync; no lock held, nothing else
-changed) then ``finish_compact()`` (under the lock: the log's new base, and the purge of
-old snapshot files and WAL segments). A crash between the two recovers from the new file
-and the WAL after it, which is still whole.
+changed) then ``finish_compact()`` (under the lock: the log's new base; old snapshot files
+and WAL segments are dropped from it). A crash between the two recovers from the new file
+and the WAL after it, which is still whole. ``finish_compact(delete=False)`` leaves the
+dropped files for ``delete_purged()``, which unlinks them outside the lock, in a worker
+thread (unlinking a 100 MB snapshot file and fsyncing its directory held a driver up for
+20-80 ms). A crash before that leaves them behind: recovery reads the newest snapshot
+and skips the WAL below it, and the next compaction deletes them.
 
 Recovery (``open``): the newest readable snapshot (an unreadable one is skipped with a
 warning), then every WAL record in order. A torn tail (the last record of the last segment
@@ -437,6 +441,7 @@ class DiskStorage:
         self._durable_hs = HardState()
         self._pending_hs: HardState | None = None
         self._snapshots: list[tuple[int, int]] = []  # (index, term) of snapshot files, oldest first
+        self._purged: list[str] = []  # files dropped from the above, not yet unlinked
 
         self._syncs = 0
         self._group_fsyncs = 0
@@ -529,6 +534,7 @@ class DiskStorage:
                         self._terms = array("Q")
                     self._base_index, self._base_term = s, st
                     self._purge_snapshots()
+                    self._delete_purged_locked()
                 if entries:
                     first = entries[0].index
                     if first <= self._last_index():
@@ -647,11 +653,13 @@ class DiskStorage:
                 raise
             return True
 
-    def finish_compact(self, snapshot: Snapshot) -> bool:
+    def finish_compact(self, snapshot: Snapshot, *, delete: bool = True) -> bool:
         """The cheap half of :meth:`compact`, after :meth:`write_snapshot_file`: make the
-        written snapshot the base of the log and delete the segments and snapshot files
-        nobody needs any more. Returns False if the storage has moved past the snapshot
-        meanwhile (one from the leader was installed): its file is then deleted."""
+        written snapshot the base of the log and drop the segments and snapshot files
+        nobody needs any more: deleted here, or with ``delete=False`` left for
+        :meth:`delete_purged` (in a worker thread). Returns False if the storage has
+        moved past the snapshot meanwhile (one from the leader was installed): its file
+        is then deleted."""
         with self._lock:
             self._check_usable()
             m = snapshot.meta
@@ -673,10 +681,46 @@ class DiskStorage:
                 self._base_index, self._base_term = s, st
                 self._purge_snapshots()
                 self._purge_segments()
+                if delete:
+                    self._delete_purged_locked()
             except BaseException as exc:
                 self._fail(exc)
                 raise
             return True
+
+    def delete_purged(self) -> int:
+        """Unlink the files :meth:`finish_compact` dropped with ``delete=False``, then
+        fsync their directories; the lock is held only to take the list, so the WAL's
+        writes and syncs go on meanwhile. Safe in a worker thread. A file that will not
+        go is logged and left (it only takes space). Returns how many were deleted."""
+        with self._lock:
+            purged, self._purged = self._purged, []
+        return self._unlink_all(purged, strict=False)
+
+    def _delete_purged_locked(self) -> None:
+        purged, self._purged = self._purged, []
+        self._unlink_all(purged, strict=True)
+
+    def _unlink_all(self, paths: list[str], *, strict: bool) -> int:
+        deleted = 0
+        dirs: list[str] = []
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if strict:
+                    raise
+                log.warning("old log file not deleted", extra={"path": path, "error": repr(exc)})
+                continue
+            deleted += 1
+            d = os.path.dirname(path)
+            if d not in dirs:
+                dirs.append(d)
+        for d in dirs:
+            self._fsync_dir(d)
+        return deleted
 
     def discard_snapshot_file(self, snapshot: Snapshot) -> None:
         """Delete the file :meth:`write_snapshot_file` wrote for a snapshot that was
@@ -875,28 +919,18 @@ class DiskStorage:
             self._snapshots.sort()
 
     def _purge_snapshots(self) -> None:
-        removed = False
+        """Drop the snapshot files past the two kept (unlinked by ``_delete_purged_locked``
+        or ``delete_purged``)."""
         while len(self._snapshots) > _KEEP_SNAPSHOTS:
             index, term = self._snapshots.pop(0)
-            try:
-                os.unlink(self._snap_path(index, term))
-            except FileNotFoundError:
-                pass
-            removed = True
-        if removed:
-            self._fsync_dir(self._snap_dir)
+            self._purged.append(self._snap_path(index, term))
 
     def _purge_segments(self) -> None:
         # Keep the WAL back to the oldest snapshot we keep. Delete only a prefix: a later
         # segment's truncation markers refer to entries of earlier ones.
         keep_from = self._snapshots[0][0] if self._snapshots else 0
-        removed = False
         while len(self._segments) > 1 and self._segments[0].max_index <= keep_from:
-            seg = self._segments.pop(0)
-            os.unlink(seg.path)
-            removed = True
-        if removed:
-            self._fsync_dir(self._wal_dir)
+            self._purged.append(self._segments.pop(0).path)
 
     # -- internals: WAL writing ---------------------------------------------------------
 

@@ -85,8 +85,11 @@ class TimedStorage:
     def write_snapshot_file(self, snapshot) -> bool:
         return self._s.write_snapshot_file(snapshot)
 
-    def finish_compact(self, snapshot) -> bool:
-        return self._s.finish_compact(snapshot)
+    def finish_compact(self, snapshot, *, delete: bool = True) -> bool:
+        return self._s.finish_compact(snapshot, delete=delete)
+
+    def delete_purged(self) -> int:
+        return self._s.delete_purged()
 
     def discard_snapshot_file(self, snapshot) -> None:
         self._s.discard_snapshot_file(snapshot)

@@ -801,6 +801,78 @@ def test_a_crash_between_the_snapshot_write_and_finish_recovers_from_it(tmp_path
     assert snapshots(d) == ["snap-00000000000000000050-1.snap", "snap-00000000000000000100-1.snap"]
 
 
+def test_finish_compact_can_leave_the_deleting_to_delete_purged(tmp_path):
+    """finish_compact(delete=False) moves the base and drops the old files from the
+    storage's lists at once, but unlinks nothing; delete_purged() (a worker thread's
+    job in the agent) then deletes exactly what compact() would have."""
+    dirs = {}
+    for how in ("compact", "deferred"):
+        d = dirs[how] = tmp_path / how
+        s = DiskStorage.open(d, segment_bytes=400)
+        s.save(HardState(1, "a", 200), ents(1, 200, 1), None)
+        s.sync()
+        for i in (100, 150, 190):
+            if how == "compact":
+                s.compact(snap(i, 1))
+                continue
+            files = (snapshots(d), segments(d))
+            assert s.write_snapshot_file(snap(i, 1))
+            assert s.finish_compact(snap(i, 1), delete=False)
+            assert s.stats()["snapshot_index"] == i
+            assert set(files[0]) <= set(snapshots(d)) and segments(d) == files[1]  # all still there
+            s.delete_purged()
+            assert s.delete_purged() == 0  # nothing twice
+        s.save(None, ents(201, 205, 1), None)
+        s.sync()
+        s.close()
+    assert snapshots(dirs["deferred"]) == snapshots(dirs["compact"])
+    assert [os.path.basename(p) for p in segments(dirs["deferred"])] == [
+        os.path.basename(p) for p in segments(dirs["compact"])]
+    assert len(snapshots(dirs["compact"])) == 2  # the test deletes something
+    rec = reopen(dirs["deferred"], segment_bytes=400)
+    assert rec.snapshot == snap(190, 1) and rec.entries == tuple(ents(191, 205, 1))
+
+
+def test_a_crash_before_delete_purged_recovers_and_the_next_compaction_deletes(tmp_path):
+    """The agent dies after finish_compact(delete=False) and before the worker thread
+    unlinked anything: the old snapshot and segments are still on disk. Recovery starts
+    at the newest snapshot, and the next compaction deletes the leftovers."""
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d, segment_bytes=400)
+    s.save(HardState(1, "a", 200), ents(1, 200, 1), None)
+    s.sync()
+    for i in (100, 150):
+        s.compact(snap(i, 1))
+    kept_segments = segments(d)
+    twin = tmp_path / "twin"  # the same history without the crash
+    shutil.copytree(d, twin)
+    assert s.write_snapshot_file(snap(190, 1))
+    assert s.finish_compact(snap(190, 1), delete=False)
+    crashed = tmp_path / "crashed"  # no delete_purged, no close
+    shutil.copytree(d, crashed)
+    s.close()
+    assert len(snapshots(crashed)) == 3 and segments(crashed) == [
+        p.replace(str(d), str(crashed)) for p in kept_segments]
+    s = DiskStorage.open(crashed, segment_bytes=400)
+    rec = s.recovered()
+    assert rec.snapshot == snap(190, 1) and rec.entries == tuple(ents(191, 200, 1))
+    s.save(None, ents(201, 260, 1), None)
+    s.sync()
+    s.compact(snap(250, 1))  # keeps 190 and 250; everything older goes
+    assert snapshots(crashed) == ["snap-00000000000000000190-1.snap",
+                                  "snap-00000000000000000250-1.snap"]
+    s.close()
+    rec = reopen(crashed, segment_bytes=400)
+    assert rec.snapshot == snap(250, 1) and rec.entries == tuple(ents(251, 260, 1))
+    with DiskStorage.open(twin, segment_bytes=400) as t:
+        t.compact(snap(190, 1))
+        t.save(None, ents(201, 260, 1), None)
+        t.sync()
+        t.compact(snap(250, 1))
+    assert [os.path.basename(p) for p in segments(crashed)] == [
+        os.path.basename(p) for p in segments(twin)]
+
+
 def test_a_background_snapshot_overtaken_by_the_leaders_is_dropped(tmp_path):
     """While our snapshot at 100 was written, a snapshot from the leader at 300 (another
     history) replaced the log: finish_compact refuses ours and deletes its file."""
