@@ -757,9 +757,11 @@ def test_a_crash_keeps_term_and_vote_and_an_older_commit(tmp_path):
 
 def test_background_snapshot_write_then_finish_is_compact(tmp_path):
     """write_snapshot_file (in a worker thread) + finish_compact (under the lock) leave the
-    same directory as compact(): the snapshot, the WAL after the older kept snapshot."""
+    same directory as compact(): the snapshot, the WAL after the older kept snapshot.
+    With delete=False, finish_compact moves the base at once but unlinks nothing, and
+    delete_purged() (a worker thread's job in the agent) then deletes the same files."""
     dirs = {}
-    for how in ("compact", "split"):
+    for how in ("compact", "split", "deferred"):
         d = dirs[how] = tmp_path / how
         s = DiskStorage.open(d, segment_bytes=400)
         s.save(HardState(1, "a", 200), ents(1, 200, 1), None)
@@ -767,17 +769,27 @@ def test_background_snapshot_write_then_finish_is_compact(tmp_path):
         for i in (100, 150, 190):
             if how == "compact":
                 s.compact(snap(i, 1))
-            else:
-                base = s.stats()["snapshot_index"]
-                assert s.write_snapshot_file(snap(i, 1))
-                assert s.stats()["snapshot_index"] == base  # nothing moved yet
-                assert s.finish_compact(snap(i, 1))
+                continue
+            base = s.stats()["snapshot_index"]
+            files = (snapshots(d), segments(d))
+            assert s.write_snapshot_file(snap(i, 1))
+            assert s.stats()["snapshot_index"] == base  # nothing moved yet
+            assert s.finish_compact(snap(i, 1), delete=how == "split")
+            assert s.stats()["snapshot_index"] == i
+            if how == "deferred":
+                assert set(files[0]) <= set(snapshots(d)) and segments(d) == files[1]  # all there
+                s.delete_purged()
+                assert s.delete_purged() == 0  # nothing twice
+        s.save(None, ents(201, 205, 1), None)
+        s.sync()
         s.close()
-    assert snapshots(dirs["compact"]) == snapshots(dirs["split"])
-    assert [os.path.basename(p) for p in segments(dirs["compact"])] == [
-        os.path.basename(p) for p in segments(dirs["split"])]
-    rec = reopen(dirs["split"], segment_bytes=400)
-    assert rec.snapshot == snap(190, 1) and rec.entries == tuple(ents(191, 200, 1))
+    assert len(snapshots(dirs["compact"])) == 2  # compaction deleted something
+    for how in ("split", "deferred"):
+        assert snapshots(dirs[how]) == snapshots(dirs["compact"]), how
+        assert [os.path.basename(p) for p in segments(dirs[how])] == [
+            os.path.basename(p) for p in segments(dirs["compact"])], how
+        rec = reopen(dirs[how], segment_bytes=400)
+        assert rec.snapshot == snap(190, 1) and rec.entries == tuple(ents(191, 205, 1))
 
 
 def test_a_crash_between_the_snapshot_write_and_finish_recovers_from_it(tmp_path):
@@ -799,38 +811,6 @@ def test_a_crash_between_the_snapshot_write_and_finish_recovers_from_it(tmp_path
     assert rec.snapshot == snap(100, 1)
     assert rec.entries == tuple(ents(101, 130, 1))
     assert snapshots(d) == ["snap-00000000000000000050-1.snap", "snap-00000000000000000100-1.snap"]
-
-
-def test_finish_compact_can_leave_the_deleting_to_delete_purged(tmp_path):
-    """finish_compact(delete=False) moves the base and drops the old files from the
-    storage's lists at once, but unlinks nothing; delete_purged() (a worker thread's
-    job in the agent) then deletes exactly what compact() would have."""
-    dirs = {}
-    for how in ("compact", "deferred"):
-        d = dirs[how] = tmp_path / how
-        s = DiskStorage.open(d, segment_bytes=400)
-        s.save(HardState(1, "a", 200), ents(1, 200, 1), None)
-        s.sync()
-        for i in (100, 150, 190):
-            if how == "compact":
-                s.compact(snap(i, 1))
-                continue
-            files = (snapshots(d), segments(d))
-            assert s.write_snapshot_file(snap(i, 1))
-            assert s.finish_compact(snap(i, 1), delete=False)
-            assert s.stats()["snapshot_index"] == i
-            assert set(files[0]) <= set(snapshots(d)) and segments(d) == files[1]  # all still there
-            s.delete_purged()
-            assert s.delete_purged() == 0  # nothing twice
-        s.save(None, ents(201, 205, 1), None)
-        s.sync()
-        s.close()
-    assert snapshots(dirs["deferred"]) == snapshots(dirs["compact"])
-    assert [os.path.basename(p) for p in segments(dirs["deferred"])] == [
-        os.path.basename(p) for p in segments(dirs["compact"])]
-    assert len(snapshots(dirs["compact"])) == 2  # the test deletes something
-    rec = reopen(dirs["deferred"], segment_bytes=400)
-    assert rec.snapshot == snap(190, 1) and rec.entries == tuple(ents(191, 205, 1))
 
 
 def test_a_crash_before_delete_purged_recovers_and_the_next_compaction_deletes(tmp_path):
