@@ -84,12 +84,12 @@ class Forwarder:
                             link.decoder.receive_data(await stream.receive_some(65536))
                             continue
                         break
-                except BaseException:  # a failed handshake or hello: do not leak the socket
+                    if msg is CLOSED or msg["type"] != "hello_ok":
+                        raise RequestFailed("not_leader", f"the leader {leader} refused the relay",
+                                            leader)
+                except BaseException:  # a failed handshake or a refused hello: close the socket
                     await trio.aclose_forcefully(stream)
                     raise
-            if msg is CLOSED or msg["type"] != "hello_ok":
-                await trio.aclose_forcefully(stream)
-                raise RequestFailed("not_leader", f"the leader {leader} refused the relay", leader)
             self._link = link
             self.nursery.start_soon(link.read_loop)
             return link
