@@ -222,6 +222,9 @@ def _canon(obj: Any) -> Any:
     return obj
 
 
+_packb = msgpack.packb
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(_canon(obj), use_bin_type=True)
 
@@ -259,6 +262,13 @@ def _item_hash(item: Any) -> int:
     return int.from_bytes(hashlib.sha256(_pack(item)).digest(), "big")
 
 
+def _canonical_item_hash(item: list) -> int:
+    """``_item_hash`` of an item already in canonical form (atoms, and maps built with
+    sorted keys), without ``_canon``'s walk: the two writes of every put (its pair and
+    its session) hash this way. tests/state: incremental digest == full digest."""
+    return int.from_bytes(hashlib.sha256(_packb(item, use_bin_type=True)).digest(), "big")
+
+
 class _Accumulator:
     """A multiset hash: the sum of the items' hashes modulo 2**256."""
 
@@ -270,6 +280,10 @@ class _Accumulator:
     def add(self, item: Any) -> int:
         """Add ``item``; returns its hash (for ``remove_hash`` later)."""
         h = _item_hash(item)
+        self.value = (self.value + h) % _MOD
+        return h
+
+    def add_hash(self, h: int) -> int:
         self.value = (self.value + h) % _MOD
         return h
 
@@ -508,6 +522,8 @@ class OpSpec:
     handler: Handler
     required: Mapping[str, Check]
     optional: Mapping[str, Check]
+    allowed: frozenset = frozenset()  # every key a command of this op may carry
+    checks: tuple = ()  # (field, check, required), required fields first
 
 
 OPS: dict[str, OpSpec] = {}
@@ -520,8 +536,11 @@ def _op(name: str, optional: Mapping[str, Check] | None = None, **required: Chec
         assert name not in OPS, name
         assert not set(required) & set(optional or ()), name
         assert not {"op", *_SESSION_FIELDS} & {*required, *(optional or ())}, name
+        opt = dict(optional or {})
         OPS[name] = OpSpec(
-            name, handler, MappingProxyType(dict(required)), MappingProxyType(dict(optional or {}))
+            name, handler, MappingProxyType(dict(required)), MappingProxyType(opt),
+            frozenset({"op", *_SESSION_FIELDS, *required, *opt}),
+            (*((f, c, True) for f, c in required.items()), *((f, c, False) for f, c in opt.items())),
         )
         return handler
 
@@ -548,13 +567,13 @@ def _validate(obj: Any) -> Command:
         except CommandError as e:
             which = "client" if client is None else "seq"
             raise CommandError(f"{op}.{which}: {e}") from None
-    extra = set(obj) - {"op", *_SESSION_FIELDS, *spec.required, *spec.optional}
-    if extra:
+    if not spec.allowed.issuperset(obj):
+        extra = set(obj) - spec.allowed
         raise CommandError(f"{op}: unknown field(s) {', '.join(sorted(map(repr, extra)))}"[:200])
     args: dict[str, Any] = {}
-    for name, check in (*spec.required.items(), *spec.optional.items()):
+    for name, check, required in spec.checks:
         if name not in obj:
-            if name in spec.required:
+            if required:
                 raise CommandError(f"{op}: missing field {name!r}")
             continue
         try:
@@ -607,9 +626,12 @@ class ApplyResult:
     effects: tuple = ()
 
     def to_wire(self) -> dict[str, Any]:
-        """Plain data, as cached in sessions (effects are dropped)."""
+        """Plain data, as cached in sessions (effects are dropped); canonical."""
+        value, prev = self.value, self.prev
+        if type(value) in _ATOMS and type(prev) in _ATOMS:  # every KV result: keys in order
+            return {"detail": self.detail, "error": self.error, "ok": self.ok, "prev": prev, "value": value}
         return _canon(
-            {"ok": self.ok, "value": self.value, "prev": self.prev, "error": self.error, "detail": self.detail}
+            {"ok": self.ok, "value": value, "prev": prev, "error": self.error, "detail": self.detail}
         )
 
     @classmethod
@@ -905,22 +927,23 @@ class StateMachine:
             vs.remove_from(self._acc, victim)
         new = _Sess(seq, index, result.to_wire())
         self._sessions[client] = new
-        new.hash = self._acc.add(new.item(client))
+        new.hash = self._acc.add_hash(_canonical_item_hash(new.item(client)))  # to_wire is canonical
 
     # -- mutations (the only code that touches the sections; each keeps the digest) -----
 
     def _kv_set(self, key: str, value: bytes) -> bytes | None:
+        # A pair is canonical as it is (str, bytes): hashed without _canon's walk.
         prev = self._kv.get(key)
         if prev is not None:
-            self._acc.remove(["kv", key, prev])
+            self._acc.remove_hash(_canonical_item_hash(["kv", key, prev]))
         self._kv[key] = value
-        self._acc.add(["kv", key, value])
+        self._acc.add_hash(_canonical_item_hash(["kv", key, value]))
         return prev
 
     def _kv_delete(self, key: str) -> bytes | None:
         prev = self._kv.pop(key, None)
         if prev is not None:
-            self._acc.remove(["kv", key, prev])
+            self._acc.remove_hash(_canonical_item_hash(["kv", key, prev]))
         return prev
 
     def _task_set(self, task_id: str, record: Any) -> None:

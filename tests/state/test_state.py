@@ -514,8 +514,25 @@ def test_planted_bug_digest_ignoring_deletes_is_caught(monkeypatch):
     """Plant the bug (removing an item from the digest does nothing) and show that the
     checks above fail, i.e. they would catch it."""
     monkeypatch.setattr(state_mod._Accumulator, "remove", lambda self, item: None)
+    monkeypatch.setattr(state_mod._Accumulator, "remove_hash", lambda self, h: None)
     assert not digest_sees_deletes()
     assert not digest_is_consistent_after_deletes()
+
+
+def test_planted_bug_non_canonical_session_result_is_caught(monkeypatch):
+    """A put's session and pair are hashed as they are, without ``_canon``: that holds
+    only while what they hold is canonical. Plant a result whose keys come out of order
+    and the incremental digest no longer equals the one recomputed from scratch."""
+    sm, _ = run([put("k1", b"v1", client="c", seq=1), put("k1", b"v2", client="c", seq=2)])
+    assert sm.digest() == sm.digest_full()
+
+    def unsorted(self):
+        return {"value": self.value, "prev": self.prev, "ok": self.ok, "error": self.error,
+                "detail": self.detail}
+
+    monkeypatch.setattr(state_mod.ApplyResult, "to_wire", unsorted)
+    sm, _ = run([put("k1", b"v1", client="c", seq=1), put("k1", b"v2", client="c", seq=2)])
+    assert sm.digest() != sm.digest_full()
 
 
 def test_digest_is_incremental(monkeypatch):
