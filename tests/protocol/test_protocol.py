@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from nodeagent import protocol as p
@@ -325,6 +325,30 @@ def test_encode_validates():
         encode({"type": "reply", "id": 1, "ok": True, "result": 10**30})
     with pytest.raises(ProtocolError, match="frame_too_large"):
         encode({**PUT, "value": b"x" * 100}, max_frame=64)
+
+
+@given(st.dictionaries(st.text(max_size=5), st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**64), max_value=2**65), st.floats(allow_nan=False),
+    st.binary(max_size=8), st.text(max_size=5), st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.integers(), st.integers(), max_size=1)), max_size=4),
+    st.integers(min_value=-1, max_value=2**64))
+@example({}, -1)
+@example({}, 2**63)
+@example({"index": 2**64}, 1)
+@example({"x": [1]}, 1)
+@example({"x": {1: 2}}, 1)
+def test_a_write_reply_encodes_as_the_schema_says(result, rid):
+    """An ok reply with a flat result skips the schema walk (``_plain_ok_reply``): it
+    must accept exactly what the walk accepts, and decode to the same message."""
+    msg = {"type": "reply", "id": rid, "ok": True, "result": result}
+    try:
+        expected = p._validate(msg, encoding=True)
+        body = msgpack.packb(expected, use_bin_type=True)
+    except (ProtocolError, ValueError, TypeError, OverflowError):
+        with pytest.raises(ProtocolError):
+            encode(msg)
+        return
+    assert decode_all(encode(msg)) == decode_all(p._HEADER.pack(len(body)) + body)
 
 
 def test_encode_accepts_bytearray_and_tuples():
