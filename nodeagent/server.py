@@ -34,7 +34,7 @@ from .protocol import (CLOSED, MESSAGE_SCHEMAS, NEED_DATA, PROTOCOL_VERSION, Fra
                        ProtocolError, encode)
 from .security import (ANONYMOUS, NODE, ROLES, AuditLog, Identity, TLSError, TokenBucket,
                        check_request, effective_role, identity_from_cert, required_role)
-from .tlsstream import TLSStream
+from .tlsstream import TLSStream, receive_waiting_first
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -67,7 +67,10 @@ class Connection:
         while True:
             msg = self.decoder.next_message()
             if msg is NEED_DATA:
-                data = await self.stream.receive_some(READ_CHUNK)
+                if type(self.stream) is trio.SocketStream:
+                    data = await receive_waiting_first(self.stream, READ_CHUNK)
+                else:
+                    data = await self.stream.receive_some(READ_CHUNK)
                 self.decoder.receive_data(data)
                 if self.partial_since is None and self.decoder.buffered:
                     self.partial_since = trio.current_time()

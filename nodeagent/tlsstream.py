@@ -24,9 +24,30 @@ import ssl
 
 import trio
 
-__all__ = ["TLSStream"]
+__all__ = ["TLSStream", "receive_waiting_first"]
 
 _READ = 65536
+
+
+async def receive_waiting_first(stream: trio.SocketStream, max_bytes: int) -> bytes:
+    """``stream.receive_some`` for a connection whose peer has usually said all it had
+    to (a client waiting for its answer): wait for the socket to be readable, then read.
+    trio's receive tries the read first, and that read, failing with EAGAIN, costs a
+    syscall and a raised exception per request on the leader (issue 9). The number is
+    looked up on every call, never kept: a closed socket's is -1, and a close during
+    the wait wakes it with ClosedResourceError (trio's notify_closing)."""
+    sock = stream.socket
+    while True:
+        fd = sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the connection was closed")
+        await trio.lowlevel.wait_readable(fd)  # a close meanwhile raises here
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            continue  # woken without data after all: wait again
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
 
 
 class TLSStream(trio.abc.Stream):
@@ -160,7 +181,10 @@ class TLSStream(trio.abc.Stream):
             self._receiving = False
 
     async def _feed(self, eof_ok: bool = False) -> bool:
-        data = await self.transport_stream.receive_some(_READ)
+        if type(self.transport_stream) is trio.SocketStream:
+            data = await receive_waiting_first(self.transport_stream, _READ)
+        else:
+            data = await self.transport_stream.receive_some(_READ)
         if not data:
             if eof_ok:
                 return False
