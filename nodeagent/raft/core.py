@@ -200,6 +200,27 @@ class RaftNode:
         else:
             self._step_role(m)
 
+    def leader_lost(self, peer: NodeId) -> bool:
+        """The connection from ``peer`` ended (end of stream or reset): if ``peer`` is our
+        leader, its process is most likely gone (a crashed or killed process's sockets
+        are closed by its kernel at once). Give up the lease now, so other followers' pre-
+        votes are granted, and campaign within a tick or a few instead of a whole
+        randomized election timeout. Only timing changes: a leader that is in fact alive keeps its
+        term, since the other followers, still in its lease, refuse the pre-vote, and its
+        next heartbeat cancels the early campaign here. Returns whether it acted."""
+        if self.role is not Role.FOLLOWER or self.lead is None or self.lead != peer:
+            return False
+        et = self.cfg.election_tick
+        self.election_elapsed = max(self.election_elapsed, et)
+        # One tick apart in an order every follower agrees on (priority, then id), so
+        # they do not split the vote: the first usually wins before the next one's tick
+        # (an election takes milliseconds here, a tick 25 ms by default).
+        prio = self.conf.priority
+        order = sorted((v for v in self.conf.voters if v != peer), key=lambda v: (-prio(v), v))
+        rank = order.index(self.id) if self.id in order else len(order)
+        self.randomized_election_timeout = et + 1 + rank
+        return True
+
     def propose(self, data: bytes) -> int:
         """Append a command to the leader's log; returns its index. The entry is sent to
         followers with the next Ready, batched with every other proposal since the last."""

@@ -391,6 +391,12 @@ class Simulation:
         # next append or heartbeat (lazy, the agents' default). Half the seeds each; its own
         # stream too.
         self.eager_commit = random.Random(f"{seed}/eager-commit").random() < 0.5
+        # The agent tells a follower when the connection from its leader ends (a killed
+        # process's kernel closes it): RaftNode.leader_lost. Half the seeds: after a
+        # crash, each live peer hears of it after a network delay, and now and then a
+        # follower hears it of a leader that is alive (a link that broke). Its own stream.
+        self.rng_lost = random.Random(f"{seed}/leader-lost")
+        self.leader_lost_notices = self.rng_lost.random() < 0.5
         self.now = 0
         self.seq = 0
         self.events: list = []
@@ -412,7 +418,7 @@ class Simulation:
         self.proposed = 0
         self.stats = {"elections": 0, "crashes": 0, "pauses": 0, "partitions": 0,
                       "conf_changes": 0, "transfers": 0, "snapshots": 0, "snapshots_dropped": 0, "reads_ok": 0,
-                      "max_commit": 0, "liveness_ms": 0, "fsync_crashes": 0}
+                      "max_commit": 0, "liveness_ms": 0, "fsync_crashes": 0, "early_campaigns": 0}
 
         ids = [self._new_id() for _ in range(self.p.nodes)]
         prios = {n: (self.rng_nodes.choice([0, 1, 1, 2, 3]) if self.p.priorities else 1) for n in ids}
@@ -424,6 +430,8 @@ class Simulation:
             self._start(n, bootstrap=self.bootstrap)
             self._schedule(self.rng_nodes.randrange(TICK_MS), ("tick", n, 1))
         self._schedule_nemesis()
+        if self.leader_lost_notices:
+            self._schedule(self.rng_lost.randint(200, 800), ("spurious_lost",))
 
     # == plumbing ==========================================================================
 
@@ -494,6 +502,20 @@ class Simulation:
         sn.held = []
         self.stats["crashes"] += 1
         self._log(f"crash {n}")
+        if self.leader_lost_notices:
+            for other in self.nodes:
+                if other != n:
+                    d = self.rng_lost.randint(self.p.delay_min, self.p.delay_max)
+                    self._schedule(d, ("lost", n, other))
+
+    def _leader_lost(self, frm: str, to: str) -> None:
+        sn = self.nodes.get(to)
+        if sn is None or not sn.alive or sn.paused_until > self.now or (frm, to) in self.blocked:
+            return
+        if sn.raft.leader_lost(frm):
+            self.stats["early_campaigns"] += 1
+            self._log(f"{to} lost its leader {frm}'s connection")
+            self._after(to)
 
     def chain_at(self, index: int, term: int) -> bytes:
         if index == 0:
@@ -904,6 +926,17 @@ class Simulation:
                 self._log(f"restart {sn.id}")
                 self._start(sn.id, self._bootstrap_for(sn.id))
                 self._schedule(TICK_MS, ("tick", sn.id, sn.incarnation))
+            n = None
+        elif kind == "lost":
+            self._leader_lost(ev[1], ev[2])
+            n = None
+        elif kind == "spurious_lost":
+            self._schedule(self.rng_lost.randint(200, 800), ("spurious_lost",))
+            live = [s for s in self.live() if s.raft is not None and s.raft.lead is not None
+                    and s.raft.lead != s.id]
+            if live:
+                sn = self.rng_lost.choice(live)
+                self._leader_lost(sn.raft.lead, sn.id)
             n = None
         elif kind == "resume":
             sn = self.nodes[ev[1]]
