@@ -205,6 +205,7 @@ class Driver:
         self._parked = False
         self._failure: BaseException | None = None  # from a direct round, raised here
         self.direct_rounds = 0
+        self.early_campaigns = 0  # leader_lost notices that made this node campaign early
         self.dropped_inbox = 0
         self.messages_in = 0
         self.messages_out = 0
@@ -230,6 +231,16 @@ class Driver:
         except trio.WouldBlock:
             self.dropped_inbox += 1
             return False
+
+    def peer_lost(self, peer: str) -> None:
+        """The connection from ``peer`` ended (end of stream or reset; server.py). If it
+        was our leader, the core campaigns early (RaftNode.leader_lost). Queued like a
+        message, so it is handled in order with what that peer sent before."""
+        self._parked = False
+        try:
+            self._inbox_send.send_nowait(("lost", peer))
+        except trio.WouldBlock:
+            pass  # a full inbox: the election timeout still notices a dead leader
 
     def submit(self, kind: str, *args, on_done: Callable[[Pending], None] | None = None) -> Pending:
         """A client request for the driver; the returned Pending is answered by it
@@ -324,6 +335,12 @@ class Driver:
             return  # the loop ticks after handling the round's events
         if kind == "failed":
             raise self._failure
+        if kind == "lost":
+            if self.node.leader_lost(ev[1]):
+                self.early_campaigns += 1
+                log.info("the connection from the leader ended; campaigning early",
+                         extra={"leader": ev[1], "term": self.node.term})
+            return
         if kind == "raft":
             self.messages_in += 1
             m = ev[1]
@@ -719,6 +736,7 @@ class Driver:
             "fsync": {"inline": self.syncs_inline, "threaded": self.syncs_threaded,
                       "recent_ms": round(self.sync_ewma * 1000, 3)},
             "direct_rounds": self.direct_rounds,
+            "early_campaigns": self.early_campaigns,
             "pending_proposals": len(self._proposals),
             "pending_reads": len(self._reads_by_ctx) + len(self._reads_ready),
             "inbox_dropped": self.dropped_inbox,

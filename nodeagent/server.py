@@ -208,6 +208,7 @@ class Server:
         self.hello_timeout = hello_timeout
         self.request_timeout = request_timeout
         self.max_inflight = max_inflight
+        self._peer_conns: dict[str, Connection] = {}  # peer -> its newest connection
         self.ssl_context = ssl_context
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
@@ -368,23 +369,42 @@ class Server:
     # -- peers ------------------------------------------------------------------------------
 
     async def _peer_loop(self, conn: Connection, frm: str) -> None:
-        agent = self.agent
-        conn.decoder.max_frame = max(agent.max_frame, 64 << 20)  # snapshots travel whole
+        conn.decoder.max_frame = max(self.agent.max_frame, 64 << 20)  # snapshots travel whole
         # Latency and loss are applied by the sending agent's transport; the receiving
         # side enforces partitions only (so a fault sent to every agent does not compound).
-        while True:
-            msg = await conn.receive()
-            if msg is None:
-                return
-            if msg["type"] != "raft":
-                raise ProtocolError("bad_field", f"a peer connection carries raft frames, not {msg['type']}")
-            m = msg["msg"]
-            if m.frm != frm or m.to != agent.node_id:
-                raise ProtocolError("bad_field",
-                                    f"raft message from {m.frm} to {m.to} on the link of "
-                                    f"{frm} to {agent.node_id}")
-            if agent.transport.accept_incoming(frm):
-                agent.driver.deliver(m)
+        # The newest connection from a peer is its link; when that one ends (the peer's
+        # kernel closed it: a crashed or killed process), the driver hears of it.
+        self._peer_conns[frm] = conn
+        try:
+            while True:
+                try:
+                    msg = await conn.receive()
+                except trio.BrokenResourceError:
+                    self._peer_ended(conn, frm)
+                    raise
+                if msg is None:
+                    self._peer_ended(conn, frm)
+                    return
+                self._peer_message(frm, msg)
+        finally:
+            if self._peer_conns.get(frm) is conn:
+                del self._peer_conns[frm]
+
+    def _peer_ended(self, conn: Connection, frm: str) -> None:
+        if self._peer_conns.get(frm) is conn and self.agent.transport.accept_incoming(frm):
+            self.agent.driver.peer_lost(frm)
+
+    def _peer_message(self, frm: str, msg: dict) -> None:
+        agent = self.agent
+        if msg["type"] != "raft":
+            raise ProtocolError("bad_field", f"a peer connection carries raft frames, not {msg['type']}")
+        m = msg["msg"]
+        if m.frm != frm or m.to != agent.node_id:
+            raise ProtocolError("bad_field",
+                                f"raft message from {m.frm} to {m.to} on the link of "
+                                f"{frm} to {agent.node_id}")
+        if agent.transport.accept_incoming(frm):
+            agent.driver.deliver(m)
 
     # -- clients ----------------------------------------------------------------------------
 

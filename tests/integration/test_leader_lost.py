@@ -1,0 +1,47 @@
+"""A killed leader's followers campaign on the connection's end, not on their timers.
+
+SIGKILL makes the leader's kernel close its sockets, so each follower's connection from
+it ends at once (server.py -> Driver.peer_lost -> RaftNode.leader_lost). The followers
+then campaign within a quarter of an election timeout. A follower that restarts (not the
+leader) changes nobody's term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_followers_campaign_when_the_killed_leaders_connection_ends(make_cluster):
+    lc = make_cluster(3)
+
+    async def main():
+        async with lc.client(timeout=3.0) as c:
+            old = await lc.wait_leader(c)
+            for i in range(20):
+                await c.put(f"k{i}", b"v")
+            term = (await lc.statuses(c))[old]["term"]
+            lc.kill(old)
+            new = await lc.wait_leader(c, exclude=(old,), timeout=30)
+            st = await lc.statuses(c)
+            survivors = [n for n in lc.names if n != old]
+            early = {n: st[n]["early_campaigns"] for n in survivors}
+            assert new != old and sum(early.values()) >= 1, early
+            # One election (with pre-vote, a lost pre-vote round does not bump the term).
+            assert st[new]["term"] == term + 1, (term, {n: st[n]["term"] for n in survivors})
+            await c.put("after", b"v")
+
+            # A follower that goes away and comes back is not anybody's leader.
+            follower = next(n for n in survivors if n != new)
+            before = dict(early)
+            lc.kill(follower)
+            lc.start(follower)
+            await lc.wait_converged(c, timeout=30)
+            st = await lc.statuses(c)
+            assert st[new]["role"] == "leader" and st[new]["term"] == term + 1
+            assert st[new]["early_campaigns"] == before[new]
+
+    asyncio.run(main())
