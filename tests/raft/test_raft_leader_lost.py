@@ -72,3 +72,16 @@ def test_five_followers_campaign_in_priority_order_without_splitting_the_vote():
         assert net[n].leader_lost("a")
     assert ticks_until_leader(net, "a", ET) is not None
     assert net.leader() == "d" and net["d"].term == term + 1  # the highest priority, first try
+
+
+def test_without_prevote_or_checkquorum_the_notice_is_ignored():
+    """Without PreVote an early campaign bumps the term, and without CheckQuorum the
+    other followers grant it even while the leader is alive: either could depose a live
+    leader, so the notice changes nothing then."""
+    for cfg in ({"pre_vote": False, "check_quorum": True}, {"pre_vote": True, "check_quorum": False}):
+        net = Network(["a", "b", "c"], **cfg)
+        net.elect("a")
+        b = net["b"]
+        before = (b.election_elapsed, b.randomized_election_timeout)
+        assert not b.leader_lost("a"), cfg
+        assert (b.election_elapsed, b.randomized_election_timeout) == before
