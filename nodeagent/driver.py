@@ -224,32 +224,31 @@ class Driver:
         if self._parked and type(msg) in _DIRECT and self._sync_is_fast():
             self._direct_round(msg)
             return True
+        if self._enqueue(("raft", msg)):
+            return True
+        self.dropped_inbox += 1
+        return False
+
+    def _enqueue(self, ev: tuple) -> bool:
+        """Hand ``ev`` to the driver task; False when the inbox is full."""
         self._parked = False
         try:
-            self._inbox_send.send_nowait(("raft", msg))
+            self._inbox_send.send_nowait(ev)
             return True
         except trio.WouldBlock:
-            self.dropped_inbox += 1
             return False
 
     def peer_lost(self, peer: str) -> None:
         """The connection from ``peer`` ended (end of stream or reset; server.py). If it
         was our leader, the core campaigns early (RaftNode.leader_lost). Queued like a
         message, so it is handled in order with what that peer sent before."""
-        self._parked = False
-        try:
-            self._inbox_send.send_nowait(("lost", peer))
-        except trio.WouldBlock:
-            pass  # a full inbox: the election timeout still notices a dead leader
+        self._enqueue(("lost", peer))  # full: the election timeout still notices a dead leader
 
     def submit(self, kind: str, *args, on_done: Callable[[Pending], None] | None = None) -> Pending:
         """A client request for the driver; the returned Pending is answered by it
         (``on_done``: see Pending; a full inbox calls it at once, from here)."""
         p = Pending(on_done)
-        self._parked = False
-        try:
-            self._inbox_send.send_nowait((kind, p, *args))
-        except trio.WouldBlock:
+        if not self._enqueue((kind, p, *args)):
             p.fail("busy", "the agent's inbox is full; retry with backoff")
         return p
 

@@ -269,6 +269,11 @@ def _canonical_item_hash(item: list) -> int:
     return int.from_bytes(hashlib.sha256(_packb(item, use_bin_type=True)).digest(), "big")
 
 
+def _pair_hash(key: str, value: bytes) -> int:
+    """The hash of a KV pair's item, ``["kv", key, value]``: canonical as it is."""
+    return _canonical_item_hash(["kv", key, value])
+
+
 class _Accumulator:
     """A multiset hash: the sum of the items' hashes modulo 2**256."""
 
@@ -932,18 +937,17 @@ class StateMachine:
     # -- mutations (the only code that touches the sections; each keeps the digest) -----
 
     def _kv_set(self, key: str, value: bytes) -> bytes | None:
-        # A pair is canonical as it is (str, bytes): hashed without _canon's walk.
         prev = self._kv.get(key)
         if prev is not None:
-            self._acc.remove_hash(_canonical_item_hash(["kv", key, prev]))
+            self._acc.remove_hash(_pair_hash(key, prev))
         self._kv[key] = value
-        self._acc.add_hash(_canonical_item_hash(["kv", key, value]))
+        self._acc.add_hash(_pair_hash(key, value))
         return prev
 
     def _kv_delete(self, key: str) -> bytes | None:
         prev = self._kv.pop(key, None)
         if prev is not None:
-            self._acc.remove_hash(_canonical_item_hash(["kv", key, prev]))
+            self._acc.remove_hash(_pair_hash(key, prev))
         return prev
 
     def _task_set(self, task_id: str, record: Any) -> None:

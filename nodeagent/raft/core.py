@@ -207,9 +207,9 @@ class RaftNode:
         votes are granted, and campaign within a tick or a few instead of a whole
         randomized election timeout. Only timing changes: a leader that is in fact alive
         keeps its term, since the other followers, still in its lease, refuse the
-        pre-vote, and its next heartbeat cancels the early campaign here. That needs PreVote and CheckQuorum
-        (the defaults): without them an early campaign could depose a live leader, so
-        nothing is done. Returns whether it acted."""
+        pre-vote, and its next heartbeat cancels the early campaign here. That needs
+        PreVote and CheckQuorum (the defaults): without them an early campaign could
+        depose a live leader, so nothing is done. Returns whether it acted."""
         if not (self.cfg.pre_vote and self.cfg.check_quorum):
             return False
         if self.role is not Role.FOLLOWER or self.lead is None or self.lead != peer:
