@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_quick_run_writes_json_with_every_field(tmp_path):
     out = tmp_path / "r.json"
-    argv = ["--quick", "--only", "raftdeck_fsync,pysyncobj_nobatch", "--json", str(out),
-            "--tmp", str(tmp_path)]
+    argv = ["--quick", "--rounds", "2", "--only", "raftdeck_fsync,pysyncobj_nobatch",
+            "--json", str(out), "--tmp", str(tmp_path)]
     p = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT,
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -46,6 +46,12 @@ def test_quick_run_writes_json_with_every_field(tmp_path):
         assert [c["writers"] for c in s["curve"]] == [4], name
         assert all(0 < (v or 0) < 1 << 21 for v in s["rss_kib"].values()), name
         assert s["rss_after_writes"] == seq["acked"] + tp["acked"], name
+        first, second = s["rounds"]  # round 1 is the pass above; round 2 a fresh cluster
+        assert first["throughput_32_writes_per_s"] == tp["writes_per_s"], name
+        assert first["rss_after_writes"] == s["rss_after_writes"], name
+        assert "error" not in second, second
+        assert second["throughput_32_writes_per_s"] > 0 and second["sequential_p50_ms"] > 0, name
+        assert 0 < second["rss_kib_max"] < 1 << 21, name
         fo = s["failover"]
         assert len(fo["runs"]) == 1 and fo["failed_runs"] in (0, 1), name
         if fo["median_ms"] is not None:
@@ -60,6 +66,10 @@ def test_quick_run_writes_json_with_every_field(tmp_path):
         "sequential_p99_at_most_1.5_ms", "failover_median_under_500_ms", "rss_under_50_mib"}
     for t in summ["targets"].values():
         assert t["met"] in (True, False, None) and t["bound"]
+    tp_target = summ["targets"]["throughput_32_at_least_1.5x_pysyncobj_best"]
+    assert len(tp_target["rounds"]) == 2
+    assert tp_target["value"] == summ["rounds"]["throughput_32_writes_per_s"][
+        "raftdeck_fsync_over_pysyncobj_best"]["median"]
 
     (g,) = r["growth_nodes"]
     assert g["agents"] == 3 and g["throughput_writes_per_s"] > 0 and g["sequential_p50_ms"] > 0
