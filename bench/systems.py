@@ -164,6 +164,30 @@ class Raftdeck:
     async def wait_converged(self, timeout: float = 60.0) -> None:
         await self.lc.wait_converged(self.mon, timeout=timeout)
 
+    async def wait_snapshots_done(self, timeout: float = 30.0) -> float | None:
+        """Wait until no agent is writing a snapshot (status ``snapshots.in_flight``, each
+        agent seen idle twice in a row); the seconds waited, or None at the deadline. A
+        snapshot in flight holds a copy of the state's table and its serialized bytes.
+        An agent that does not report it (an older tree) counts as idle."""
+        t0 = time.monotonic()
+        quiet = 0
+        while time.monotonic() - t0 < timeout:
+            busy = False
+            for n in self.names:
+                if not self.alive(n):
+                    continue
+                try:
+                    s = await asyncio.wait_for(self.mon.call(n, "status"), 2.0)
+                except Exception:
+                    busy = True  # cannot tell: ask again
+                    continue
+                busy = busy or bool((s.get("snapshots") or {}).get("in_flight"))
+            quiet = 0 if busy else quiet + 1
+            if quiet >= 2:
+                return time.monotonic() - t0
+            await asyncio.sleep(0.05)
+        return None
+
 
 # -- PySyncObj ------------------------------------------------------------------------------
 
@@ -393,6 +417,10 @@ class PySyncObjCluster:
                 out.setdefault(n, {}).setdefault(key, 0)
                 out[n][key] += 1
         return out
+
+    async def wait_snapshots_done(self, timeout: float = 30.0) -> float | None:
+        """PySyncObj reports no snapshot in progress: nothing to wait for."""
+        return 0.0
 
     async def wait_converged(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -52,6 +52,9 @@ def test_quick_run_writes_json_with_every_field(tmp_path):
         assert "error" not in second, second
         assert second["throughput_32_writes_per_s"] > 0 and second["sequential_p50_ms"] > 0, name
         assert 0 < second["rss_kib_max"] < 1 << 21, name
+        assert 0 < second["rss_kib_max_settled"] < 1 << 21, name
+        assert all(0 < (v or 0) < 1 << 21 for v in s["rss_kib_settled"].values()), name
+        assert s["rss_settle_s"] is not None, name  # nothing stays in flight for 30 s here
         fo = s["failover"]
         assert len(fo["runs"]) == 1 and fo["failed_runs"] in (0, 1), name
         if fo["median_ms"] is not None:
@@ -77,4 +80,4 @@ def test_quick_run_writes_json_with_every_field(tmp_path):
     assert [x["snapshots"] for x in logs] == [False, True]
     for x in logs:
         assert x["log_entries"] >= 300 and x["recovery_ms"] is not None and x["recovery_ms"] > 0
-        assert x["rss_kib_leader"] > 0
+        assert x["rss_kib_leader"] > 0 and x["rss_kib_leader_settled"] > 0
