@@ -239,9 +239,11 @@ class Agent:
 
     def _propose(self, op: str, msg: dict, seq: int, on_done=None, **fields):
         try:
-            data = st.encode_command(op, client=msg["client_id"], seq=seq, **fields)
+            data, cmd = st.encode_command_for(op, client=msg["client_id"], seq=seq, **fields)
         except st.CommandError as e:
             raise RequestFailed("rejected", str(e)) from None
+        if cmd is not None and self.driver.node.role is Role.LEADER:
+            self.driver.state.remember(data, cmd)  # its apply here need not decode it
         return self.driver.submit("propose", data, on_done=on_done)
 
     @staticmethod

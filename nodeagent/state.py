@@ -148,6 +148,7 @@ __all__ = [
     "decode_command",
     "diff_replicas",
     "encode_command",
+    "encode_command_for",
     "serialize_view",
 ]
 
@@ -595,8 +596,26 @@ def encode_command(op: str, **fields: Any) -> bytes:
 
         encode_command("put", key="a", value=b"1", client="console-7f3a", seq=12)
     """
+    return encode_command_for(op, **fields)[0]
+
+
+# The types whose msgpack round trip gives back an equal value of the same type (floats
+# left out: not worth reasoning about).
+_FLAT = frozenset({str, bytes, int, bool, type(None)})
+
+
+def encode_command_for(op: str, **fields: Any) -> tuple[bytes, Command | None]:
+    """``encode_command``, and the Command that ``decode_command`` returns for those bytes
+    when that is certain without decoding them: every field of the wire form is a str,
+    bytes, int, bool or None (put, delete, cas, ...), which read back as equal values and
+    pass the same checks. None otherwise (a task spec: nested maps)."""
     obj = {"op": op, **{k: v for k, v in fields.items() if not (k in _SESSION_FIELDS and v is None)}}
-    return _pack(_validate(obj).to_wire())
+    cmd = _validate(obj)
+    wire = cmd.to_wire()
+    for v in wire.values():
+        if type(v) not in _FLAT:
+            return _pack(wire), None
+    return _packb(dict(sorted(wire.items())), use_bin_type=True), cmd
 
 
 def decode_command(data: bytes) -> Command:
@@ -818,6 +837,19 @@ class StateMachine:
         self._acc = _Accumulator()
         self._acc.add(self._conf_item())
         self._reindex_tasks()
+        # Commands this replica encoded itself (as the leader), by their bytes: apply()
+        # takes them from here instead of decoding and checking them again. A proposal
+        # that never applies here (a new leader overwrote it) stays until the bound.
+        self._decoded: dict[bytes, Command] = {}
+
+    DECODED_MAX = 1024
+
+    def remember(self, data: bytes, cmd: Command) -> None:
+        """``cmd`` is what ``decode_command(data)`` returns (``encode_command_for`` made
+        both): ``apply`` of an entry with these bytes may use it as it is."""
+        if len(self._decoded) >= self.DECODED_MAX:
+            self._decoded.clear()
+        self._decoded[data] = cmd
 
     def _reindex_tasks(self) -> None:
         """Rebuild the derived task indexes from ``_tasks`` (not in the snapshot or digest)."""
@@ -865,6 +897,9 @@ class StateMachine:
         self._advance(index, data)
         if not data:
             return _OK
+        cmd = self._decoded.pop(data, None) if self._decoded else None
+        if cmd is not None:
+            return self._execute(index, cmd)
         try:
             cmd = decode_command(data)
         except CommandError as e:
@@ -1172,6 +1207,7 @@ class StateMachine:
         self._task_ids_by_state = new._task_ids_by_state
         self._task_ids_by_node = new._task_ids_by_node
         self._task_order = new._task_order
+        self._decoded.clear()
 
     @classmethod
     def load(cls, data: bytes) -> "StateMachine":

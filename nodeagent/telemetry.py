@@ -7,7 +7,7 @@ hot path pays nothing; latencies are observed into histograms where they happen.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .metrics import (
     FSYNC_BUCKETS,
@@ -33,6 +33,7 @@ class AgentMetrics:
         self.requests = Histogram("raftdeck_client_request_seconds",
                                   "Client request latency by type and outcome",
                                   ("type", "ok"), buckets=REQUEST_BUCKETS, registry=r)
+        self._request_children: dict[tuple[str, bool], Any] = {}
 
     def bind(self, agent: "Agent") -> None:
         r = self.registry
@@ -61,7 +62,13 @@ class AgentMetrics:
         self.commit.observe(seconds)
 
     def observe_request(self, kind: str, seconds: float, ok: bool) -> None:
-        self.requests.labels(type=kind, ok="true" if ok else "false").observe(seconds)
+        # Every write on the leader passes here: the labelled child is looked up once per
+        # (type, outcome), not rebuilt from its label strings each time.
+        child = self._request_children.get((kind, ok))
+        if child is None:
+            child = self.requests.labels(type=kind, ok="true" if ok else "false")
+            self._request_children[(kind, ok)] = child
+        child.observe(seconds)
 
 
 class TimedStorage:
