@@ -5,16 +5,13 @@ DiskStorage; the worker's file write is held at a gate so the test sees it mid-w
 
 from __future__ import annotations
 
-import random
 import threading
 
 import trio
 
-from nodeagent.driver import Driver
-from nodeagent.raft.core import Config, RaftNode
-from nodeagent.raft.messages import ConfState, Role
-from nodeagent.state import StateMachine, encode_command
+from nodeagent.state import encode_command
 from nodeagent.storage import DiskStorage
+from tests.integration.single_voter import single_voter_driver, start_leading
 
 
 def test_in_flight_from_capture_to_adoption(tmp_path):
@@ -29,10 +26,7 @@ def test_in_flight_from_capture_to_adoption(tmp_path):
 
     storage.write_snapshot_file = write_snapshot_file
     try:
-        node = RaftNode(Config("n1", election_tick=10, heartbeat_tick=1), storage.recovered(),
-                        rng=random.Random(1), bootstrap=ConfState(frozenset({"n1"})))
-        driver = Driver(node, storage, StateMachine(), lambda m: True, tick_interval=0.02,
-                        snapshot_interval=30)
+        node, driver = single_voter_driver(storage, tick_interval=0.02, snapshot_interval=30)
 
         def snaps() -> dict:
             return driver.status()["snapshots"]
@@ -40,9 +34,7 @@ def test_in_flight_from_capture_to_adoption(tmp_path):
         async def main():
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(driver.run)
-                    while node.role is not Role.LEADER:
-                        await trio.sleep(0.02)
+                    await start_leading(nursery, driver, node)
                     assert snaps()["in_flight"] is False and snaps()["taken"] == 0
                     for i in range(40):  # past the interval: a snapshot starts
                         p = driver.submit("propose", encode_command("put", key=f"k{i}", value=b"x"))

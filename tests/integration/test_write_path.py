@@ -190,15 +190,11 @@ def test_the_driver_fsyncs_in_its_task_while_the_disk_is_fast_and_in_a_thread_wh
     loop runs other tasks meanwhile; when the disk is fast again, they come back. (The
     storage is opened without fsync and the slowness is a sleep, so how fast this
     machine's disk is today does not decide the test.)"""
-    import random
-
     import trio
 
-    from nodeagent.driver import Driver
-    from nodeagent.raft.core import Config, RaftNode
-    from nodeagent.raft.messages import ConfState, Role
-    from nodeagent.state import StateMachine, encode_command
+    from nodeagent.state import encode_command
     from nodeagent.storage import DiskStorage
+    from tests.integration.single_voter import single_voter_driver, start_leading
 
     storage = DiskStorage.open(tmp_path / "n1", fsync=False)
     slow = {"s": 0.0}
@@ -215,10 +211,8 @@ def test_the_driver_fsyncs_in_its_task_while_the_disk_is_fast_and_in_a_thread_wh
 
     storage.sync = sync
     try:
-        node = RaftNode(Config("n1", election_tick=10, heartbeat_tick=1), storage.recovered(),
-                        rng=random.Random(1), bootstrap=ConfState(frozenset({"n1"})))
-        driver = Driver(node, storage, StateMachine(), lambda m: True, tick_interval=0.025,
-                        snapshot_interval=100_000, sync_in_thread=True)
+        node, driver = single_voter_driver(storage, tick_interval=0.025,
+                                           snapshot_interval=100_000, sync_in_thread=True)
 
         async def writes(n: int, tag: str) -> None:
             for i in range(n):
@@ -228,9 +222,7 @@ def test_the_driver_fsyncs_in_its_task_while_the_disk_is_fast_and_in_a_thread_wh
         async def main():
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(driver.run)
-                    while node.role is not Role.LEADER:
-                        await trio.sleep(0.025)
+                    await start_leading(nursery, driver, node, poll=0.025)
                     await writes(20, "fast")
                     assert driver.syncs_threaded == 0 and driver.syncs_inline >= 20
                     slow["s"] = 0.02
