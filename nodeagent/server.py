@@ -375,6 +375,7 @@ class Server:
         # The newest connection from a peer is its link; when that one ends (the peer's
         # kernel closed it: a crashed or killed process), the driver hears of it.
         self._peer_conns[frm] = conn
+        self.agent.transport.peer_reached_us(frm)
         try:
             while True:
                 try:

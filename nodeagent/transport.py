@@ -387,6 +387,7 @@ class _Link:
         self.scope: trio.CancelScope | None = None  # the link task; cancelled on removal
         self.attempt_scope: trio.CancelScope | None = None  # one connection; cancelled on re-address
         self.connected = False
+        self.backing_off = False  # waiting out a reconnect delay (see Transport.peer_reached_us)
         # While connected, what send_batch writes to directly when the writer is not
         # writing (``busy``): the socket (plain TCP; its descriptor is looked up per write,
         # so a write after a close fails instead of reaching a reused number) or the
@@ -704,6 +705,17 @@ class Transport:
             rules = self._faults = rules.active(now)
         return rules
 
+    def peer_reached_us(self, frm: str) -> None:
+        """``frm`` connected to our listener, so it is up: if our link to it is waiting
+        out a reconnect delay (it was down, say restarting), try now. A restarted agent
+        connects to every peer at once, while their links to it back off up to the cap
+        (1 s); an election that needs those links (the next failover) waited with them:
+        two pre-candidates held their pre-vote answers until a link came back, then
+        both stood at once and split the vote (session 10, BENCHMARKS.md)."""
+        link = self._links.get(frm)
+        if link is not None and link.backing_off and link.attempt_scope is not None:
+            link.attempt_scope.cancel()
+
     def accept_incoming(self, frm: str) -> bool:
         """The listener's filter for each Raft message received from peer ``frm``: False
         (drop it) when a partition rule covers ``frm`` -> this node. Loss and latency are
@@ -776,9 +788,13 @@ class Transport:
                         log.info("peer unreachable", extra=fields)
                     else:
                         log.debug("peer link retrying", extra=fields)
-                    await trio.sleep(delay)
+                    link.backing_off = True
+                    try:
+                        await trio.sleep(delay)
+                    finally:
+                        link.backing_off = False
                 if link.attempt_scope.cancelled_caught:
-                    failures = 0  # re-addressed: try the new address at once
+                    failures = 0  # re-addressed, or the peer reached us: try at once
 
     async def _attempt(self, link: _Link) -> float | None:
         """One connection: returns how long it was up (None: never got hello_ok). Failures

@@ -390,6 +390,32 @@ def test_reconnect_after_server_restart_on_same_port():
     run(body)
 
 
+def test_a_peer_that_reaches_us_ends_our_reconnect_delay():
+    """peer_reached_us: the server calls it when a peer connects to our listener. A link
+    waiting out a reconnect delay tries at once; a connected link is left alone. The delay
+    here is a minute, so only the call can bring the link up within the wait."""
+    async def body(nursery):
+        port = free_port()
+        t = Transport(ME, CLUSTER, {"p1": ("127.0.0.1", port)}, backoff=(60.0, 60.0),
+                      connect_timeout=2.0)
+        await nursery.start(t.run)
+        t.peer_reached_us("p1")  # nothing to end yet: harmless
+        assert t.send(hb("p1", 0))
+        await wait_for(lambda: peer_stats(t, "p1")["connect_failures"] == 1, what="refused")
+        s = PeerServer("p1")
+        await s.start(nursery, port=port)
+        t.peer_reached_us("nobody")  # not a peer: ignored
+        t.peer_reached_us("p1")
+        await wait_for(lambda: s.seqs == [0], what="delivery once p1 reached us")
+        t.peer_reached_us("p1")  # connected: nothing to end
+        assert t.send(hb("p1", 1))
+        await wait_for(lambda: s.seqs == [0, 1], what="the same connection goes on")
+        st = peer_stats(t, "p1")
+        assert st["connects"] == 1 and st["disconnects"] == 0 and st["connect_failures"] == 1
+
+    run(body)
+
+
 def test_bounded_outbox_drops_oldest_while_peer_is_down():
     async def body(nursery):
         port = free_port()
