@@ -222,17 +222,8 @@ async def side_by_side(sys_, cfg: Cfg) -> dict:
         t0 = time.perf_counter()
         await sys_.wait_leader(60)
         out["startup_to_leader_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        out["sequential"] = await sequential(sys_, cfg.writes, value)
-        out["throughput"] = await throughput(sys_, cfg.writers, cfg.seconds, value)
-        out["rss_kib"] = {n: rss_kib(sys_.pid(n)) for n in sys_.names}
-        # Every put writes a new key, so the RSS above grows with the writes so far: a
-        # faster system holds more keys when it is measured.
-        out["rss_after_writes"] = out["sequential"].get("acked", 0) + out["throughput"].get("acked", 0)
-        # The reading above is taken at once (the target's); this one once no snapshot is
-        # in flight, which takes the snapshot's transient copy out of it.
-        out["rss_kib_settled"], out["rss_settle_s"] = await settled_rss(sys_)
-        out["rounds"] = [round_figures(out["sequential"], out["throughput"], out["rss_kib"],
-                                       out["rss_kib_settled"])]
+        out.update(await round_workloads(sys_, cfg, value))
+        out["rounds"] = [round_figures(out)]
         out["curve"] = [await throughput(sys_, w, cfg.curve_seconds, value, tag=f"cv{w}")
                         for w in cfg.curve]
         out["failover"] = await failover(sys_, cfg.failovers, value)
@@ -252,28 +243,39 @@ async def settled_rss(sys_) -> tuple[dict, float | None]:
             None if waited is None else round(waited, 3))
 
 
-def round_figures(seq: dict, tp: dict, rss: dict, rss_settled: dict) -> dict:
-    """What one round contributes to the targets."""
+async def round_workloads(sys_, cfg: Cfg, value: bytes) -> dict:
+    """The workloads every round runs: the sequential writes, the 32 writers, then RSS."""
+    out = {"sequential": await sequential(sys_, cfg.writes, value),
+           "throughput": await throughput(sys_, cfg.writers, cfg.seconds, value),
+           "rss_kib": {n: rss_kib(sys_.pid(n)) for n in sys_.names}}
+    # Every put writes a new key, so the RSS above grows with the writes so far: a
+    # faster system holds more keys when it is measured.
+    out["rss_after_writes"] = out["sequential"].get("acked", 0) + out["throughput"].get("acked", 0)
+    # The reading above is taken at once (the target's); this one once no snapshot is
+    # in flight, which takes the snapshot's transient copy out of it.
+    out["rss_kib_settled"], out["rss_settle_s"] = await settled_rss(sys_)
+    return out
+
+
+def round_figures(w: dict) -> dict:
+    """What one round's workloads (``round_workloads``) contribute to the targets."""
+    seq, tp = w["sequential"], w["throughput"]
     return {"sequential_p50_ms": seq.get("p50_ms"), "sequential_p99_ms": seq.get("p99_ms"),
             "throughput_32_writes_per_s": tp.get("writes_per_s"),
-            "rss_kib_max": max((v or 0 for v in rss.values()), default=None),
-            "rss_kib_max_settled": max((v or 0 for v in rss_settled.values()), default=None),
-            "rss_after_writes": seq.get("acked", 0) + tp.get("acked", 0)}
+            "rss_kib_max": max((v or 0 for v in w["rss_kib"].values()), default=None),
+            "rss_kib_max_settled": max((v or 0 for v in w["rss_kib_settled"].values()), default=None),
+            "rss_after_writes": w["rss_after_writes"]}
 
 
 async def another_round(sys_, cfg: Cfg) -> dict:
-    """A fresh cluster: the sequential writes, the 32 writers, then RSS, as in round 1."""
-    value = b"v" * VALUE_BYTES
+    """A fresh cluster: the same workloads as round 1, without the curve and failover."""
     await sys_.start()
     try:
         await sys_.wait_leader(60)
-        seq = await sequential(sys_, cfg.writes, value)
-        tp = await throughput(sys_, cfg.writers, cfg.seconds, value)
-        rss = {n: rss_kib(sys_.pid(n)) for n in sys_.names}
-        settled, _ = await settled_rss(sys_)
+        w = await round_workloads(sys_, cfg, b"v" * VALUE_BYTES)
     finally:
         await sys_.stop()
-    return round_figures(seq, tp, rss, settled)
+    return round_figures(w)
 
 
 # -- growth (raftdeck only) -------------------------------------------------------------------
