@@ -392,7 +392,7 @@ class Server:
                 del self._peer_conns[frm]
 
     def _peer_ended(self, conn: Connection, frm: str) -> None:
-        if self._peer_conns.get(frm) is conn and self.agent.transport.accept_incoming(frm):
+        if self._peer_conns.get(frm) is conn and not self.agent.transport.partitioned_from(frm):
             self.agent.driver.peer_lost(frm)
 
     def _peer_message(self, frm: str, msg: dict) -> None:

@@ -727,13 +727,20 @@ class Transport:
             link.last_received_at = now
         else:
             self._received_unknown += 1
-        if self._faults and self._rules_at(now).partitioned(frm, self.node_id, now):
+        if self.partitioned_from(frm, now):
             if link is not None:
                 link.counts["dropped_incoming"] += 1
             else:
                 self._dropped_incoming_unknown += 1
             return False
         return True
+
+    def partitioned_from(self, frm: str, now: float | None = None) -> bool:
+        """Whether a partition rule covers ``frm`` -> this node now (counts nothing)."""
+        if not self._faults:
+            return False
+        now = self._clock() if now is None else now
+        return self._rules_at(now).partitioned(frm, self.node_id, now)
 
     def incoming_delay(self, frm: str) -> float:
         """Always 0.0: latency is applied once, on the sending side, where per-link order
