@@ -31,9 +31,10 @@ import trio
 
 from .driver import RequestFailed
 from .protocol import (CLOSED, MESSAGE_SCHEMAS, NEED_DATA, PROTOCOL_VERSION, FrameDecoder,
-                       ProtocolError, encode)
+                       ProtocolError, Signal, encode)
 from .security import (ANONYMOUS, NODE, ROLES, AuditLog, Identity, TLSError, TokenBucket,
                        check_request, effective_role, identity_from_cert, required_role)
+from .readhub import ReadHub
 from .tlsstream import TLSStream, receive_waiting_first
 
 if TYPE_CHECKING:
@@ -65,21 +66,59 @@ class Connection:
     async def receive(self) -> dict | None:
         """The next message, or None at a clean end of stream."""
         while True:
-            msg = self.decoder.next_message()
+            msg = self.next_buffered()
             if msg is NEED_DATA:
                 if type(self.stream) is trio.SocketStream:
                     data = await receive_waiting_first(self.stream, READ_CHUNK)
                 else:
                     data = await self.stream.receive_some(READ_CHUNK)
-                self.decoder.receive_data(data)
-                if self.partial_since is None and self.decoder.buffered:
-                    self.partial_since = trio.current_time()
+                self.feed(data)
                 continue
-            if msg is CLOSED:
-                return None
-            self.last_activity = trio.current_time()
-            self.partial_since = self.last_activity if self.decoder.buffered else None
+            return None if msg is CLOSED else msg
+
+    def next_buffered(self) -> dict | Signal:
+        """The next message among the bytes already received, ``NEED_DATA`` or ``CLOSED``
+        (``FrameDecoder.next_message``), with the connection's clocks kept."""
+        msg = self.decoder.next_message()
+        if msg is NEED_DATA or msg is CLOSED:
             return msg
+        self.last_activity = trio.current_time()
+        self.partial_since = self.last_activity if self.decoder.buffered else None
+        return msg
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the stream (``b""``: its end) for ``next_buffered``."""
+        self.decoder.receive_data(data)
+        if self.partial_since is None and self.decoder.buffered:
+            self.partial_since = trio.current_time()
+
+    def fileno(self) -> int | None:
+        """The socket's descriptor for ``ReadHub``, or None when the stream is not one it
+        can read without waiting (a plain socket, or our TLS over one)."""
+        stream = self.stream
+        if type(stream) is TLSStream:
+            stream = stream.transport_stream
+        if type(stream) is not trio.SocketStream:
+            return None
+        return stream.socket.fileno()
+
+    def read_nowait(self) -> bool:
+        """Read what the stream has now into the decoder; False when it has nothing (the
+        read would wait). A broken connection raises ``trio.BrokenResourceError``."""
+        stream = self.stream
+        if type(stream) is TLSStream:
+            data = stream.receive_nowait()
+            if data is None:
+                return False
+        else:
+            try:
+                data = os.read(stream.socket.fileno(), READ_CHUNK)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
+        self.feed(data)
+        return True
 
     async def send(self, msg: dict[str, Any], timeout: float = 10.0) -> None:
         await self._send_bytes(encode(msg), timeout)
@@ -194,6 +233,7 @@ class _RateLog:
 
 # Requests answered without a task of their own (Server._write_now).
 WRITES = frozenset({"put", "delete", "cas"})
+NOT_FROM_CLIENTS = frozenset({"hello", "raft", "reply", "hello_ok", "status_update", "error"})
 
 OVERFLOW = 64  # connections accepted past max_connections, to find the peers among them
 
@@ -227,6 +267,7 @@ class Server:
         self.forbidden = 0
         self.port: int | None = None
         self._rlog = _RateLog()
+        self.hub = ReadHub()  # reads the client connections waiting for a request
 
     def stats(self) -> dict[str, Any]:
         return {"tls": self.ssl_context is not None, "clients": self.clients, "peers": self.peers,
@@ -241,7 +282,9 @@ class Server:
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
-        await trio.serve_listeners(self._handle, listeners, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.hub.run)
+            await trio.serve_listeners(self._handle, listeners, task_status=task_status)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
@@ -451,17 +494,30 @@ class Server:
                         raise Refused("idle_timeout", f"no request for {self.idle_timeout:g}s; "
                                                       "reconnect when needed", logging.INFO)
 
+            wait = 0.0  # the rate limit's delay for the message step() handed over
+
+            def step(msg: dict) -> bool:
+                """A request that needs no waiting is answered here (from the read hub's
+                task, usually); False hands it to this connection's task, below."""
+                nonlocal inflight, wait
+                t = msg["type"]
+                if t in NOT_FROM_CLIENTS:
+                    raise ProtocolError("bad_field", f"a client may not send {t} here")
+                wait = bucket.take(trio.current_time())
+                if wait > 0 or inflight >= self.max_inflight or t not in WRITES \
+                        or msg.get("forward"):
+                    return False
+                inflight += 1
+                self._write_now(session, msg, finish)
+                return True
+
             nursery.start_soon(watchdog)
             nursery.start_soon(conn.flush_loop)
             try:
                 while True:
-                    msg = await conn.receive()
+                    msg = await self.hub.take(conn, step)
                     if msg is None:
                         return
-                    t = msg["type"]
-                    if t in ("hello", "raft", "reply", "hello_ok", "status_update", "error"):
-                        raise ProtocolError("bad_field", f"a client may not send {t} here")
-                    wait = bucket.take(trio.current_time())
                     if wait > 0:  # over its rate: stop reading this connection for a while
                         await trio.sleep(wait)
                     if inflight >= self.max_inflight:
@@ -469,7 +525,7 @@ class Server:
                                               f"more than {self.max_inflight} requests in flight"))
                         continue
                     inflight += 1
-                    if t in WRITES and not msg.get("forward"):
+                    if msg["type"] in WRITES and not msg.get("forward"):
                         self._write_now(session, msg, finish)
                     else:
                         nursery.start_soon(run_one, msg)

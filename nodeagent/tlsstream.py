@@ -62,6 +62,7 @@ class TLSStream(trio.abc.Stream):
         self._sending = False
         self._receiving = False
         self._closed = False
+        self._eof = False  # a close_notify was read by receive_nowait
 
     # -- the handshake and what it established -----------------------------------------
 
@@ -179,6 +180,47 @@ class TLSStream(trio.abc.Stream):
                 return data
         finally:
             self._receiving = False
+
+    def receive_nowait(self) -> bytes | None:
+        """What ``receive_some`` would return without waiting: the plaintext the socket's
+        bytes so far decrypt to (everything, so none stays hidden in TLS buffers from a
+        poll of the socket), ``b""`` at the end of the stream, or None when it has nothing
+        yet. For ``ReadHub``, which calls it when the socket is readable."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if self._eof:
+            return b""
+        obj, incoming = self._obj, self._in
+        if not obj.pending():
+            try:
+                raw = os.read(self.transport_stream.socket.fileno(), _READ)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
+            if not raw:
+                return b""  # closed without close_notify: the framing sees a frame cut short
+            incoming.write(raw)
+        chunks = []
+        try:
+            while True:
+                data = obj.read(_READ)
+                if not data:
+                    self._eof = True
+                    break
+                chunks.append(data)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self._eof = True
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        if self._out.pending:  # a post-handshake answer (a key update)
+            self._take_out()
+            self._flush_nowait()
+        if chunks:
+            return b"".join(chunks)
+        return b"" if self._eof else None
 
     async def _feed(self, eof_ok: bool = False) -> bool:
         if type(self.transport_stream) is trio.SocketStream:

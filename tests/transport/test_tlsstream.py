@@ -13,15 +13,6 @@ from nodeagent.tlsstream import TLSStream
 MB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def contexts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    sec.init_tls(d, "t", [("n1", "127.0.0.1"), ("n2", "127.0.0.1")])
-    server = sec.server_context(*sec.tls_paths_for_node(d, "n1"))
-    client = sec.peer_client_context(*sec.tls_paths_for_node(d, "n2"))
-    return server, client
-
-
 async def pair(server_ctx, client_ctx):
     """(our client TLSStream, trio's server SSLStream), handshaken."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
