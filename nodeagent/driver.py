@@ -18,7 +18,10 @@ A direct round (``deliver``): when this task is parked on an empty inbox and the
 fast, a replication message is handled and its Ready carried out right in the delivering
 task, which then goes on reading. No await happens in between, so no other task runs
 meanwhile and the one-owner rule holds; the hop to this task (a channel send, a
-scheduling pass, a wake-up) was a tenth of a sequential write's time.
+scheduling pass, a wake-up) was a tenth of a sequential write's time. Client writes take
+it as a batch: the requests one read hub wake-up submits are held
+(``hold_requests``) and handed over together (``release_requests``), so they still make
+one Ready and one fsync.
 """
 
 from __future__ import annotations
@@ -203,6 +206,7 @@ class Driver:
         # True only while this task waits on an empty inbox with nothing handed to it:
         # every send to the inbox clears it (see deliver).
         self._parked = False
+        self._held: list | None = None  # requests held by hold_requests
         self._failure: BaseException | None = None  # from a direct round, raised here
         self.direct_rounds = 0
         self.early_campaigns = 0  # leader_lost notices that made this node campaign early
@@ -248,9 +252,41 @@ class Driver:
         """A client request for the driver; the returned Pending is answered by it
         (``on_done``: see Pending; a full inbox calls it at once, from here)."""
         p = Pending(on_done)
-        if not self._enqueue((kind, p, *args)):
+        if self._held is not None and len(self._held) < 4096:
+            self._held.append((kind, p, *args))
+        elif not self._enqueue((kind, p, *args)):
             p.fail("busy", "the agent's inbox is full; retry with backoff")
         return p
+
+    def hold_requests(self) -> None:
+        """Keep the requests submitted from now until ``release_requests`` (the read
+        hub's wake-up: every request that arrived together) to hand over at once."""
+        self._held = []
+
+    def release_requests(self) -> None:
+        """Hand over the held requests: when this task is parked on an empty inbox and
+        the disk is fast, as one direct round in the caller's task (no hop; they still
+        make one Ready and one fsync together); else through the inbox, in order."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        if self._parked and self._sync_is_fast():
+            self.direct_rounds += 1
+            try:
+                for ev in held:
+                    self._handle(ev)
+                if self._snap_done is not None:
+                    self._finish_snapshot()
+                for _ in self._rounds():
+                    self._sync_here()
+            except Exception as exc:
+                self._failure = exc
+                self._parked = False
+                self._inbox_send.send_nowait(_FAILED)  # it was empty: this cannot block
+            return
+        for ev in held:
+            if not self._enqueue(ev):
+                ev[1].fail("busy", "the agent's inbox is full; retry with backoff")
 
     # == the loop ===========================================================================
 

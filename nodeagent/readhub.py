@@ -46,7 +46,10 @@ class _Watch:
 
 
 class ReadHub:
-    def __init__(self) -> None:
+    def __init__(self, begin: Callable[[], None] | None = None,
+                 end: Callable[[], None] | None = None) -> None:
+        self._begin = begin  # called before each wake-up's reads, and
+        self._end = end  # after them (the driver's hold_requests / release_requests)
         self._ep = select.epoll()
         self._watches: dict[int, _Watch] = {}
         self.running = False
@@ -61,10 +64,16 @@ class ReadHub:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
                 self.wakeups += 1
-                for fd, _ in ep.poll(0):
-                    w = self._watches.get(fd)
-                    if w is not None:
-                        self._readable(fd, w)
+                if self._begin is not None:
+                    self._begin()
+                try:
+                    for fd, _ in ep.poll(0):
+                        w = self._watches.get(fd)
+                        if w is not None:
+                            self._readable(fd, w)
+                finally:
+                    if self._end is not None:
+                        self._end()
         finally:
             self.running = False
             for fd, w in list(self._watches.items()):

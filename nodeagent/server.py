@@ -267,7 +267,9 @@ class Server:
         self.forbidden = 0
         self.port: int | None = None
         self._rlog = _RateLog()
-        self.hub = ReadHub()  # reads the client connections waiting for a request
+        # reads the client connections waiting for a request; the writes of one wake-up
+        # reach the driver together
+        self.hub = ReadHub(agent.driver.hold_requests, agent.driver.release_requests)
 
     def stats(self) -> dict[str, Any]:
         return {"tls": self.ssl_context is not None, "clients": self.clients, "peers": self.peers,

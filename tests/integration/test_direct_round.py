@@ -149,3 +149,68 @@ def test_a_failing_direct_round_fails_the_driver(tmp_path):
         _run(main)
     assert info.group_contains(RuntimeError, match="planted")
     f.storage.close()
+
+
+# -- client requests held over one read-hub wake-up (Driver.hold_requests) -------------------
+
+
+def _leader(tmp_path):
+    from tests.integration.single_voter import single_voter_driver
+    storage = DiskStorage.open(tmp_path / "n1", fsync=True)
+    node, driver = single_voter_driver(storage, tick_interval=0.05, snapshot_interval=100_000,
+                                       sync_in_thread=True)
+    return storage, node, driver
+
+
+def test_held_requests_meeting_a_parked_driver_commit_together_in_the_caller(tmp_path):
+    """Three puts submitted while held reach a parked driver as one direct round: one
+    fsync for the three, each applied and answered before release_requests returns."""
+    from tests.integration.single_voter import start_leading
+
+    async def main():
+        storage, node, driver = _leader(tmp_path)
+        async with trio.open_nursery() as nursery:
+            await start_leading(nursery, driver, node)
+            with trio.fail_after(10):
+                while not driver._parked:
+                    await trio.sleep(0)
+            driver.sync_ewma = 0.0
+            rounds, syncs = driver.direct_rounds, storage.stats()["fsyncs"]
+            driver.hold_requests()
+            pend = [driver.submit("propose", encode_command("put", key=f"k{i}", value=b"v"))
+                    for i in range(3)]
+            assert not any(p.done for p in pend)  # held, not handed over yet
+            driver.release_requests()
+            assert all(p.done for p in pend)
+            assert [p.outcome()[0] for p in pend] == [node.log.committed - 2 + i for i in range(3)]
+            assert driver.direct_rounds == rounds + 1
+            assert storage.stats()["fsyncs"] == syncs + 1
+            assert driver.state.get("k2") == b"v"
+            nursery.cancel_scope.cancel()
+        storage.close()
+
+    _run(main)
+
+
+def test_held_requests_go_through_the_inbox_when_the_driver_is_busy(tmp_path):
+    from tests.integration.single_voter import start_leading
+
+    async def main():
+        storage, node, driver = _leader(tmp_path)
+        async with trio.open_nursery() as nursery:
+            await start_leading(nursery, driver, node)
+            driver.deliver(RequestVote("n9", "n1", 0, 0, 0))  # not direct: the inbox, unparks it
+            rounds = driver.direct_rounds
+            driver.hold_requests()
+            pend = [driver.submit("propose", encode_command("put", key=f"k{i}", value=b"v"))
+                    for i in range(2)]
+            driver.release_requests()
+            assert not any(p.done for p in pend)  # queued behind the vote, in order
+            with trio.fail_after(10):
+                for p in pend:
+                    await p.wait(10)
+            assert driver.direct_rounds == rounds
+            nursery.cancel_scope.cancel()
+        storage.close()
+
+    _run(main)

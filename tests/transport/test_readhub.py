@@ -44,11 +44,12 @@ async def wait_until(cond) -> None:
 
 def test_one_wakeup_reads_every_connection_with_data():
     """Eight connections each get a put while their tasks wait in take(): the hub answers
-    all eight in one wake-up, without waking a connection's task."""
+    all eight in one wake-up, without waking a connection's task, between one call of
+    its begin hook and one of its end hook (the driver takes them as one batch)."""
     async def main():
-        hub = ReadHub()
+        seen: list = []
+        hub = ReadHub(lambda: seen.append("begin"), lambda: seen.append("end"))
         pairs = [conn_pair() for _ in range(8)]
-        seen: list[tuple[int, int]] = []
         woke: list[int] = []
 
         async def serve(n: int, conn: Connection) -> None:
@@ -69,8 +70,9 @@ def test_one_wakeup_reads_every_connection_with_data():
             await wait_until(lambda: len(hub._watches) == 8)
             for n, (_, raw) in enumerate(pairs):
                 raw.sendall(put(n))
-            await wait_until(lambda: len(seen) == 8)
-            assert sorted(seen) == [(n, n) for n in range(8)]
+            await wait_until(lambda: len(seen) == 10)
+            assert seen[0] == "begin" and seen[-1] == "end"
+            assert sorted(seen[1:-1]) == [(n, n) for n in range(8)]
             assert hub.wakeups == 1
             assert hub.messages == 8
             assert woke == []  # no task woke for a write
