@@ -22,7 +22,6 @@ expanded from the environment). No trio, no sockets, no clocks.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -321,6 +320,8 @@ class Inventory:
 
 
 def _unknown_name_message(name: str, names: Iterable[str]) -> str:
+    import difflib  # only on this error path: a running agent does not load it
+
     names = list(names)
     close = difflib.get_close_matches(name, names, n=1)
     msg = f"no node named {name!r}"
@@ -718,6 +719,8 @@ def _show(v: Any) -> str:
 
 
 def _suggest(key: str, known: Iterable[str], elsewhere: dict[str, str] | None) -> str:
+    import difflib  # only on this error path: a running agent does not load it
+
     known = list(known)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if close:
@@ -733,6 +736,8 @@ def _suggest(key: str, known: Iterable[str], elsewhere: dict[str, str] | None) -
 def _check_text(ctx: _Ctx, vnode: Node, fname: str, key: str, kind: str, extra: Any, value: str) -> Any:
     if kind == "choice":
         if value not in extra:
+            import difflib  # only on this error path: a running agent does not load it
+
             close = difflib.get_close_matches(value.lower().replace("-", "_"), extra, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]}?" if close else "use one of " + ", ".join(extra)
             if key == "role" and value.lower() == "leader":

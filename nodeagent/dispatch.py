@@ -57,7 +57,10 @@ import heapq
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: an agent that places no task loads neither it nor decimal
+    from fractions import Fraction
 
 __all__ = [
     "POLICIES",
@@ -106,6 +109,8 @@ class NodeLoad:
     @property
     def utilization(self) -> Fraction:
         """``assigned / capacity``, exactly."""
+        from fractions import Fraction
+
         return Fraction(self.assigned, self.capacity)
 
 
@@ -194,6 +199,8 @@ class _Batch:
     # least_loaded: a heap with lazy invalidation (an entry is current iff its count is)
     def least_loaded(self) -> str:
         if self._heap is None:
+            from fractions import Fraction
+
             self._heap = [(Fraction(a, self.cap[n]), a, n) for n, a in self.assigned.items()]
             heapq.heapify(self._heap)
         heap = self._heap
@@ -245,6 +252,8 @@ class _Batch:
         a = self.assigned[name] + 1
         self.assigned[name] = a
         if self._heap is not None:
+            from fractions import Fraction
+
             heapq.heappush(self._heap, (Fraction(a, self.cap[name]), a, name))
         return name
 

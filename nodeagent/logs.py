@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import logging.handlers
 import math
 import re
 import sys
@@ -247,7 +246,10 @@ def setup_logging(node: str, level: str | int = "info", file: str | None = None)
     if file is None:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        handler = logging.handlers.WatchedFileHandler(file, mode="a", encoding="utf-8")
+        # Imported here: an agent logging to stderr does not load logging.handlers (or pickle).
+        from logging.handlers import WatchedFileHandler
+
+        handler = WatchedFileHandler(file, mode="a", encoding="utf-8")
     handler._raftdeck = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter(node))
     handler.addFilter(RedactingFilter())

@@ -28,3 +28,20 @@ def test_the_agent_never_imports_the_console_stack():
     assert "trio" in mods and "msgpack" in mods  # the check sees real imports
     bad = sorted(m for m in mods if m in FORBIDDEN)
     assert not bad, f"the agent imports {bad}"
+
+
+# Loaded only where used (an error message's suggestion, a task placement, a log file),
+# so that an idle agent's resident memory does not carry them.
+LAZY = ("difflib", "fractions", "decimal", "logging.handlers", "pickle")
+
+
+def test_a_running_agent_loads_no_module_it_only_needs_on_some_paths():
+    code = ("import sys, nodeagent.cli, nodeagent.config, trio, nodeagent.agent, "
+            "nodeagent.server, nodeagent.libc, nodeagent.security, nodeagent.storage\n"
+            "from nodeagent.logs import setup_logging\n"
+            "setup_logging('n1')\n"
+            f"print(sorted(m for m in {LAZY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"the agent imports {out.stdout.strip()}"
