@@ -124,7 +124,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from nodeagent.agent import Agent
-    from nodeagent.libc import share_one_malloc_arena
+    from nodeagent.libc import release_free_memory, share_one_malloc_arena
     from nodeagent.logs import setup_logging
     from nodeagent.security import TLSError
     from nodeagent.storage import StorageCorruption, StorageLocked
@@ -156,6 +156,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"{cfg.node.data_dir}: {e.strerror or e}; check its path and permissions",
               file=sys.stderr)
         return EXIT_STORAGE
+    # Compiling the imports (no .pyc files where bytecode is not written), reading the
+    # inventory and recovering leave megabytes free in the C heap that nothing reuses
+    # soon: Python's small objects come from arenas of their own. Hand them back.
+    release_free_memory()
 
     async def main_task() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
