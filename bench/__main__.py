@@ -251,9 +251,12 @@ async def round_workloads(sys_, cfg: Cfg, value: bytes) -> dict:
     # Every put writes a new key, so the RSS above grows with the writes so far: a
     # faster system holds more keys when it is measured.
     out["rss_after_writes"] = out["sequential"].get("acked", 0) + out["throughput"].get("acked", 0)
-    # The reading above is taken at once (the target's); this one once no snapshot is
-    # in flight, which takes the snapshot's transient copy out of it.
+    # The reading above is taken at once; the target's once no snapshot is in flight: at
+    # once it is a lottery on whether the run ended during a background snapshot (its
+    # transient copy added up to 20 MB at 70k keys, session 11). The peak (VmHWM) is
+    # kept beside them, snapshots included, for sizing a host.
     out["rss_kib_settled"], out["rss_settle_s"] = await settled_rss(sys_)
+    out["rss_kib_peak"] = {n: rss_kib(sys_.pid(n), "VmHWM") for n in sys_.names}
     return out
 
 
@@ -264,6 +267,7 @@ def round_figures(w: dict) -> dict:
             "throughput_32_writes_per_s": tp.get("writes_per_s"),
             "rss_kib_max": max((v or 0 for v in w["rss_kib"].values()), default=None),
             "rss_kib_max_settled": max((v or 0 for v in w["rss_kib_settled"].values()), default=None),
+            "rss_kib_max_peak": max((v or 0 for v in w.get("rss_kib_peak", {}).values()), default=None),
             "rss_after_writes": w["rss_after_writes"]}
 
 
@@ -475,7 +479,11 @@ def summarize(res: dict) -> dict:
         tp = rounds["throughput_32_writes_per_s"]["raftdeck_fsync_over_pysyncobj_best"]
         p50 = rounds["sequential_p50_ms"]["raftdeck_fsync_over_pysyncobj_best"]
         p99 = rounds["sequential_p99_ms"]["raftdeck_fsync"]
-        rss = rounds["rss_kib_max"]["raftdeck_fsync"]
+        # RSS once no snapshot is in flight (see round_workloads); results from before
+        # that reading existed fall back to the one taken at once.
+        settled = rounds.get("rss_kib_max_settled", {}).get("raftdeck_fsync")
+        rss = settled if settled and settled["median"] is not None \
+            else rounds["rss_kib_max"]["raftdeck_fsync"]
         targets = {
             "throughput_32_at_least_1.5x_pysyncobj_best": _ok(tp["median"], ">=", 1.5, tp["rounds"]),
             "sequential_p50_at_most_pysyncobj_best": _ok(p50["median"], "<=", 1.0, p50["rounds"]),
@@ -483,14 +491,16 @@ def summarize(res: dict) -> dict:
             "failover_median_under_500_ms": _ok(rows["failover_median_ms"]["raftdeck_fsync"], "<", 500),
             "rss_under_50_mib": _ok(rss["median"], "<", 50 * 1024, rss["rounds"]),
         }
-        # For reading beside it: the same once no snapshot is in flight.
-        targets["rss_under_50_mib"]["settled"] = rounds["rss_kib_max_settled"]["raftdeck_fsync"]
+        # For reading beside it: the same taken at once, and the peak.
+        targets["rss_under_50_mib"]["at_once"] = rounds["rss_kib_max"]["raftdeck_fsync"]
+        if "rss_kib_max_peak" in rounds:
+            targets["rss_under_50_mib"]["peak"] = rounds["rss_kib_max_peak"]["raftdeck_fsync"]
     return {"rows": rows, "rounds": rounds, "targets": targets}
 
 
 ROUND_METRICS = [("sequential_p50_ms", True), ("sequential_p99_ms", True),
                  ("throughput_32_writes_per_s", False), ("rss_kib_max", True),
-                 ("rss_kib_max_settled", True)]
+                 ("rss_kib_max_settled", True), ("rss_kib_max_peak", True)]
 
 
 def _median(vals: list):
@@ -548,9 +558,10 @@ def table(res: dict) -> str:
     for k, t in s["targets"].items():
         each = f" (median of rounds {t['rounds']})" if len(t.get("rounds") or ()) > 1 else ""
         lines.append(f"target {k}: {t['value']} {t['bound']}{each}: {'MET' if t['met'] else 'NOT MET'}")
-        if "settled" in t:
-            lines.append(f"  (with no snapshot in flight: {t['settled']['median']}, rounds "
-                         f"{t['settled']['rounds']})")
+        for key, what in (("at_once", "read at once, a snapshot perhaps in flight"),
+                          ("peak", "peak (VmHWM)")):
+            if key in t:
+                lines.append(f"  ({what}: {t[key]['median']}, rounds {t[key]['rounds']})")
     for g in res.get("growth_nodes", []):
         lines.append(f"growth {g['agents']} agents: seq p50 {g['sequential_p50_ms']} ms, "
                      f"p99 {g['sequential_p99_ms']} ms, 32 writers "

@@ -25,11 +25,12 @@ from console.local import LocalCluster, free_ports, stop_processes
 from nodeagent.config import ClusterConfig
 
 
-def rss_kib(pid: int) -> int | None:
+def rss_kib(pid: int, field: str = "VmRSS") -> int | None:
+    """The process's resident memory in KiB (``field="VmHWM"``: its peak so far)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
