@@ -86,6 +86,10 @@ class ReadHub:
         while True:
             msg = conn.next_buffered()
             if msg is NEED_DATA:
+                # Records that arrived with the last ones the task read (the hello's,
+                # say) wait inside TLS, where the poll below would not see them.
+                if conn.input_pending() and conn.read_nowait():
+                    continue
                 break
             if msg is CLOSED:
                 return None

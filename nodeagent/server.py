@@ -102,6 +102,12 @@ class Connection:
             return None
         return stream.socket.fileno()
 
+    def input_pending(self) -> bool:
+        """Whether received bytes wait where a poll of the socket does not see them
+        (inside TLS: ``TLSStream.input_pending``)."""
+        stream = self.stream
+        return type(stream) is TLSStream and stream.input_pending()
+
     def read_nowait(self) -> bool:
         """Read what the stream has now into the decoder; False when it has nothing (the
         read would wait). A broken connection raises ``trio.BrokenResourceError``."""

@@ -182,16 +182,16 @@ class TLSStream(trio.abc.Stream):
             self._receiving = False
 
     def receive_nowait(self) -> bytes | None:
-        """What ``receive_some`` would return without waiting: the plaintext the socket's
-        bytes so far decrypt to (everything, so none stays hidden in TLS buffers from a
-        poll of the socket), ``b""`` at the end of the stream, or None when it has nothing
-        yet. For ``ReadHub``, which calls it when the socket is readable."""
+        """What ``receive_some`` would return without waiting: all the plaintext that
+        the records already received decrypt to, or if there is none, that a read of
+        the socket now gives; ``b""`` at the end of the stream, or None when there is
+        nothing yet. All of it, so none stays in TLS buffers where a poll of the socket
+        cannot see it. For ``ReadHub``, which calls it when the socket is readable or
+        ``input_pending``."""
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")
-        if self._eof:
-            return b""
-        obj, incoming = self._obj, self._in
-        if not obj.pending():
+        chunks = self._decrypt_all()
+        if not chunks and not self._eof:
             try:
                 raw = os.read(self.transport_stream.socket.fileno(), _READ)
             except BlockingIOError:
@@ -200,8 +200,23 @@ class TLSStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
             if not raw:
                 return b""  # closed without close_notify: the framing sees a frame cut short
-            incoming.write(raw)
-        chunks = []
+            self._in.write(raw)
+            chunks = self._decrypt_all()
+        if chunks:
+            return b"".join(chunks)
+        return b"" if self._eof else None
+
+    def input_pending(self) -> bool:
+        """Whether received bytes wait inside TLS (records read from the socket but not
+        yet decrypted, or plaintext not yet returned): a poll of the socket does not
+        see them. ``receive_some`` leaves them when records arrive together."""
+        return bool(self._in.pending or self._obj.pending())
+
+    def _decrypt_all(self) -> list[bytes]:
+        chunks: list[bytes] = []
+        if self._eof:
+            return chunks
+        obj = self._obj
         try:
             while True:
                 data = obj.read(_READ)
@@ -218,9 +233,7 @@ class TLSStream(trio.abc.Stream):
         if self._out.pending:  # a post-handshake answer (a key update)
             self._take_out()
             self._flush_nowait()
-        if chunks:
-            return b"".join(chunks)
-        return b"" if self._eof else None
+        return chunks
 
     async def _feed(self, eof_ok: bool = False) -> bool:
         if type(self.transport_stream) is trio.SocketStream:

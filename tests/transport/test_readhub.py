@@ -234,6 +234,46 @@ def test_tls_connections_are_read_whole_by_the_hub(contexts):
     run(main)
 
 
+def test_tls_records_left_inside_tls_by_the_task_read_are_not_stranded(contexts):
+    """The hello's read (``receive_some``) decrypts one record; records that arrived with
+    it wait inside TLS, invisible to a poll of the socket. take() must step them without
+    any more bytes arriving."""
+    server_ctx, client_ctx = contexts
+
+    async def main():
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        raw_client = await trio.open_tcp_stream("127.0.0.1", port)
+        raw_server = await listeners[0].accept()
+        await listeners[0].aclose()
+        ours = TLSStream(raw_server, server_ctx, server_side=True)
+        theirs = trio.SSLStream(raw_client, client_ctx, server_hostname="127.0.0.1")
+        async with trio.open_nursery() as n:
+            n.start_soon(ours.do_handshake)
+            n.start_soon(theirs.do_handshake)
+        for i in range(3):  # three records, all in the socket before we read
+            await theirs.send_all(put(i))
+        sock = raw_server.socket
+        while len(await sock.recv(1 << 16, socket.MSG_PEEK)) < 3 * len(put(0)):
+            await trio.sleep(0.01)
+        conn = Connection(ours, 1 << 20, "tls")
+        first = await conn.receive()
+        assert first["id"] == 0
+        assert conn.input_pending()
+        hub = ReadHub()
+        seen = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            await wait_until(lambda: hub.running)
+            nursery.start_soon(hub.take, conn, lambda m: not seen.append(m["id"]))
+            await wait_until(lambda: len(seen) == 2)
+            nursery.cancel_scope.cancel()
+        assert seen == [1, 2]
+        assert not conn.input_pending()
+
+    run(main)
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_many_frames_larger_than_one_read(n):
     """Frames spanning reads: a 200 KiB put arrives in several reads of 64 KiB."""
