@@ -139,10 +139,13 @@ class TLSConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str
-    # Failover within about half a second (a follower waits 250-500 ms, randomized, then
-    # PreVote and the vote); docs/BENCHMARKS.md has the failover and no-election soak runs.
-    election_timeout_ms: int = 250
-    heartbeat_interval_ms: int = 25
+    # A killed leader is replaced within a tick or two (its followers see its connections
+    # close); a paused or cut-off one within about a second (a follower waits 500-1,000
+    # ms, randomized, then PreVote and the vote). Every tick wakes every agent (0.3 ms of
+    # CPU each on the benchmark machine); at 25 ms the ticks put a tail on the write
+    # latency (docs/BENCHMARKS.md, session 11: failover, the no-election soak, the tail).
+    election_timeout_ms: int = 500
+    heartbeat_interval_ms: int = 50
     snapshot_interval: int = 10000  # log entries between snapshots
     dispatch_policy: str = "least_loaded"
     max_attempts: int = 3  # attempts per task, the first included
@@ -403,8 +406,8 @@ REQUIRED = object()
 
 _CLUSTER_FIELDS: dict[str, tuple[str, Any, Any]] = {
     "name": ("cluster_name", REQUIRED, None),
-    "election_timeout_ms": ("int", 250, (1, INT_MAX)),
-    "heartbeat_interval_ms": ("int", 25, (1, INT_MAX)),
+    "election_timeout_ms": ("int", 500, (1, INT_MAX)),
+    "heartbeat_interval_ms": ("int", 50, (1, INT_MAX)),
     "snapshot_interval": ("int", 10000, (1, INT_MAX)),
     "dispatch_policy": ("choice", "least_loaded", DISPATCH_POLICIES),
     "max_attempts": ("int", 3, (1, 1000)),

@@ -124,7 +124,7 @@ def test_minimal_inventory_takes_every_default(tmp_path):
         nodes=(NodeConfig(name="a", host="h", port=1, data_dir=tmp_path / ".raftdeck" / "a"),),
     )
     c = inv.cluster
-    assert (c.election_timeout_ms, c.heartbeat_interval_ms, c.snapshot_interval) == (250, 25, 10000)
+    assert (c.election_timeout_ms, c.heartbeat_interval_ms, c.snapshot_interval) == (500, 50, 10000)
     assert (c.dispatch_policy, c.max_attempts, c.task_lease_ms, c.fsync, c.tls) == ("least_loaded", 3, 5000, True, None)
     assert c.max_frame_bytes == 4 * 1024 * 1024
     n = inv.nodes[0]
@@ -470,7 +470,7 @@ ERRORS = [
     ("heartbeat too slow for the default timeout",
      [("  election_timeout_ms: 1000\n", ""), ("heartbeat_interval_ms: 100", "heartbeat_interval_ms: 101")], None,
      3, "cluster.heartbeat_interval_ms",
-     ["101 ms is more than a tenth of election_timeout_ms (250 ms by default); use at most 25 or set"]),
+     ["101 ms is more than a tenth of election_timeout_ms (500 ms by default); use at most 50 or set"]),
 ]
 
 
