@@ -271,18 +271,7 @@ class Driver:
         if not held:
             return
         if self._parked and self._sync_is_fast():
-            self.direct_rounds += 1
-            try:
-                for ev in held:
-                    self._handle(ev)
-                if self._snap_done is not None:
-                    self._finish_snapshot()
-                for _ in self._rounds():
-                    self._sync_here()
-            except Exception as exc:
-                self._failure = exc
-                self._parked = False
-                self._inbox_send.send_nowait(_FAILED)  # it was empty: this cannot block
+            self._direct(held)
             return
         for ev in held:
             if not self._enqueue(ev):
@@ -349,12 +338,16 @@ class Driver:
                 next_tick = now + interval
 
     def _direct_round(self, msg) -> None:
-        """One round of the loop for ``msg``, in the caller's task, every fsync inline;
+        self._direct((("raft", msg),))
+
+    def _direct(self, events) -> None:
+        """One round of the loop for ``events``, in the caller's task, every fsync inline;
         only while this task is parked on an empty inbox. A failure is handed to this
         task to raise, as if its own round had failed."""
         self.direct_rounds += 1
         try:
-            self._handle(("raft", msg))
+            for ev in events:
+                self._handle(ev)
             if self._snap_done is not None:
                 self._finish_snapshot()
             for _ in self._rounds():

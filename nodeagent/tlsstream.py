@@ -174,9 +174,7 @@ class TLSStream(trio.abc.Stream):
                     return b""
                 except ssl.SSLError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
-                if self._out.pending:  # a post-handshake answer (a key update)
-                    self._take_out()
-                    self._flush_nowait()
+                self._answer_post_handshake()
                 return data
         finally:
             self._receiving = False
@@ -230,10 +228,14 @@ class TLSStream(trio.abc.Stream):
             self._eof = True
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
-        if self._out.pending:  # a post-handshake answer (a key update)
+        self._answer_post_handshake()
+        return chunks
+
+    def _answer_post_handshake(self) -> None:
+        """Send what reading made TLS say back (a key update's answer), if anything."""
+        if self._out.pending:
             self._take_out()
             self._flush_nowait()
-        return chunks
 
     async def _feed(self, eof_ok: bool = False) -> bool:
         if type(self.transport_stream) is trio.SocketStream:

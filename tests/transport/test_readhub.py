@@ -10,7 +10,8 @@ import trio
 from nodeagent.protocol import ProtocolError, encode
 from nodeagent.readhub import ReadHub
 from nodeagent.server import Connection
-from nodeagent.tlsstream import TLSStream
+
+from .loopback import tls_server_pair, with_deadline as run
 
 
 def put(i: int, key: str = "k") -> bytes:
@@ -27,14 +28,6 @@ def conn_pair() -> tuple[Connection, socket.socket]:
     ours, theirs = socket.socketpair()
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
     return Connection(stream, 1 << 20, "test"), theirs
-
-
-def run(main) -> None:
-    async def bounded():
-        with trio.fail_after(20):
-            await main()
-
-    trio.run(bounded)
 
 
 async def wait_until(cond) -> None:
@@ -196,19 +189,8 @@ def test_without_the_hub_task_the_connection_reads_itself():
 def test_tls_connections_are_read_whole_by_the_hub(contexts):
     """Over TLS the hub decrypts everything the socket delivered: three frames written in
     three TLS records arrive at the step without a task read."""
-    server_ctx, client_ctx = contexts
-
     async def main():
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        port = listeners[0].socket.getsockname()[1]
-        raw_client = await trio.open_tcp_stream("127.0.0.1", port)
-        raw_server = await listeners[0].accept()
-        await listeners[0].aclose()
-        ours = TLSStream(raw_server, server_ctx, server_side=True)
-        theirs = trio.SSLStream(raw_client, client_ctx, server_hostname="127.0.0.1")
-        async with trio.open_nursery() as n:
-            n.start_soon(ours.do_handshake)
-            n.start_soon(theirs.do_handshake)
+        ours, theirs = await tls_server_pair(*contexts)
         conn = Connection(ours, 1 << 20, "tls")
         hub = ReadHub()
         seen = []
@@ -238,22 +220,11 @@ def test_tls_records_left_inside_tls_by_the_task_read_are_not_stranded(contexts)
     """The hello's read (``receive_some``) decrypts one record; records that arrived with
     it wait inside TLS, invisible to a poll of the socket. take() must step them without
     any more bytes arriving."""
-    server_ctx, client_ctx = contexts
-
     async def main():
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        port = listeners[0].socket.getsockname()[1]
-        raw_client = await trio.open_tcp_stream("127.0.0.1", port)
-        raw_server = await listeners[0].accept()
-        await listeners[0].aclose()
-        ours = TLSStream(raw_server, server_ctx, server_side=True)
-        theirs = trio.SSLStream(raw_client, client_ctx, server_hostname="127.0.0.1")
-        async with trio.open_nursery() as n:
-            n.start_soon(ours.do_handshake)
-            n.start_soon(theirs.do_handshake)
+        ours, theirs = await tls_server_pair(*contexts)
         for i in range(3):  # three records, all in the socket before we read
             await theirs.send_all(put(i))
-        sock = raw_server.socket
+        sock = ours.transport_stream.socket
         while len(await sock.recv(1 << 16, socket.MSG_PEEK)) < 3 * len(put(0)):
             await trio.sleep(0.01)
         conn = Connection(ours, 1 << 20, "tls")

@@ -9,22 +9,7 @@ import trio
 
 from nodeagent.tlsstream import receive_waiting_first
 
-
-async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    client = await trio.open_tcp_stream("127.0.0.1", port)
-    server = await listeners[0].accept()
-    await listeners[0].aclose()
-    return client, server
-
-
-def with_deadline(main) -> None:
-    async def bounded():
-        with trio.fail_after(20):
-            await main()
-
-    trio.run(bounded)
+from .loopback import tcp_pair, with_deadline
 
 
 def test_reads_what_arrives_and_then_the_end_of_stream():

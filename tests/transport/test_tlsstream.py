@@ -10,16 +10,14 @@ import trio
 from nodeagent import security as sec
 from nodeagent.tlsstream import TLSStream
 
+from .loopback import tcp_pair, with_deadline
+
 MB = 1 << 20
 
 
 async def pair(server_ctx, client_ctx):
     """(our client TLSStream, trio's server SSLStream), handshaken."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    raw_client = await trio.open_tcp_stream("127.0.0.1", port)
-    raw_server = await listeners[0].accept()
-    await listeners[0].aclose()
+    raw_client, raw_server = await tcp_pair()
     ours = TLSStream(raw_client, client_ctx, server_hostname="127.0.0.1")
     theirs = trio.SSLStream(raw_server, server_ctx, server_side=True)
     async with trio.open_nursery() as n:
@@ -35,14 +33,6 @@ async def read_exactly(stream, n: int) -> bytes:
         assert chunk, f"end of stream after {len(buf)} of {n} bytes"
         buf += chunk
     return bytes(buf)
-
-
-def with_deadline(main) -> None:
-    async def bounded():
-        with trio.fail_after(20):
-            await main()
-
-    trio.run(bounded)
 
 
 def pattern(tag: int, n: int) -> bytes:
@@ -147,11 +137,7 @@ def test_a_refused_handshake_raises_broken_resource_with_the_tls_cause(contexts,
     stranger.verify_mode = ssl.CERT_NONE  # it would talk to anyone: only the server refuses
 
     async def main():
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        port = listeners[0].socket.getsockname()[1]
-        raw_client = await trio.open_tcp_stream("127.0.0.1", port)
-        raw_server = await listeners[0].accept()
-        await listeners[0].aclose()
+        raw_client, raw_server = await tcp_pair()
         ours = TLSStream(raw_server, server_ctx, server_side=True)
         theirs = trio.SSLStream(raw_client, stranger, server_hostname="127.0.0.1")
         errors = []
