@@ -5,7 +5,9 @@ handshake and then the ``hello`` must both finish within ``hello_timeout``; the 
 certificate says who it is (``nodeagent.security``): a peer must be a node certificate
 whose name is the hello's ``node``, a client's role comes from its certificate. A peer
 connection then carries Raft frames into the driver, a client connection carries
-requests, each checked against the role table and answered by one ``reply``. Any
+requests, each checked against the role table and answered by one ``reply``; while a
+client connection waits for its next request, the server's ``ReadHub`` (one task for all
+of them, ``nodeagent/readhub.py``) reads it and proposes its writes. Any
 protocol violation gets an ``error`` frame and a closed connection; the agent, and every
 other connection, carry on.
 
