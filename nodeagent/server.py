@@ -37,7 +37,7 @@ from .protocol import (CLOSED, MESSAGE_SCHEMAS, NEED_DATA, PROTOCOL_VERSION, Fra
 from .security import (ANONYMOUS, NODE, ROLES, AuditLog, Identity, TLSError, TokenBucket,
                        check_request, effective_role, identity_from_cert, required_role)
 from .readhub import ReadHub
-from .tlsstream import TLSStream, receive_waiting_first
+from .tlsstream import TLSStream, read_nowait, receive_waiting_first
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -116,15 +116,10 @@ class Connection:
         stream = self.stream
         if type(stream) is TLSStream:
             data = stream.receive_nowait()
-            if data is None:
-                return False
         else:
-            try:
-                data = os.read(stream.socket.fileno(), READ_CHUNK)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
+            data = read_nowait(stream, READ_CHUNK)
+        if data is None:
+            return False
         self.feed(data)
         return True
 

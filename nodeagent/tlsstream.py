@@ -24,7 +24,7 @@ import ssl
 
 import trio
 
-__all__ = ["TLSStream", "receive_waiting_first"]
+__all__ = ["TLSStream", "read_nowait", "receive_waiting_first"]
 
 _READ = 65536
 
@@ -42,12 +42,26 @@ async def receive_waiting_first(stream: trio.SocketStream, max_bytes: int) -> by
         if fd < 0:
             raise trio.ClosedResourceError("the connection was closed")
         await trio.lowlevel.wait_readable(fd)  # a close meanwhile raises here
-        try:
-            return os.read(fd, max_bytes)
-        except BlockingIOError:
-            continue  # woken without data after all: wait again
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
+        data = _read_fd(fd, max_bytes)
+        if data is not None:
+            return data
+        # woken without data after all: wait again
+
+
+def read_nowait(stream: trio.SocketStream, max_bytes: int) -> bytes | None:
+    """One read of the socket without waiting: its bytes (``b""`` at its end), or None
+    when it has none now. The number is looked up now (-1 once closed, which fails);
+    a broken socket raises ``trio.BrokenResourceError``."""
+    return _read_fd(stream.socket.fileno(), max_bytes)
+
+
+def _read_fd(fd: int, max_bytes: int) -> bytes | None:
+    try:
+        return os.read(fd, max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
 
 
 class TLSStream(trio.abc.Stream):
@@ -190,12 +204,9 @@ class TLSStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is receiving on this stream")
         chunks = self._decrypt_all()
         if not chunks and not self._eof:
-            try:
-                raw = os.read(self.transport_stream.socket.fileno(), _READ)
-            except BlockingIOError:
+            raw = read_nowait(self.transport_stream, _READ)
+            if raw is None:
                 return None
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"the connection broke: {exc}") from exc
             if not raw:
                 return b""  # closed without close_notify: the framing sees a frame cut short
             self._in.write(raw)
