@@ -65,6 +65,9 @@ _FAILED = ("failed",)
 # What a direct round takes: the steady traffic of replication. Elections, snapshots and
 # the rest go through the inbox.
 _DIRECT = frozenset({AppendEntries, AppendEntriesResponse, Heartbeat, HeartbeatResponse})
+# Requests held over one read hub wake-up (Driver.hold_requests) before they are handed
+# over early, in order.
+_HOLD_MAX = 4096
 
 
 class RequestFailed(Exception):
@@ -252,7 +255,11 @@ class Driver:
         """A client request for the driver; the returned Pending is answered by it
         (``on_done``: see Pending; a full inbox calls it at once, from here)."""
         p = Pending(on_done)
-        if self._held is not None and len(self._held) < 4096:
+        held = self._held
+        if held is not None:
+            if len(held) >= _HOLD_MAX:  # hand these over first, so the order is kept
+                self._held = []
+                self._enqueue_requests(held)
             self._held.append((kind, p, *args))
         elif not self._enqueue((kind, p, *args)):
             p.fail("busy", "the agent's inbox is full; retry with backoff")
@@ -273,7 +280,10 @@ class Driver:
         if self._parked and self._sync_is_fast():
             self._direct(held)
             return
-        for ev in held:
+        self._enqueue_requests(held)
+
+    def _enqueue_requests(self, events: list) -> None:
+        for ev in events:
             if not self._enqueue(ev):
                 ev[1].fail("busy", "the agent's inbox is full; retry with backoff")
 

@@ -214,3 +214,28 @@ def test_held_requests_go_through_the_inbox_when_the_driver_is_busy(tmp_path):
         storage.close()
 
     _run(main)
+
+
+def test_more_held_requests_than_the_hold_takes_keep_their_order(tmp_path):
+    """Past the hold's bound (4,096) the requests still reach the log in the order they
+    were submitted: one connection's writes must not overtake each other."""
+    from tests.integration.single_voter import start_leading
+
+    async def main():
+        storage, node, driver = _leader(tmp_path)
+        async with trio.open_nursery() as nursery:
+            await start_leading(nursery, driver, node)
+            driver.deliver(RequestVote("n9", "n1", 0, 0, 0))  # busy: the inbox path
+            driver.hold_requests()
+            pend = [driver.submit("propose", encode_command("put", key=f"k{i}", value=b"v"))
+                    for i in range(4100)]
+            driver.release_requests()
+            with trio.fail_after(30):
+                for p in pend:
+                    await p.wait(30)
+            indexes = [p.outcome()[0] for p in pend]
+            assert indexes == sorted(indexes)
+            nursery.cancel_scope.cancel()
+        storage.close()
+
+    _run(main)
