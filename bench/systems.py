@@ -91,6 +91,8 @@ class Raftdeck:
                 "election_timeout_ms": self.election_ms,
                 "heartbeat_interval_ms": self.heartbeat_ms,
                 "snapshot_interval": self.snapshot_interval,
+                "snapshot_log_percent": (ClusterConfig.__dataclass_fields__["snapshot_log_percent"].default
+                                         if self.source is None else "the tree's default"),
                 "durability": "WAL fsync before a write is acknowledged" if self.fsync else
                               "no fsync: a power loss can lose acknowledged writes"}
 

@@ -111,6 +111,7 @@ class Agent:
             node, storage, state, self.transport.send,
             tick_interval=hb / 1000.0,
             snapshot_interval=cfg.cluster.snapshot_interval,
+            snapshot_log_percent=cfg.cluster.snapshot_log_percent,
             on_apply_conf=self._on_conf_change,
             metrics=self.metrics,
             sync_in_thread=cfg.cluster.fsync,

@@ -146,7 +146,11 @@ class ClusterConfig:
     # latency (docs/BENCHMARKS.md, session 11: failover, the no-election soak, the tail).
     election_timeout_ms: int = 500
     heartbeat_interval_ms: int = 50
-    snapshot_interval: int = 10000  # log entries between snapshots
+    # A snapshot is taken once both hold: this many log entries since the last one, and
+    # those entries' commands add up to snapshot_log_percent % of its size (a big state
+    # is snapshotted less often: serializing it costs O(state); docs/ARCHITECTURE.md).
+    snapshot_interval: int = 5000
+    snapshot_log_percent: int = 10
     dispatch_policy: str = "least_loaded"
     max_attempts: int = 3  # attempts per task, the first included
     task_lease_ms: int = 5000
@@ -408,7 +412,8 @@ _CLUSTER_FIELDS: dict[str, tuple[str, Any, Any]] = {
     "name": ("cluster_name", REQUIRED, None),
     "election_timeout_ms": ("int", 500, (1, INT_MAX)),
     "heartbeat_interval_ms": ("int", 50, (1, INT_MAX)),
-    "snapshot_interval": ("int", 10000, (1, INT_MAX)),
+    "snapshot_interval": ("int", 5000, (1, INT_MAX)),
+    "snapshot_log_percent": ("int", 10, (0, 100_000)),
     "dispatch_policy": ("choice", "least_loaded", DISPATCH_POLICIES),
     "max_attempts": ("int", 3, (1, 1000)),
     "task_lease_ms": ("int", 5000, (1, INT_MAX)),

@@ -156,6 +156,7 @@ class Driver:
         *,
         tick_interval: float,
         snapshot_interval: int,
+        snapshot_log_percent: int = 0,
         inbox_size: int = 8192,
         on_apply_conf: Callable[[ConfChange], None] | None = None,
         metrics=None,
@@ -172,7 +173,13 @@ class Driver:
         self._send_batch = send_batch
         self._sends_waiting = False  # this Ready left messages for writer tasks to send
         self.tick_interval = tick_interval
+        # A snapshot is due when both hold: ``snapshot_interval`` entries applied since
+        # the last one, and their commands' bytes at least ``snapshot_log_percent`` % of
+        # the last snapshot's size. Serializing costs O(state); the second rule keeps
+        # that work proportional to the writes once the state is big (docs/ARCHITECTURE.md,
+        # "When to snapshot").
         self.snapshot_interval = snapshot_interval
+        self.snapshot_log_percent = snapshot_log_percent
         self._inbox_send, self._inbox_recv = trio.open_memory_channel(inbox_size)
         self._proposals: dict[int, _Proposal] = {}
         self._reads_by_ctx: dict[bytes, tuple[str, Pending]] = {}
@@ -191,6 +198,10 @@ class Driver:
         self.version = 0
         self.leader_changes: list[float] = []
         self.last_snapshot_index = node.log.snapshot_index()
+        snap = node.log.snapshot
+        self.last_snapshot_bytes = len(snap.data) if snap is not None else 0
+        self.log_bytes = 0  # commands' bytes applied since the last snapshot's index
+        self._snap_log_bytes = 0  # log_bytes when the one in flight was captured
         # Snapshots: the state is captured here (a few shallow copies), serialized and
         # written in a worker thread while this task goes on, and adopted back here. False:
         # the old way, all of it in this task (for comparisons in tests and benchmarks).
@@ -528,6 +539,8 @@ class Driver:
         applied = self.state.applied_index
         if applied - self.last_snapshot_index < self.snapshot_interval:
             return
+        if self.log_bytes * 100 < self.snapshot_log_percent * self.last_snapshot_bytes:
+            return
         if self.node.log.applied != applied:
             return
         if self.snapshot_in_thread and self._nursery is not None:
@@ -538,6 +551,8 @@ class Driver:
         snap = self.node.create_snapshot(self.state.snapshot())
         self.storage.compact(snap)
         self.last_snapshot_index = snap.meta.index
+        self.last_snapshot_bytes = len(snap.data)
+        self.log_bytes = 0
         self.snapshots_taken += 1
         ms = round((time.perf_counter() - t0) * 1000, 1)
         log.info("snapshot", extra={"index": snap.meta.index, "bytes": len(snap.data), "ms": ms,
@@ -562,6 +577,7 @@ class Driver:
         # core refuse it (create_snapshot).
         meta = SnapshotMeta(index, term, self.node.conf)
         self._snap_inflight = True
+        self._snap_log_bytes = self.log_bytes
         self._nursery.start_soon(self._snapshot_in_background, view, meta, t0, time.perf_counter() - t0)
 
     async def _snapshot_in_background(self, view: StateView, meta: SnapshotMeta, t0: float,
@@ -617,7 +633,10 @@ class Driver:
         size = len(snap.data)
         del snap  # the serialized bytes: the core holds the file now
         release_free_memory()
-        self.last_snapshot_index = max(self.last_snapshot_index, index)
+        if index > self.last_snapshot_index:
+            self.last_snapshot_index = index
+            self.last_snapshot_bytes = size
+            self.log_bytes = max(0, self.log_bytes - self._snap_log_bytes)
         self.snapshots_taken += 1
         now = time.perf_counter()
         # ms: how long this task was held up by it (capture + adopt); total_ms: from the
@@ -700,6 +719,8 @@ class Driver:
         else:
             self.state.restore(snapshot.data)
         self.last_snapshot_index = snapshot.meta.index
+        self.last_snapshot_bytes = len(snapshot.data)
+        self.log_bytes = 0
         self.snapshots_installed += 1
         log.info("snapshot installed", extra={"index": snapshot.meta.index, "bytes": len(snapshot.data),
                                               "leader": self.node.lead})
@@ -713,6 +734,7 @@ class Driver:
     def apply(self, entry: Entry) -> None:
         if entry.index <= self.state.applied_index:
             return  # already in the restored snapshot
+        self.log_bytes += len(entry.data)
         result = self.state.apply_entry(entry)
         if entry.kind is EntryKind.CONF_CHANGE and self._on_apply_conf is not None:
             try:
@@ -771,7 +793,11 @@ class Driver:
             "snapshots": {"taken": self.snapshots_taken, "dropped": self.snapshots_dropped,
                           "sent": self.snapshots_sent, "installed": self.snapshots_installed,
                           "refused": self.snapshots_refused, "held": self._snapshot_held(),
-                          "in_flight": self._snap_inflight},
+                          "in_flight": self._snap_inflight,
+                          "last_index": self.last_snapshot_index,
+                          "last_bytes": self.last_snapshot_bytes,
+                          "log_entries_since": self.state.applied_index - self.last_snapshot_index,
+                          "log_bytes_since": self.log_bytes},
             "fsync": {"inline": self.syncs_inline, "threaded": self.syncs_threaded,
                       "recent_ms": round(self.sync_ewma * 1000, 3)},
             "direct_rounds": self.direct_rounds,

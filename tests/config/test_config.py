@@ -124,7 +124,8 @@ def test_minimal_inventory_takes_every_default(tmp_path):
         nodes=(NodeConfig(name="a", host="h", port=1, data_dir=tmp_path / ".raftdeck" / "a"),),
     )
     c = inv.cluster
-    assert (c.election_timeout_ms, c.heartbeat_interval_ms, c.snapshot_interval) == (500, 50, 10000)
+    assert (c.election_timeout_ms, c.heartbeat_interval_ms, c.snapshot_interval) == (500, 50, 5000)
+    assert c.snapshot_log_percent == 10
     assert (c.dispatch_policy, c.max_attempts, c.task_lease_ms, c.fsync, c.tls) == ("least_loaded", 3, 5000, True, None)
     assert c.max_frame_bytes == 4 * 1024 * 1024
     n = inv.nodes[0]
@@ -143,6 +144,7 @@ cluster:
   election_timeout_ms: 3000
   heartbeat_interval_ms: 300
   snapshot_interval: 1
+  snapshot_log_percent: 0
   dispatch_policy: hash
   max_attempts: 7
   task_lease_ms: 20000
@@ -184,6 +186,7 @@ def test_full_inventory_round_trips_to_dataclasses(tmp_path, monkeypatch):
             election_timeout_ms=3000,
             heartbeat_interval_ms=300,
             snapshot_interval=1,
+            snapshot_log_percent=0,
             dispatch_policy="hash",
             max_attempts=7,
             task_lease_ms=20000,
@@ -431,6 +434,8 @@ ERRORS = [
      ["0 is out of range; use at least 1"]),
     ("snapshot_interval 0", "  name: demo\n", "  name: demo\n  snapshot_interval: 0\n", 3, "cluster.snapshot_interval",
      ["out of range"]),
+    ("snapshot_log_percent -1", "  name: demo\n", "  name: demo\n  snapshot_log_percent: -1\n", 3,
+     "cluster.snapshot_log_percent", ["-1 is out of range; use 0..100000"]),
     ("max_attempts 0", "  name: demo\n", "  name: demo\n  max_attempts: 0\n", 3, "cluster.max_attempts", ["use 1..1000"]),
     ("tiny frames", "  name: demo\n", "  name: demo\n  max_frame_bytes: 10\n", 3, "cluster.max_frame_bytes",
      ["10 is out of range; use 1024..4294967295"]),
