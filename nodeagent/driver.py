@@ -56,7 +56,7 @@ from .raft.messages import (
     SnapshotMeta,
 )
 from .raft.ready import begin_ready, finish_ready
-from .state import StateError, StateMachine, StateView, serialize_view
+from .state import StateError, StateMachine, StateView, serialize_view_chunks
 
 log = logging.getLogger("nodeagent.driver")
 
@@ -585,7 +585,8 @@ class Driver:
         storage = self.storage
 
         def work() -> tuple[Snapshot, bool]:
-            snap = Snapshot(meta, serialize_view(view))
+            # in pieces: storage writes them one by one, never joined (SnapshotChunks)
+            snap = Snapshot(meta, serialize_view_chunks(view))
             return snap, storage.write_snapshot_file(snap)
 
         try:
@@ -682,6 +683,8 @@ class Driver:
         except OSError as exc:  # the file cannot be opened: keep the bytes instead
             log.warning("snapshot kept in memory", extra={"index": snap.meta.index,
                                                           "error": repr(exc)})
+            if not isinstance(snap.data, (bytes, bytearray)):  # SnapshotChunks: one buffer
+                snap = Snapshot(snap.meta, bytes(snap.data))
             return snap
 
     def _read_snapshot(self, m: InstallSnapshot) -> InstallSnapshot | None:

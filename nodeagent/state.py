@@ -140,6 +140,7 @@ __all__ = [
     "Divergence",
     "OpSpec",
     "Session",
+    "SnapshotChunks",
     "StateError",
     "StateMachine",
     "StateStatistics",
@@ -150,6 +151,7 @@ __all__ = [
     "encode_command",
     "encode_command_for",
     "serialize_view",
+    "serialize_view_chunks",
 ]
 
 DEFAULT_MAX_SESSIONS = 10_000
@@ -769,10 +771,39 @@ def _pack_map_chunked(packer: msgpack.Packer, parts: list, m: Mapping[str, Any],
         parts.append(body[len(packer.pack_map_header(len(chunk))) :])
 
 
+class SnapshotChunks:
+    """A snapshot's bytes as the pieces :func:`serialize_view_chunks` made them, not joined.
+
+    Joining them copied the whole serialized state once more, in one C call holding the
+    GIL: at 70,000 keys 8 MB of the snapshot's transient peak, at a million 117 MB.
+    Storage writes the pieces one after the other (``parts``); ``len()`` is the joined
+    length and ``bytes()`` joins them, for whatever needs one buffer."""
+
+    __slots__ = ("parts", "_size")
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = tuple(parts)
+        self._size = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __repr__(self) -> str:
+        return f"SnapshotChunks({len(self.parts)} parts, {self._size} bytes)"
+
+
 def serialize_view(view: StateView) -> bytes:
     """The canonical snapshot bytes of a view: a pure function of it, safe to call in a
     worker thread while the machine goes on applying. Equal views give equal bytes, and
     ``serialize_view(sm.snapshot_view()) == sm.snapshot()``."""
+    return bytes(serialize_view_chunks(view))
+
+
+def serialize_view_chunks(view: StateView) -> SnapshotChunks:
+    """:func:`serialize_view`'s bytes in pieces, never joined (see SnapshotChunks)."""
     packer = msgpack.Packer(use_bin_type=True)
     pack = packer.pack
     # The body map, with its keys in sorted order:
@@ -800,8 +831,7 @@ def serialize_view(view: StateView) -> bytes:
         parts.append(body[len(packer.pack_array_header(len(chunk))) :])
     parts.append(pack("tasks"))
     _pack_map_chunked(packer, parts, view.tasks, canon=True)
-    # The outer map {body, format, sha256, version} around the body's parts, joined once:
-    # a copy of tens of MB is one C call that holds the GIL, so make only one.
+    # The outer map {body, format, sha256, version} around the body's parts.
     sha = hashlib.sha256()
     body_len = 0
     for p in parts:
@@ -810,7 +840,7 @@ def serialize_view(view: StateView) -> bytes:
     head = [packer.pack_map_header(4), pack("body"), bin_header(body_len)]
     tail = [pack("format"), pack(SNAPSHOT_FORMAT), pack("sha256"), pack(sha.digest()),
             pack("version"), pack(SNAPSHOT_VERSION)]
-    return b"".join(head + parts + tail)
+    return SnapshotChunks(head + parts + tail)
 
 
 # -- the state machine ----------------------------------------------------------------------

@@ -175,9 +175,15 @@ def _valid_record_after(buf: bytes, pos: int) -> int | None:
     return None
 
 
+def _pieces(data) -> tuple:
+    """The buffers of a snapshot's data, in order: a SnapshotChunks' parts, or itself."""
+    parts = getattr(data, "parts", None)
+    return (data,) if parts is None else parts
+
+
 def _snapshot_payload(snap: Snapshot) -> bytes:
     head, data = _snapshot_payload_parts(snap)
-    return head + data
+    return b"".join((head, *_pieces(data)))
 
 
 def _snapshot_payload_parts(snap: Snapshot) -> tuple[bytes, bytes]:
@@ -200,13 +206,17 @@ def _snapshot_payload_parts(snap: Snapshot) -> tuple[bytes, bytes]:
     return head, data
 
 
-def _framed_snapshot_parts(snap: Snapshot) -> tuple[bytes, bytes]:
-    """``_frame(_snapshot_payload(snap))`` as (header, data): the crc32 runs over the
-    data in place (zlib lets go of the GIL for it)."""
+def _framed_snapshot_parts(snap: Snapshot) -> tuple[bytes, tuple]:
+    """``_frame(_snapshot_payload(snap))`` as (header, the data's buffers): the crc32 runs
+    over the data in place (zlib lets go of the GIL for it), a SnapshotChunks' pieces one
+    after the other, never joined."""
     head, data = _snapshot_payload_parts(snap)
     n = _LEN.pack(len(head) + len(data))
-    crc = zlib.crc32(data, zlib.crc32(head, zlib.crc32(n)))
-    return n + _LEN.pack(crc) + head, data
+    crc = zlib.crc32(head, zlib.crc32(n))
+    pieces = _pieces(data)
+    for p in pieces:
+        crc = zlib.crc32(p, crc)
+    return n + _LEN.pack(crc) + head, pieces
 
 
 def _decode_snapshot(payload) -> Snapshot:
@@ -628,18 +638,20 @@ class DiskStorage:
                 return False
             path = self._snap_path(m.index, m.term)
             tmp = path + ".bg.tmp"  # not save()'s temp name: that one may be written meanwhile
-            head, data = _framed_snapshot_parts(snapshot)
+            head, pieces = _framed_snapshot_parts(snapshot)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
                 try:
                     _write_all(fd, head)
                     delay = _test_write_delay()
-                    if delay:  # a test's crash window: half the file written, not yet renamed
-                        _write_all(fd, memoryview(data)[: len(data) // 2])
-                        time.sleep(delay)
-                        _write_all(fd, memoryview(data)[len(data) // 2 :])
-                    else:
-                        _write_all(fd, data)  # os.write lets go of the GIL
+                    if delay and len(pieces) == 1:
+                        mv = memoryview(pieces[0])
+                        pieces = (mv[: len(mv) // 2], mv[len(mv) // 2 :])
+                    for i, p in enumerate(pieces):
+                        if delay and i == len(pieces) // 2:
+                            # a test's crash window: half the file written, not yet renamed
+                            time.sleep(delay)
+                        _write_all(fd, p)  # os.write lets go of the GIL
                     self._fsync_fd(fd)
                 finally:
                     os.close(fd)

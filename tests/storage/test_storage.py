@@ -25,6 +25,7 @@ from nodeagent.raft.messages import (
     Snapshot,
     SnapshotMeta,
 )
+from nodeagent.state import SnapshotChunks
 from nodeagent.storage import DiskStorage, StorageCorruption
 
 CONF = ConfState.of(["a", "b", "c"], ["d"], {"a": 3, "b": 0})
@@ -918,8 +919,40 @@ def test_a_snapshot_record_written_in_parts_is_the_one_record(size):
                              [list(p) for p in m.conf.priorities], s.data], use_bin_type=True)
     n = struct.pack(">I", len(payload))
     record = n + struct.pack(">I", zlib.crc32(payload, zlib.crc32(n))) + payload
-    head, data = storage_mod._framed_snapshot_parts(s)
-    assert head + data == record == storage_mod._frame(storage_mod._snapshot_payload(s))
+    head, pieces = storage_mod._framed_snapshot_parts(s)
+    assert head + b"".join(pieces) == record == storage_mod._frame(storage_mod._snapshot_payload(s))
+    # the same data in pieces (a background snapshot's SnapshotChunks): the same record
+    n = len(s.data)
+    cuts = sorted({0, n // 3, n // 2, n})
+    chunked = Snapshot(m, SnapshotChunks([s.data[a:b] for a, b in zip(cuts, cuts[1:])]))
+    head2, pieces2 = storage_mod._framed_snapshot_parts(chunked)
+    assert head2 + b"".join(pieces2) == record == storage_mod._frame(storage_mod._snapshot_payload(chunked))
+
+
+class _NeverJoined(SnapshotChunks):
+    """Chunks that fail the test if anything joins them into one buffer."""
+
+    __slots__ = ()
+
+    def __bytes__(self) -> bytes:
+        raise AssertionError("the snapshot's pieces were joined")
+
+
+def test_a_background_snapshot_is_written_from_its_pieces_without_joining_them(tmp_path):
+    """A snapshot serialized in a worker thread comes as SnapshotChunks (the state's
+    packed chunks): storage writes them one after the other. Joining them would hold a
+    second copy of the whole serialized state (the snapshot's transient peak)."""
+    d = tmp_path / "n1"
+    s = DiskStorage.open(d)
+    s.save(HardState(1, "a", 100), ents(1, 100), None)
+    s.sync()
+    parts = [bytes([i]) * (10_000 + i) for i in range(20)]
+    chunked = Snapshot(SnapshotMeta(100, 1, CONF), _NeverJoined(parts))
+    assert s.write_snapshot_file(chunked)
+    assert s.finish_compact(s.snapshot_file(chunked))
+    s.close()
+    rec = reopen(d)
+    assert rec.snapshot.meta.index == 100 and bytes(rec.snapshot.data) == b"".join(parts)
 
 
 # -- the core holds a snapshot's file, not its bytes ---------------------------------------
