@@ -83,3 +83,39 @@ def test_percent_zero_snapshots_by_entries_alone(tmp_path):
         assert after["taken"] >= 2, after
 
     _run(tmp_path, 0, check)
+
+
+def test_a_restarted_driver_counts_from_its_recovered_snapshot(tmp_path):
+    """After a restart the rule goes on where it was: the last snapshot's size comes from
+    its file, and the entries replayed after it count towards the next one."""
+    seen: dict = {}
+
+    async def first_life(put, settled):
+        first, after = await _big_state_then_small_writes(put, settled)
+        seen["first"], seen["after"] = first, after
+
+    _run(tmp_path, 10, first_life)
+    storage = DiskStorage.open(tmp_path / "n1", fsync=False)
+    try:
+        node, driver = single_voter_driver(storage, tick_interval=0.02, snapshot_interval=20,
+                                           snapshot_log_percent=10)
+
+        async def main():
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    await start_leading(nursery, driver, node)
+                    # the entries after the snapshot apply again as the log replays
+                    while (driver.status()["snapshots"]["log_entries_since"]
+                           < seen["after"]["log_entries_since"]):
+                        await trio.sleep(0.01)
+                    s = driver.status()["snapshots"]
+                    assert s["last_index"] == seen["after"]["last_index"]
+                    assert s["last_bytes"] == seen["after"]["last_bytes"]
+                    # the 40 small puts again (and this life's empty leader entry: no bytes)
+                    assert s["log_bytes_since"] == seen["after"]["log_bytes_since"], (s, seen["after"])
+                    assert s["taken"] == 0
+                    nursery.cancel_scope.cancel()
+
+        trio.run(main)
+    finally:
+        storage.close()
