@@ -60,6 +60,12 @@ from .state import StateError, StateMachine, StateView, serialize_view_chunks
 
 log = logging.getLogger("nodeagent.driver")
 
+# The byte rule (snapshot_log_percent) waits at most this many intervals: with small
+# commands and a big state, the log it lets grow costs memory (about 100 bytes an entry
+# besides the command) and replay time on restart. 100,000 entries at the default
+# interval, etcd's default --snapshot-count.
+SNAPSHOT_MAX_INTERVALS = 20
+
 _TICK = ("tick",)
 _FAILED = ("failed",)
 # What a direct round takes: the steady traffic of replication. Elections, snapshots and
@@ -175,7 +181,7 @@ class Driver:
         self.tick_interval = tick_interval
         # A snapshot is due when both hold: ``snapshot_interval`` entries applied since
         # the last one, and their commands' bytes at least ``snapshot_log_percent`` % of
-        # the last snapshot's size. Serializing costs O(state); the second rule keeps
+        # the last snapshot's size (or SNAPSHOT_MAX_INTERVALS intervals have passed). Serializing costs O(state); the second rule keeps
         # that work proportional to the writes once the state is big (docs/ARCHITECTURE.md,
         # "When to snapshot").
         self.snapshot_interval = snapshot_interval
@@ -537,9 +543,11 @@ class Driver:
 
     def _maybe_snapshot(self) -> None:
         applied = self.state.applied_index
-        if applied - self.last_snapshot_index < self.snapshot_interval:
+        since = applied - self.last_snapshot_index
+        if since < self.snapshot_interval:
             return
-        if self.log_bytes * 100 < self.snapshot_log_percent * self.last_snapshot_bytes:
+        if (since < SNAPSHOT_MAX_INTERVALS * self.snapshot_interval
+                and self.log_bytes * 100 < self.snapshot_log_percent * self.last_snapshot_bytes):
             return
         if self.node.log.applied != applied:
             return

@@ -119,3 +119,27 @@ def test_a_restarted_driver_counts_from_its_recovered_snapshot(tmp_path):
         trio.run(main)
     finally:
         storage.close()
+
+
+def test_the_byte_rule_waits_at_most_twenty_intervals(tmp_path):
+    """Small commands on a big state: the byte rule alone would let the log grow for a
+    long time; past SNAPSHOT_MAX_INTERVALS intervals a snapshot is taken anyway."""
+    from nodeagent.driver import SNAPSHOT_MAX_INTERVALS
+
+    async def check(put, settled):
+        first, after = await _big_state_then_small_writes(put, settled)
+        assert after["taken"] == 1, after
+        cap = SNAPSHOT_MAX_INTERVALS * 20  # the test's interval is 20
+        for i in range(cap):
+            await put(f"tiny{i}", b"t")
+        s = await settled()
+        for _ in range(200):
+            if s["taken"] >= 2:
+                break
+            await trio.sleep(0.01)
+            s = await settled()
+        assert s["taken"] == 2, s
+        # far below the byte rule's share: only the cap can have taken it
+        assert s["last_index"] - first["last_index"] >= cap - 1, (first, s)
+
+    _run(tmp_path, 100_000, check)
