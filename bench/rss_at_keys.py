@@ -9,9 +9,10 @@ This one fixes the count: a fresh 3-agent cluster (fsync on, plain TCP) per roun
 variant, N distinct 100-byte puts from ``--writers`` concurrent clients, then each
 agent's RSS once no snapshot is in flight (the target's "settled" reading) and its peak
 (VmHWM). Variants alternate in order from round to round. A variant is this tree (the
-default) or another source tree, with an optional snapshot interval; another tree runs
-with the default timeouts written out (election 500 / heartbeat 50 ms). Prints one JSON
-object per round and variant, then the medians.
+default) or another source tree, with an optional snapshot interval. Every variant's
+inventory is written with this tree's defaults for what it does not name (the timeouts,
+and the interval when none is given), so give the interval for a tree whose default
+differs. Prints one JSON object per round and variant, then the medians.
 """
 
 from __future__ import annotations

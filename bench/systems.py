@@ -42,7 +42,8 @@ def config_defaults() -> dict:
     c = ClusterConfig.__dataclass_fields__
     return {"election_ms": c["election_timeout_ms"].default,
             "heartbeat_ms": c["heartbeat_interval_ms"].default,
-            "snapshot_interval": c["snapshot_interval"].default}
+            "snapshot_interval": c["snapshot_interval"].default,
+            "snapshot_log_percent": c["snapshot_log_percent"].default}
 
 
 # Whether raftdeck clusters run with mutual TLS (python -m bench --tls).
@@ -91,7 +92,7 @@ class Raftdeck:
                 "election_timeout_ms": self.election_ms,
                 "heartbeat_interval_ms": self.heartbeat_ms,
                 "snapshot_interval": self.snapshot_interval,
-                "snapshot_log_percent": (ClusterConfig.__dataclass_fields__["snapshot_log_percent"].default
+                "snapshot_log_percent": (config_defaults()["snapshot_log_percent"]
                                          if self.source is None else "the tree's default"),
                 "durability": "WAL fsync before a write is acknowledged" if self.fsync else
                               "no fsync: a power loss can lose acknowledged writes"}

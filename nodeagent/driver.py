@@ -181,9 +181,9 @@ class Driver:
         self.tick_interval = tick_interval
         # A snapshot is due when both hold: ``snapshot_interval`` entries applied since
         # the last one, and their commands' bytes at least ``snapshot_log_percent`` % of
-        # the last snapshot's size (or SNAPSHOT_MAX_INTERVALS intervals have passed). Serializing costs O(state); the second rule keeps
-        # that work proportional to the writes once the state is big (docs/ARCHITECTURE.md,
-        # "When to snapshot").
+        # the last snapshot's size (or SNAPSHOT_MAX_INTERVALS intervals have passed).
+        # Serializing costs O(state); the second rule keeps that work proportional to the
+        # writes once the state is big (docs/ARCHITECTURE.md, "When to snapshot").
         self.snapshot_interval = snapshot_interval
         self.snapshot_log_percent = snapshot_log_percent
         self._inbox_send, self._inbox_recv = trio.open_memory_channel(inbox_size)
