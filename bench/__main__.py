@@ -22,7 +22,11 @@ a snapshot in flight, which holds a copy of the state's table). Then more rounds
 (``--rounds``: 3 in all by default) of the sequential writes, the 32 writers and the RSS,
 each on fresh clusters of every system in turn, the order alternating: the targets read
 the median over the rounds (ratios against PySyncObj's better configuration of the same
-round), so one slow minute of a shared machine does not decide them. Then, raftdeck only
+round), so one slow minute of a shared machine does not decide them. Then, in its own
+processes, bench/commit_floor.py: what a durable replicated write costs on this machine
+before any system's own work (three processes over TCP appending to files, with every
+fsync and with none); the summary reads each system's sequential p50 less the floor of
+its own durability. Then, raftdeck only
 (fsync on): commit latency and throughput for 3, 5 and 7 agents; recovery of a restarted
 agent as its log grows (10k and 100k entries), with and without snapshots; memory per
 100k log entries. ``--soak S`` instead runs S seconds of steady load on 3 agents and
@@ -44,6 +48,7 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -495,7 +500,28 @@ def summarize(res: dict) -> dict:
         targets["rss_under_50_mib"]["at_once"] = rounds["rss_kib_max"]["raftdeck_fsync"]
         if "rss_kib_max_peak" in rounds:
             targets["rss_under_50_mib"]["peak"] = rounds["rss_kib_max_peak"]["raftdeck_fsync"]
-    return {"rows": rows, "rounds": rounds, "targets": targets}
+    return {"rows": rows, "rounds": rounds, "targets": targets,
+            "above_floor": above_floor(rounds, res.get("commit_floor", {}))}
+
+
+def above_floor(rounds: dict, floor: dict) -> dict | None:
+    """Sequential p50 (median of the rounds) less the commit floor of the same durability:
+    raftdeck with fsync against the floor with every fsync, PySyncObj (its journal never
+    fsyncs) against the floor with none. What is left is each system's own work per write."""
+    modes = floor.get("modes")
+    seq = rounds.get("sequential_p50_ms", {})
+    if not modes or "raftdeck_fsync" not in seq:
+        return None
+    pso = {k: v["median"] for k, v in seq.items() if k.startswith("pysyncobj") and isinstance(v, dict)}
+    bk, bv = best(pso, True)
+    rd = seq["raftdeck_fsync"]["median"]
+    if rd is None or bv is None:
+        return None
+    rd_own = round(rd - modes["all"]["commit_p50_us"] / 1000, 3)
+    pso_own = round(bv - modes["none"]["commit_p50_us"] / 1000, 3)
+    return {"raftdeck_fsync_ms": rd_own, f"{bk}_ms": pso_own, "ratio": ratio(rd_own, pso_own),
+            "floor_all_fsync_p50_ms": modes["all"]["commit_p50_us"] / 1000,
+            "floor_no_fsync_p50_ms": modes["none"]["commit_p50_us"] / 1000}
 
 
 ROUND_METRICS = [("sequential_p50_ms", True), ("sequential_p99_ms", True),
@@ -562,6 +588,18 @@ def table(res: dict) -> str:
                           ("peak", "peak (VmHWM)")):
             if key in t:
                 lines.append(f"  ({what}: {t[key]['median']}, rounds {t[key]['rounds']})")
+    floor = res.get("commit_floor", {}).get("modes")
+    af = s.get("above_floor")
+    if af:
+        lines.append(f"sequential p50 above the commit floor (each system's own work per "
+                     f"write): raftdeck fsync {af['raftdeck_fsync_ms']} ms, PySyncObj "
+                     f"{[v for k, v in af.items() if k.startswith('pysyncobj')][0]} ms "
+                     f"({af['ratio']}x)")
+    if floor:
+        lines.append(f"commit floor on this machine (3 processes, no Raft): p50 / p99 "
+                     f"{floor['all']['commit_p50_us']} / {floor['all']['commit_p99_us']} us "
+                     f"with every fsync, {floor['none']['commit_p50_us']} / "
+                     f"{floor['none']['commit_p99_us']} us with none")
     for g in res.get("growth_nodes", []):
         lines.append(f"growth {g['agents']} agents: seq p50 {g['sequential_p50_ms']} ms, "
                      f"p99 {g['sequential_p99_ms']} ms, 32 writers "
@@ -614,6 +652,22 @@ def machine(tmp: str) -> dict:
             "loadavg_at_start": load}
 
 
+def commit_floor(tmp: Path, cfg: Cfg) -> dict:
+    """bench/commit_floor.py on the clusters' filesystem, in its own processes (it forks):
+    what a durable replicated write costs here before any system's own work."""
+    writes, rounds = (20, 1) if cfg.quick else (400, 3)
+    try:
+        p = subprocess.run([sys.executable, "-m", "bench.commit_floor", "--writes", str(writes),
+                            "--rounds", str(rounds), "--dir", str(tmp)],
+                           capture_output=True, text=True, timeout=600,
+                           cwd=Path(__file__).resolve().parents[1])
+        if p.returncode != 0:
+            return {"error": p.stderr.strip().splitlines()[-1:] or [f"exit {p.returncode}"]}
+        return json.loads(p.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 async def run_all(a, tmp: Path, cfg: Cfg) -> dict:
     res: dict = {"side_by_side": {}}
     # Each factory takes the round's suffix: every round starts from empty directories.
@@ -647,6 +701,8 @@ async def run_all(a, tmp: Path, cfg: Cfg) -> dict:
             except Exception as e:
                 fig = {"error": f"{type(e).__name__}: {e}"}
             res["side_by_side"][key]["rounds"].append(fig)
+    print("bench: the commit floor (bench/commit_floor.py) ...", file=sys.stderr, flush=True)
+    res["commit_floor"] = commit_floor(tmp, cfg)
     if not a.skip_growth:
         print("bench: growth (agents) ...", file=sys.stderr, flush=True)
         res["growth_nodes"] = await growth_nodes(tmp, cfg)

@@ -74,6 +74,14 @@ def test_quick_run_writes_json_with_every_field(tmp_path):
     assert tp_target["value"] == summ["rounds"]["throughput_32_writes_per_s"][
         "raftdeck_fsync_over_pysyncobj_best"]["median"]
 
+    floor = r["commit_floor"]
+    assert floor["writes_per_mode"] == 20 and floor["dir"] == str(tmp_path / Path(floor["dir"]).name)
+    assert set(floor["modes"]) == {"none", "leader", "followers", "all"}
+    af = summ["above_floor"]  # the sequential p50 less the floor of the same durability
+    assert af["floor_all_fsync_p50_ms"] == floor["modes"]["all"]["commit_p50_us"] / 1000
+    assert af["raftdeck_fsync_ms"] == round(summ["rounds"]["sequential_p50_ms"]["raftdeck_fsync"]["median"]
+                                            - af["floor_all_fsync_p50_ms"], 3)
+
     (g,) = r["growth_nodes"]
     assert g["agents"] == 3 and g["throughput_writes_per_s"] > 0 and g["sequential_p50_ms"] > 0
     logs = r["growth_log"]

@@ -100,3 +100,24 @@ def test_results_without_a_settled_reading_fall_back_to_the_one_at_once():
     sbs = {"raftdeck_fsync": _sys(old), "pysyncobj_nobatch": _sys([_r(0.5, 0.9, 4000, 54000)])}
     rss = summarize({"side_by_side": sbs})["targets"]["rss_under_50_mib"]
     assert rss["value"] == 52000 and rss["met"] is False
+
+
+def test_above_the_floor_subtracts_the_floor_of_the_same_durability():
+    # raftdeck (fsync) against the floor with every fsync, PySyncObj (no fsync) against
+    # the floor with none; PySyncObj's better configuration by its median p50.
+    sbs = {
+        "raftdeck_fsync": _sys([_r(1.4, 2.0, 6000, 40000), _r(1.2, 2.0, 6000, 40000),
+                                _r(1.3, 2.0, 6000, 40000)]),
+        "pysyncobj_batch": _sys([_r(100, 101, 300, 38000)] * 3),
+        "pysyncobj_nobatch": _sys([_r(0.9, 1.5, 4000, 54000), _r(0.8, 1.5, 4000, 54000),
+                                   _r(0.85, 1.5, 4000, 54000)]),
+    }
+    floor = {"modes": {"all": {"commit_p50_us": 300}, "none": {"commit_p50_us": 50},
+                       "leader": {"commit_p50_us": 200}, "followers": {"commit_p50_us": 280}}}
+    af = summarize({"side_by_side": sbs, "commit_floor": floor})["above_floor"]
+    assert af["raftdeck_fsync_ms"] == 1.0  # median 1.3 - 0.3 (not 1.3 - 0.05)
+    assert af["pysyncobj_nobatch_ms"] == 0.8  # median 0.85 - 0.05
+    assert af["ratio"] == 1.25
+    # no floor measured (or it failed): nothing to say
+    assert summarize({"side_by_side": sbs})["above_floor"] is None
+    assert summarize({"side_by_side": sbs, "commit_floor": {"error": "x"}})["above_floor"] is None
