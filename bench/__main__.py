@@ -415,8 +415,8 @@ async def soak(tmp: Path, seconds: float, writers: int, keys: int | None = None)
 
 def agent_events(rd: Raftdeck) -> dict:
     """From the agents' JSON logs: each snapshot's duration (``ms``: how long it held the
-    driver up, split into ``capture_ms`` and ``adopt_ms``) and each role change, to line
-    elections up with their causes."""
+    driver up, split into ``capture_ms``, ``release_ms`` and ``adopt_ms``) and each role
+    change, to line elections up with their causes."""
     out = {}
     for n in rd.names:
         snaps, roles = [], []
@@ -432,7 +432,8 @@ def agent_events(rd: Raftdeck) -> dict:
             if ev.get("msg") == "snapshot":
                 snaps.append({"ts": ev.get("ts"), "index": ev.get("index"),
                               "bytes": ev.get("bytes"), "ms": ev.get("ms"),
-                              "capture_ms": ev.get("capture_ms"), "adopt_ms": ev.get("adopt_ms")})
+                              "capture_ms": ev.get("capture_ms"), "release_ms": ev.get("release_ms"),
+                              "adopt_ms": ev.get("adopt_ms")})
             elif ev.get("msg") == "role change":
                 roles.append({"ts": ev.get("ts"), "role": ev.get("role"),
                               "term": ev.get("term"), "leader": ev.get("leader")})

@@ -569,6 +569,7 @@ class Driver:
     # Snapshots in the background. The loop must keep ticking (heartbeats) and stepping
     # while a big state is serialized and fsynced: that took 380-950 ms at 100k-300k keys,
     # longer than the election timeout. Here: capture a view at A = applied (in this task;
+    # the key-value table frozen, not copied, until the thread is done with it; the rest
     # shallow copies), serialize it and write its file in a worker thread (the storage
     # lock is not held meanwhile, so the WAL's save/sync go on), then, back in this task,
     # the core adopts it at A if it has not moved past A, and storage purges the WAL.
@@ -576,17 +577,22 @@ class Driver:
 
     def _start_snapshot(self) -> None:
         t0 = time.perf_counter()
-        view = self.state.snapshot_view()
-        index = view.applied_index
+        index = self.state.applied_index
         term = self.node.log.term(index)
         assert term is not None, "applied entries are in the log"
         # The core applies membership changes when their entries apply, so its conf now is
         # the one at ``index``; a change applied before the snapshot is adopted makes the
         # core refuse it (create_snapshot).
         meta = SnapshotMeta(index, term, self.node.conf)
+        view = self.state.snapshot_view()  # released by _snapshot_in_background
+        try:
+            self._nursery.start_soon(self._snapshot_in_background, view, meta, t0,
+                                     time.perf_counter() - t0)
+        except BaseException:
+            self.state.release_view(view)
+            raise
         self._snap_inflight = True
         self._snap_log_bytes = self.log_bytes
-        self._nursery.start_soon(self._snapshot_in_background, view, meta, t0, time.perf_counter() - t0)
 
     async def _snapshot_in_background(self, view: StateView, meta: SnapshotMeta, t0: float,
                                       loop_s: float) -> None:
@@ -601,12 +607,20 @@ class Driver:
             # Not abandoned on cancel: the thread finishes (and cleans up its temp file).
             snap, written = await trio.to_thread.run_sync(work)
         except (OSError, ValueError, RuntimeError) as exc:
+            self.state.release_view(view)
             # The WAL was not touched: the node is as safe as before. Try again later.
             self._snap_inflight = False
             self._snap_not_before = trio.current_time() + 5.0
             log.warning("snapshot failed", extra={"index": meta.index, "error": repr(exc)})
             return
-        self._snap_done = (snap, written, t0, loop_s)
+        except BaseException:
+            self.state.release_view(view)
+            raise
+        # The thread is done with the view: the key-value table takes the changes made
+        # since the capture (O(those changes), in this task).
+        t1 = time.perf_counter()
+        self.state.release_view(view)
+        self._snap_done = (snap, written, t0, loop_s, time.perf_counter() - t1)
 
     async def _delete_purged(self) -> None:
         try:
@@ -615,7 +629,7 @@ class Driver:
             log.warning("old log files not deleted", extra={"error": repr(exc)})
 
     def _finish_snapshot(self) -> None:
-        snap, written, t0, loop_s = self._snap_done
+        snap, written, t0, loop_s, release_s = self._snap_done
         self._snap_done = None
         self._snap_inflight = False
         t1 = time.perf_counter()
@@ -648,11 +662,13 @@ class Driver:
             self.log_bytes = max(0, self.log_bytes - self._snap_log_bytes)
         self.snapshots_taken += 1
         now = time.perf_counter()
-        # ms: how long this task was held up by it (capture + adopt); total_ms: from the
-        # capture to the adoption, mostly in the worker thread.
+        # ms: how long the loop was held up by it (capture + release + adopt); total_ms:
+        # from the capture to the adoption, mostly in the worker thread.
         log.info("snapshot", extra={"index": index, "bytes": size,
-                                    "ms": round((loop_s + now - t1) * 1000, 1),
-                                    "capture_ms": round(loop_s * 1000, 1), "adopt_ms": round((now - t1) * 1000, 1),
+                                    "ms": round((loop_s + release_s + now - t1) * 1000, 1),
+                                    "capture_ms": round(loop_s * 1000, 1),
+                                    "release_ms": round(release_s * 1000, 1),
+                                    "adopt_ms": round((now - t1) * 1000, 1),
                                     "total_ms": round((now - t0) * 1000, 1), "background": True})
 
     # -- the Outbox and StateMachine protocols used by process_ready --
