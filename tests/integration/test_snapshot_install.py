@@ -46,6 +46,11 @@ async def _main(lc: LocalCluster) -> None:
         lc.start(behind)
         st = await lc.wait_converged(c, timeout=60)
         assert st[behind]["snapshots"]["installed"] >= 1, st[behind]["snapshots"]
+        # The statuses are read one node after the other, the leader's first: once the
+        # writes are over, its reading may predate the snapshot it then sent, yet show
+        # the same applied index as the follower read after the install. Read it again:
+        # the send came before the install, which came before the follower's reading.
+        st.update(await lc.statuses(c, [leader]))
         assert st[leader]["snapshots"]["sent"] > sent_before
         # Neither keeps a second copy of its state in memory: the installed snapshot, too,
         # is held as its file.
