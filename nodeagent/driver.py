@@ -682,6 +682,8 @@ class Driver:
                     if m is None:
                         continue
                 self.snapshots_sent += 1
+                log.info("snapshot sent", extra={"to": m.to, "index": m.snapshot.meta.index,
+                                                 "bytes": len(m.snapshot.data)})
             out.append(m)
         self.messages_out += len(out)
         if self._send_batch is not None:

@@ -5,6 +5,7 @@ its state in memory). Real processes, real files."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -52,6 +53,15 @@ async def _main(lc: LocalCluster) -> None:
         # the send came before the install, which came before the follower's reading.
         st.update(await lc.statuses(c, [leader]))
         assert st[leader]["snapshots"]["sent"] > sent_before
+        # and both say so in their logs: what the leader sent is what the follower installed
+        def events(name: str, msg: str) -> list[dict]:
+            lines = lc.log_path(name).read_text().splitlines()
+            return [ev for ev in map(json.loads, lines) if ev.get("msg") == msg]
+
+        sent = {(ev["to"], ev["index"], ev["bytes"]) for ev in events(leader, "snapshot sent")}
+        installed = events(behind, "snapshot installed")
+        assert installed and all((behind, ev["index"], ev["bytes"]) in sent for ev in installed), \
+            (sent, installed)
         # Neither keeps a second copy of its state in memory: the installed snapshot, too,
         # is held as its file.
         assert st[behind]["snapshots"]["held"] == "file", st[behind]["snapshots"]
