@@ -160,10 +160,9 @@ def measure(writes: int, rounds: int, directory: Path) -> dict:
                 except OSError:
                     pass
         follower_sync: dict[str, list[float]] = {m: [] for m in MODES}
-        for r in reports:
-            with os.fdopen(r, "rb") as f:
+        while reports:  # popped first: the finally below closes only what is left
+            with os.fdopen(reports.pop(), "rb") as f:
                 line = f.readline()
-            reports = [x for x in reports if x != r]
             for mode, dt in zip(follower_modes, json.loads(line or b"[]")):
                 follower_sync[mode].append(dt)
         out = {m: {"commit_p50_us": _p(commit[m], 50), "commit_p90_us": _p(commit[m], 90),

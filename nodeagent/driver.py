@@ -607,20 +607,18 @@ class Driver:
             # Not abandoned on cancel: the thread finishes (and cleans up its temp file).
             snap, written = await trio.to_thread.run_sync(work)
         except (OSError, ValueError, RuntimeError) as exc:
-            self.state.release_view(view)
             # The WAL was not touched: the node is as safe as before. Try again later.
             self._snap_inflight = False
             self._snap_not_before = trio.current_time() + 5.0
             log.warning("snapshot failed", extra={"index": meta.index, "error": repr(exc)})
             return
-        except BaseException:
+        finally:
+            # The thread is done with the view, however it ended: the key-value table
+            # takes the changes made since the capture (O(those changes), in this task).
+            t1 = time.perf_counter()
             self.state.release_view(view)
-            raise
-        # The thread is done with the view: the key-value table takes the changes made
-        # since the capture (O(those changes), in this task).
-        t1 = time.perf_counter()
-        self.state.release_view(view)
-        self._snap_done = (snap, written, t0, loop_s, time.perf_counter() - t1)
+            release_s = time.perf_counter() - t1
+        self._snap_done = (snap, written, t0, loop_s, release_s)
 
     async def _delete_purged(self) -> None:
         try:

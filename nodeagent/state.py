@@ -883,23 +883,28 @@ class FreezableKV:
 
     def set(self, key: str, value: bytes) -> bytes | None:
         """Store ``value``; returns the value it replaced (None if the key was new)."""
-        prev = self.get(key)
-        if self.over is None:
-            self.base[key] = value
+        over = self.over
+        if over is None:  # the usual case, on every put: the dict alone
+            base = self.base
+            prev = base.get(key)
+            base[key] = value
         else:
-            self.over[key] = value
+            prev = self.get(key)
+            over[key] = value
         if prev is None:
             self._len += 1
         return prev
 
     def pop(self, key: str) -> bytes | None:
         """Delete ``key``; returns its value (None if it was not there)."""
-        prev = self.get(key)
+        over = self.over
+        if over is None:
+            prev = self.base.pop(key, None)
+        else:
+            prev = self.get(key)
+            if prev is not None:
+                over[key] = _GONE
         if prev is not None:
-            if self.over is None:
-                del self.base[key]
-            else:
-                self.over[key] = _GONE
             self._len -= 1
         return prev
 
