@@ -488,6 +488,8 @@ class Agent:
                       "assigned_total": self.tasks.assigned_total,
                       "loads": self.tasks.loads.snapshot(time.monotonic(), self.tasks.lease),
                       "expired_total": self.tasks.expired_total,
+                      "reports_lost": self.tasks.reports_lost,
+                      "reports_resent": self.tasks.reports_resent,
                       "retention": self.tasks.retention},
         })
         return s

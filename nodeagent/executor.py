@@ -407,6 +407,10 @@ class Executor:
     def queued(self) -> int:
         return len(self._queue)
 
+    def started(self, task_id: str, attempt: int) -> bool:
+        """Whether (id, attempt) is running here now (started, not finished)."""
+        return (task_id, attempt) in self._running
+
     def result(self, task_id: str, attempt: int) -> TaskResult | None:
         """The result of a finished (id, attempt), if it is still remembered here."""
         return self._done.get((task_id, attempt))

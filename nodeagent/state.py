@@ -1182,6 +1182,11 @@ class StateMachine:
         record = self._tasks.get(task_id)
         return None if record is None else _canon(record)
 
+    def task_attempt(self, task_id: str) -> tuple[int, str, str | None] | None:
+        """(attempt, state, node) of the task, without copying its record; or None."""
+        record = self._tasks.get(task_id)
+        return None if record is None else (record["attempt"], record["state"], record["node"])
+
     def _in_order(self, ids: set[str]) -> list[str]:
         tasks = self._tasks
         return sorted(ids, key=lambda t: (tasks[t]["submitted_at"], t))

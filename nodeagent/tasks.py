@@ -17,11 +17,20 @@ Every node, after each round of applied entries (also inside the driver task):
 Results go to the leader as ``complete_task`` commands: proposed directly on the leader, or
 relayed as a ``task_report`` request from a follower, and retried until the state shows the
 attempt settled (the command is idempotent: a repeat is a stale attempt, ignored).
+
+A report can still be lost while its node stays alive: the report queue was full, or the
+cluster had no leader for longer than a report retries (``REPORT_RETRY_S``). The lease does
+not settle that (the node keeps answering heartbeats), so every ``RESEND_INTERVAL_S`` each
+node compares the state with its executor: an attempt the state still shows open here
+whose result the executor holds, or that the state shows ``assigned`` while it runs here,
+has its report sent again, unless one is in flight or was sent in the last
+``RESEND_AFTER_S``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("nodeagent.tasks")
 
 FINAL = ("succeeded", "failed", "timed_out", "cancelled")
+
+REPORT_RETRY_S = 300.0  # how long one report is retried before it is left to the resend pass
+RESEND_INTERVAL_S = 1.0  # how often a node looks for open attempts it has a report for
+RESEND_AFTER_S = 2.0  # a report sent this recently is not sent again (it may be applying)
 
 
 def now_ms() -> int:
@@ -70,8 +83,16 @@ class TaskManager:
         self._leader_term = -1
         self._report_send, self._report_recv = trio.open_memory_channel(10_000)
         self._report_seq = 0
+        # (task, attempt, event) of the reports being delivered, and when each report was
+        # last handed over (for the resend pass; pruned to the attempts still open here).
+        self._in_flight: set[tuple[str, int, str]] = set()
+        self._last_sent: dict[tuple[str, int, str], float] = {}
+        # Tests only: drop this many reports as if the queue had been full (a lost report).
+        self._drop_reports = int(os.environ.get("RAFTDECK_TEST_DROP_REPORTS", "0") or 0)
         self.assigned_total = 0
         self.expired_total = 0
+        self.reports_resent = 0
+        self.reports_lost = 0
 
     # == the node's own load report ===========================================================
 
@@ -79,8 +100,6 @@ class TaskManager:
         ex = self.executor
         self._report_seq += 1
         try:
-            import os
-
             load1 = os.getloadavg()[0]
         except OSError:
             load1 = 0.0
@@ -278,24 +297,96 @@ class TaskManager:
     def _on_result(self, r: TaskResult) -> None:
         if r.outcome == "cancelled":
             return  # the state decided it (cancel, or a newer attempt); nothing to report
-        self._queue_report({
-            "event": "complete", "task": r.id, "attempt": r.attempt, "node": self.node_id,
-            "outcome": r.outcome, "exit_code": r.exit_code, "stdout": r.stdout,
-            "stderr": r.stderr, "error": r.error, "ts": int(r.finished_at * 1000)})
+        self._queue_report(self._complete_report(r))
 
-    def _queue_report(self, report: dict) -> None:
+    def _complete_report(self, r: TaskResult) -> dict:
+        return {"event": "complete", "task": r.id, "attempt": r.attempt, "node": self.node_id,
+                "outcome": r.outcome, "exit_code": r.exit_code, "stdout": r.stdout,
+                "stderr": r.stderr, "error": r.error, "ts": int(r.finished_at * 1000)}
+
+    def _queue_report(self, report: dict) -> bool:
+        """Hand ``report`` to ``run`` for delivery; False if one for the same attempt and
+        event is in flight, or the queue is full (the resend pass sends it later)."""
+        key = (report["task"], report["attempt"], report["event"])
+        if key in self._in_flight:
+            return False
+        self._last_sent[key] = time.monotonic()
+        if self._drop_reports > 0:
+            self._drop_reports -= 1
+            self.reports_lost += 1
+            log.warning("task report dropped (RAFTDECK_TEST_DROP_REPORTS)",
+                        extra={"task": report["task"], "attempt": report["attempt"],
+                               "event": report["event"]})
+            return False
         try:
             self._report_send.send_nowait(report)
         except trio.WouldBlock:
-            log.warning("report queue full; the lease will settle it",
-                        extra={"task": report["task"]})
+            self.reports_lost += 1
+            log.warning("report queue full; the report is sent again later",
+                        extra={"task": report["task"], "attempt": report["attempt"],
+                               "event": report["event"]})
+            return False
+        self._in_flight.add(key)
+        return True
+
+    def unreported(self, now: float) -> list[dict]:
+        """Reports to send again: for every attempt the state shows open on this node,
+        its result if the executor holds one, or its start if the state still shows it
+        ``assigned`` while it runs here; none in flight or sent in the last
+        ``RESEND_AFTER_S``. Forgets the send times of attempts no longer open here."""
+        state = self.agent.driver.state
+        out: list[dict] = []
+        keep: dict[tuple[str, int, str], float] = {}
+        for tid in state.tasks_on(self.node_id):
+            brief = state.task_attempt(tid)
+            if brief is None or brief[2] != self.node_id:
+                continue
+            attempt, task_state, _ = brief
+            for event in ("start", "complete"):
+                key = (tid, attempt, event)
+                if key in self._last_sent:
+                    keep[key] = self._last_sent[key]
+            r = self.executor.result(tid, attempt)
+            if r is not None and r.outcome != "cancelled":
+                report = self._complete_report(r)
+            elif r is None and task_state == "assigned" and self.executor.started(tid, attempt):
+                report = {"event": "start", "task": tid, "attempt": attempt,
+                          "node": self.node_id, "ts": now_ms()}
+            else:
+                continue
+            key = (tid, attempt, report["event"])
+            if key in self._in_flight or now - keep.get(key, -RESEND_AFTER_S) < RESEND_AFTER_S:
+                continue
+            out.append(report)
+        for key in self._in_flight:
+            if key in self._last_sent:
+                keep[key] = self._last_sent[key]
+        self._last_sent = keep
+        return out
+
+    def resend_unreported(self) -> int:
+        """Send again what ``unreported`` finds; how many were handed over."""
+        sent = 0
+        for report in self.unreported(time.monotonic()):
+            if self._queue_report(report):
+                sent += 1
+                self.reports_resent += 1
+                log.info("task report sent again", extra={
+                    "task": report["task"], "attempt": report["attempt"], "event": report["event"]})
+        return sent
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.executor.run)
+            nursery.start_soon(self._resend_loop)
             task_status.started()
             async for report in self._report_recv:
                 nursery.start_soon(self._deliver_report, report)
+
+    async def _resend_loop(self) -> None:
+        while True:
+            await trio.sleep(RESEND_INTERVAL_S)
+            self.resend_unreported()
 
     def _settled(self, report: dict) -> bool:
         t = self.agent.driver.state.task(report["task"])
@@ -304,9 +395,18 @@ class TaskManager:
         return report["event"] == "start" and t["state"] == "running"
 
     async def _deliver_report(self, report: dict) -> None:
+        try:
+            await self._deliver(report)
+        finally:
+            key = (report["task"], report["attempt"], report["event"])
+            self._in_flight.discard(key)
+            if key in self._last_sent:  # delivered or given up: wait before sending again
+                self._last_sent[key] = time.monotonic()
+
+    async def _deliver(self, report: dict) -> None:
         agent = self.agent
         delay = 0.05
-        deadline = trio.current_time() + 300
+        deadline = trio.current_time() + REPORT_RETRY_S
         while trio.current_time() < deadline:
             if self._settled(report):
                 return

@@ -255,3 +255,57 @@ def test_finished_tasks_beyond_the_retention_are_forgotten_on_every_replica(make
             assert {s["tasks"]["counts"]["succeeded"] for s in st.values()} == {len(kept)}
 
     run(main())
+
+
+def test_a_lost_task_report_is_sent_again_while_its_node_lives(make_cluster, monkeypatch):
+    """Every agent drops its first two task reports, as a full report queue would
+    (``RAFTDECK_TEST_DROP_REPORTS``). The nodes stay alive, so no lease expires their
+    attempts: only the resend pass (nodeagent/tasks.py) gets those results committed.
+    With one slot per node, the two dropped are the start and the result of the first
+    task each node runs. Each task still ends with one attempt and its own result."""
+    monkeypatch.setenv("RAFTDECK_TEST_DROP_REPORTS", "2")
+    lc = make_cluster(3, capacities={n: 1 for n in ("n1", "n2", "n3")})
+
+    async def main():
+        async with lc.client() as c:
+            await lc.wait_leader(c)
+            ids = [f"e{i}" for i in range(9)]
+            await c.submit([{"id": t, "kind": "echo", "args": {"data": t.encode()},
+                             "timeout_ms": 30_000} for t in ids])
+            records = await c.wait(ids, timeout=60)
+            for r in records:
+                assert r["state"] == "succeeded", r
+                assert r["stdout"] == r["id"].encode(), r
+                assert [a["attempt"] for a in r["attempts"]] == [1], r  # never expired
+            st = await lc.statuses(c)
+            ran = {r["node"] for r in records}
+            for name in ran:
+                tasks = st[name]["tasks"]
+                assert tasks["reports_lost"] == 2, (name, tasks)
+                assert tasks["reports_resent"] >= 1, (name, tasks)
+                assert tasks["expired_total"] == 0, (name, tasks)
+
+    run(main())
+
+
+def test_a_lost_start_report_is_sent_again_while_the_task_runs(make_cluster, monkeypatch):
+    """The agent drops its first report: the start of a long task. The state would show
+    the attempt ``assigned`` for as long as it runs; the resend pass reports the start."""
+    monkeypatch.setenv("RAFTDECK_TEST_DROP_REPORTS", "1")
+    lc = make_cluster(1)
+
+    async def main():
+        async with lc.client() as c:
+            await lc.wait_leader(c)
+            await c.submit(sleep_tasks("s", [60_000]))
+            deadline = time.monotonic() + 30
+            while (rec := await c.task("s0"))["state"] != "running":
+                assert rec["state"] == "assigned" or rec["state"] == "submitted", rec
+                assert time.monotonic() < deadline, f"the start was never reported: {rec}"
+                await asyncio.sleep(0.1)
+            st = await lc.statuses(c)
+            assert st["n1"]["tasks"]["reports_lost"] == 1, st["n1"]["tasks"]
+            assert st["n1"]["tasks"]["reports_resent"] == 1, st["n1"]["tasks"]
+            assert (await c.cancel("s0"))["state"] == "cancelled"
+
+    run(main())

@@ -273,7 +273,9 @@ def test_lifecycle_submit_assign_start_complete():
     assert rec["attempts"] == [{"attempt": 1, "node": "n2", "assigned_at": 200, "started_at": None,
                                 "finished_at": None, "outcome": None}]
     assert m.sm.tasks_on("n2") == ["t1"] and m.sm.node_load() == {"n2": 1}
+    assert m.sm.task_attempt("t1") == (1, "assigned", "n2") and m.sm.task_attempt("t9") is None
     assert m.start("t1", "n2", 1, ts=300).ok
+    assert m.sm.task_attempt("t1") == (1, "running", "n2")
     rec = m.sm.task("t1")
     assert rec["state"] == "running" and rec["attempts"][0]["started_at"] == 300
     assert m.sm.node_load() == {"n2": 1} and m.sm.tasks_by_state("running") == ["t1"]
@@ -285,6 +287,7 @@ def test_lifecycle_submit_assign_start_complete():
         "succeeded", 400, 0, b"hello", b"warn", None)
     assert rec["attempts"][0]["outcome"] == "succeeded" and rec["attempts"][0]["finished_at"] == 400
     assert m.sm.tasks_on("n2") == [] and m.sm.node_load() == {}
+    assert m.sm.task_attempt("t1") == (1, "succeeded", "n2")
     check_consistent(m.sm)
 
 
