@@ -74,6 +74,10 @@ class Agent:
         self.tasks: TaskManager = None  # type: ignore[assignment]
         self._request_counts: dict[str, int] = {}
         self.server_ssl = self.client_ssl = None
+        # The certificate in use (security.cert_file_facts), and SIGHUP reloads (reload_tls).
+        self.tls_cert: dict[str, Any] | None = None
+        self.tls_reloads = 0
+        self.tls_reload_error: str | None = None
 
     # == start-up =============================================================================
 
@@ -100,7 +104,7 @@ class Agent:
         )
         node = RaftNode(raft_cfg, persisted, rng=self.rng, bootstrap=initial_conf(cfg))
         self.storage.forget_recovered()  # the core has the entries now
-        self.server_ssl, self.client_ssl = self._tls_contexts()
+        self.server_ssl, self.client_ssl, self.tls_cert = self._tls_contexts()
         self.transport = Transport(self.node_id, self.cluster_name, dict(self.addresses),
                                    max_frame=max(self.max_frame, 64 << 20), rng=self.rng,
                                    ssl_context=self.client_ssl)
@@ -128,19 +132,44 @@ class Agent:
             "snapshot_index": node.log.snapshot_index(), "fsync": cfg.cluster.fsync})
 
     def _tls_contexts(self):
-        """(server, client) SSL contexts from cluster.tls, or (None, None) when TLS is off.
-        Raises security.TLSError (one line) if the files are missing or do not match."""
+        """(server, client) SSL contexts from cluster.tls and the facts of the certificate
+        they present, or (None, None, None) when TLS is off. Raises security.TLSError (one
+        line) if the files are missing or do not match."""
         tls = self.cfg.cluster.tls
         if tls is None:
             log.warning("TLS is off: anyone who reaches this port may run any command",
                         extra={"tls": False})
-            return None, None
+            return None, None, None
         tls = tls.for_node(self.node_id)
         problem = security.key_permission_problem(tls.key)
         if problem:
             log.warning("key file permissions", extra={"problem": problem})
         return (security.server_context(tls.ca, tls.cert, tls.key),
-                security.peer_client_context(tls.ca, tls.cert, tls.key))
+                security.peer_client_context(tls.ca, tls.cert, tls.key),
+                security.cert_file_facts(tls.cert))
+
+    async def reload_tls(self) -> bool:
+        """Read the TLS files again (SIGHUP): connections made from now on use them, those
+        open keep theirs. Files that do not load leave the ones in use in place, with the
+        reason in the log and in status (``security.cert.reload_error``)."""
+        if self.cfg.cluster.tls is None:
+            log.warning("TLS is off: nothing to reload")
+            return False
+        try:
+            server_ssl, client_ssl, cert = await trio.to_thread.run_sync(self._tls_contexts)
+        except security.TLSError as e:
+            self.tls_reload_error = str(e)
+            log.error("TLS reload failed; still using the certificate loaded before",
+                      extra={"error": str(e), "sha256": (self.tls_cert or {}).get("sha256")})
+            return False
+        self.server_ssl, self.client_ssl, self.tls_cert = server_ssl, client_ssl, cert
+        if self.server is not None:
+            self.server.ssl_context = server_ssl
+        self.transport.set_ssl_context(client_ssl)
+        self.tls_reloads += 1
+        self.tls_reload_error = None
+        log.info("TLS files reloaded", extra={"reloads": self.tls_reloads, **cert})
+        return True
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .server import Server
@@ -480,7 +509,10 @@ class Agent:
                 "fsync", "segments", "bytes", "first_index", "last_index", "snapshot_index",
                 "syncs", "fsyncs", "fsync_latency_ms_sum", "fsync_latency_ms_max", "repaired")},
             "connections": self.server.connections if self.server else 0,
-            "security": self.server.stats() if self.server else {"tls": self.server_ssl is not None},
+            "security": {**(self.server.stats() if self.server else {"tls": self.server_ssl is not None}),
+                         "cert": None if self.tls_cert is None else {
+                             **self.tls_cert, "reloads": self.tls_reloads,
+                             "reload_error": self.tls_reload_error}},
             "requests": dict(self._request_counts),
             "tasks": {"counts": self.driver.state.task_counts(),
                       "executor": {k: v for k, v in self.tasks.executor.stats().items()

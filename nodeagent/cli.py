@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one agent (one Raft node) until interrupted",
         description="Run the agent for one node: recover its data directory, connect to its "
         "peers, listen for peers and clients. Give an inventory and a node name, or a "
-        "single-node config file. Logs are JSON lines on stderr (or --log-file).",
+        "single-node config file. Logs are JSON lines on stderr (or --log-file). SIGTERM "
+        "or SIGINT stops it; SIGHUP rereads its TLS files (certificate rotation).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--inventory", metavar="PATH", help="inventory file (with --name)")
@@ -162,10 +163,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     release_free_memory()
 
     async def main_task() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(agent.run)
-                async for _ in signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:  # reread the TLS files (Agent.reload_tls)
+                        nursery.start_soon(agent.reload_tls)
+                        continue
                     log.info("stopping on signal")
                     nursery.cancel_scope.cancel()
                     break

@@ -25,10 +25,14 @@ files, the context builders read them, ``AuditLog`` appends to a file.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as _dt
+import hashlib
 import ipaddress
 import json
 import os
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,6 +425,38 @@ def peer_client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
 def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     """The console's side: the operator certificate; verifies each agent's SAN."""
     return _base_context(ssl.Purpose.SERVER_AUTH, ca, cert, key)
+
+
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
+
+
+def cert_file_facts(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What status shows of a certificate file: the SHA-256 fingerprint of its (first)
+    certificate and, when this Python's ssl module can decode it, its serial and expiry.
+    Read without the cryptography package, which an agent never loads (its memory).
+    Never the key, nor the certificate's bytes. Raises TLSError naming the file."""
+    try:
+        pem = Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError as e:
+        raise TLSError(f"cannot read the certificate {path}: {e.strerror or e}") from None
+    m = _PEM_CERT.search(pem)
+    try:
+        der = base64.b64decode("".join(m.group(1).split()), validate=True) if m else b""
+    except (binascii.Error, ValueError):
+        der = b""
+    if not der:
+        raise TLSError(f"{path} holds no PEM certificate")
+    facts: dict[str, Any] = {"sha256": hashlib.sha256(der).hexdigest()}
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is not None:  # CPython's, private: the facts are a courtesy, so tolerate its absence
+        try:
+            decoded = decode(os.fspath(path))
+            facts["serial"] = decoded["serialNumber"]
+            facts["not_after"] = _dt.datetime.fromtimestamp(
+                ssl.cert_time_to_seconds(decoded["notAfter"]), _dt.timezone.utc).isoformat()
+        except (ssl.SSLError, KeyError, ValueError, OSError):
+            pass
+    return facts
 
 
 def key_permission_problem(key: Path) -> str | None:

@@ -22,6 +22,7 @@ at most 50 lines a second per kind, with a count of what was left out.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import ssl
@@ -397,6 +398,11 @@ class Server:
             self.pending -= 1
             self.peers += 1
             conn.kind = "peer"
+            if isinstance(conn.stream, TLSStream):
+                # Which certificate the peer presents: what an operator rotating them checks.
+                der = conn.stream.getpeercert(True) or b""
+                log.info("peer connected", extra={"peer": hello["node"], "remote": conn.peer,
+                                                  "cert_sha256": hashlib.sha256(der).hexdigest()})
         elif self.clients >= self.max_connections:
             raise Refused("too_many_connections",
                           f"this agent serves at most {self.max_connections} client "

@@ -847,6 +847,10 @@ class Transport:
         link.last_error = failure.text
         link.last_error_at = self._clock()
 
+    def set_ssl_context(self, ctx: ssl.SSLContext | None) -> None:
+        """TLS for the links made from now on (a certificate reload); open links keep theirs."""
+        self._ssl_context = ctx
+
     async def _connect(self, link: _Link) -> tuple[trio.abc.Stream, FrameDecoder]:
         host, port = link.addr
         phase = "connect"
