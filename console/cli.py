@@ -258,7 +258,9 @@ def _deploy_parsers(cmd) -> None:
             "and the agent's dependency wheels (the hosts need no internet), install them in a "
             "venv under ssh.install_dir, write the node config and TLS files (0600), start the "
             "agent (pid file <data_dir>.pid) and check it answers on its client port. A host whose "
-            "inputs did not change and whose agent answers is left alone. One line per host; "
+            "inputs did not change and whose agent answers is left alone; one whose TLS files "
+            "alone changed gets them and a SIGHUP (the agent rereads them, no restart). One "
+            "line per host; "
             "a failing host does not stop the others; exit 1 if any failed.")
     p._add_container_actions(ssh)
     p._add_container_actions(wheels)

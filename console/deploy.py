@@ -797,6 +797,11 @@ class Deployer:
                                   not release_ok or state not in ("running", "paused")
                                   else "unchanged",
                                   "", tuple(changed), agent.get("pid"))
+            if changed == ["tls"] and venv_ok and release_ok and state == "running" \
+                    and restart and not force_restart:
+                reloaded = await self._reload_tls(conn, node, lay, config, tls_src, want, version)
+                if reloaded is not None:
+                    return reloaded
             need_install = not (venv_ok and release_ok) or \
                 bool({"new", "project", "deps"} & set(changed))
             if need_install:
@@ -845,6 +850,68 @@ class Deployer:
             action, msg = "started", (f"inputs unchanged; the agent was {state or 'stopped'}, "
                                       f"started as pid {pid}")
         return HostResult(name, True, action, msg, tuple(changed), pid)
+
+    async def _reload_tls(self, conn, node: NodeConfig, lay: Layout, config: str,
+                          tls_src: dict[str, Path] | None, want: dict,
+                          version) -> HostResult | None:
+        """Only the TLS files changed and the agent runs: write them and send it SIGHUP
+        (it rereads them, keeping its process, its role and its links: no election), then
+        check that it presents the new certificate. None when the running agent cannot
+        reload (TLS off in it, or a version without the reload): restart it instead."""
+        from nodeagent.security import TLSError, cert_file_facts
+
+        name = node.name
+        before = (await self._health(node)).get("security") or {}
+        had = before.get("cert")
+        if tls_src is None or not isinstance(had, dict) or "reload_failures" not in had:
+            return None
+        try:
+            expect = cert_file_facts(tls_src["cert"])["sha256"]
+        except TLSError as e:
+            raise HostError(f"{who(node)}: {e}; run `raftdeck init`") from None
+        self._step(name, "config")
+        await self._write_config(conn, node, lay, config, tls_src)
+        self._step(name, "reload")
+        r = await remote_op(conn, node, "signal", pid_file=lay.pid_file, config=lay.config,
+                            signal="HUP", timeout=10)
+        if not r.get("ok") and r.get("kind") == "not_running":
+            return None  # it stopped meanwhile: start it as any stopped agent
+        _check_ok(node, "SIGHUP", r)
+
+        async def manifest(tls) -> None:
+            await self._put_bytes(conn, node, lay.manifest,
+                                  json.dumps({**want, "tls": tls, "deployed_at": round(time.time(), 3),
+                                              "python": list(version)}, indent=1).encode(), 0o644)
+
+        problem = None
+        deadline = time.monotonic() + self.health_timeout
+        while True:
+            cert = ((await self._health(node)).get("security") or {}).get("cert") or {}
+            if cert.get("reload_failures", 0) > had["reload_failures"]:
+                problem = (f"the agent refused the new TLS files ({cert.get('reload_error')}); "
+                           "it keeps its certificate and runs on. Fix the files (`raftdeck "
+                           "init`) and deploy again")
+            elif cert.get("reloads", 0) > had["reloads"]:
+                if cert.get("sha256") != expect:
+                    problem = (f"after the reload the agent presents certificate "
+                               f"{str(cert.get('sha256'))[:16]}, not the deployed {expect[:16]}; "
+                               f"see `raftdeck logs {name}`")
+            elif time.monotonic() > deadline:
+                problem = (f"the agent did not reload its TLS files within "
+                           f"{self.health_timeout:g}s of SIGHUP; see `raftdeck logs {name}`")
+            else:
+                await asyncio.sleep(0.2)
+                continue
+            break
+        if problem is not None:
+            # The host holds files its agent does not use: the next deploy writes them again.
+            await manifest(None)
+            raise HostError(f"{who(node)}: {problem}")
+        await manifest(want["tls"])
+        pid = r.get("pid")
+        return HostResult(name, True, "reloaded",
+                          f"TLS files updated; agent pid {pid} reloaded them without a restart "
+                          f"(certificate sha256 {expect[:16]})", ("tls",), pid)
 
     async def _start(self, conn, node: NodeConfig, lay: Layout, release: str | None = None) -> int:
         self._step(node.name, "start")

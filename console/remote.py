@@ -41,7 +41,7 @@ import sys
 import time
 
 SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT,
-           "TERM": signal.SIGTERM}
+           "TERM": signal.SIGTERM, "HUP": signal.SIGHUP}
 
 
 def _out(**fields):

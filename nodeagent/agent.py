@@ -77,6 +77,7 @@ class Agent:
         # The certificate in use (security.cert_file_facts), and SIGHUP reloads (reload_tls).
         self.tls_cert: dict[str, Any] | None = None
         self.tls_reloads = 0
+        self.tls_reload_failures = 0
         self.tls_reload_error: str | None = None
 
     # == start-up =============================================================================
@@ -159,6 +160,7 @@ class Agent:
             server_ssl, client_ssl, cert = await trio.to_thread.run_sync(self._tls_contexts)
         except security.TLSError as e:
             self.tls_reload_error = str(e)
+            self.tls_reload_failures += 1
             log.error("TLS reload failed; still using the certificate loaded before",
                       extra={"error": str(e), "sha256": (self.tls_cert or {}).get("sha256")})
             return False
@@ -512,6 +514,7 @@ class Agent:
             "security": {**(self.server.stats() if self.server else {"tls": self.server_ssl is not None}),
                          "cert": None if self.tls_cert is None else {
                              **self.tls_cert, "reloads": self.tls_reloads,
+                             "reload_failures": self.tls_reload_failures,
                              "reload_error": self.tls_reload_error}},
             "requests": dict(self._request_counts),
             "tasks": {"counts": self.driver.state.task_counts(),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import ssl
 import stat
 import subprocess
 import sys
@@ -220,6 +221,42 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     for n in inv.nodes:
         assert re.search(rf"(?m)^{n.name}  \S+  unchanged \(agent pid {pids[n.name]} answers\)", r.stdout)
     assert {n: pid_of(d, n) for n, d in inst.items()} == pids
+
+    # -- a renewed certificate: deploy ships it and the agent rereads it (SIGHUP), no restart --
+    tls_dir = inv_path.parent / ".raftdeck" / "tls"
+    for suffix in (".crt", ".key"):
+        (tls_dir / "nodes" / f"n1{suffix}").unlink()
+    r = raftdeck("init", "--inventory", str(inv_path))
+    assert r.returncode == 0, r.stderr
+    new_sha = hashlib.sha256(ssl.PEM_cert_to_DER_cert(
+        (tls_dir / "nodes" / "n1.crt").read_text())).hexdigest()
+    r = raftdeck("deploy", *base, *wheel_args)
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"(?m)^n1  \S+  TLS files updated; agent pid {pids['n1']} reloaded them "
+                     rf"without a restart \(certificate sha256 {new_sha[:16]}\)", r.stdout), r.stdout
+    assert re.search(r"(?m)^deploy: 3 hosts: 1 reloaded, 2 unchanged$", r.stdout), r.stdout
+    assert {n: pid_of(d, n) for n, d in inst.items()} == pids
+    st = statuses(inv)["n1"]
+    assert st["security"]["cert"]["sha256"] == new_sha and st["security"]["cert"]["reloads"] == 1
+    assert kv(inv, "put", "after-rotation", b"1") > 0
+    # A key that does not match the certificate: refused, and the agent runs on with the
+    # certificate it has. Once the key is right again, the next deploy writes it again.
+    n1_key = tls_dir / "nodes" / "n1.key"
+    good_key = n1_key.read_bytes()
+    n1_key.write_bytes((tls_dir / "nodes" / "n2.key").read_bytes())
+    r = raftdeck("deploy", *base, *wheel_args)
+    assert r.returncode != 0
+    assert re.search(r"n1 .*the agent refused the new TLS files \(cannot load the TLS files",
+                     r.stdout + r.stderr), r.stdout + r.stderr
+    assert {n: pid_of(d, n) for n, d in inst.items()} == pids
+    st = statuses(inv)["n1"]
+    assert st["security"]["cert"]["sha256"] == new_sha and st["security"]["cert"]["reload_error"]
+    n1_key.write_bytes(good_key)
+    r = raftdeck("deploy", *base, *wheel_args)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"(?m)^deploy: 3 hosts: 1 reloaded, 2 unchanged$", r.stdout), r.stdout
+    assert (inst["n1"] / "tls" / "node.key").read_bytes() == good_key
+    assert statuses(inv)["n1"]["security"]["cert"]["reload_error"] is None
 
     # -- kill the leader over SSH: it is gone, the others elect a leader and take writes --
     r = raftdeck("kill", leader, "--inventory", str(inv_path), env_extra=env)
