@@ -100,6 +100,10 @@ class _Target:
     def alive(self, name: str) -> bool: ...
     def close(self) -> None: ...
 
+    def exited_report(self) -> str:
+        """For an error message: why agents this run started have exited ("" if none)."""
+        return ""
+
 
 class _Owned(_Target):
     """A LocalCluster this run starts and stops."""
@@ -116,6 +120,9 @@ class _Owned(_Target):
 
     def client(self, **kw):
         return self.lc.client(**kw)
+
+    def exited_report(self) -> str:
+        return self.lc.exited_report(self.names)
 
     def kill(self, name):
         self.lc.kill(name)
@@ -549,7 +556,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
             ld, _ = await _wait_leader(run, admin, 60.0)
             if ld is None:
                 raise TimeoutError("the cluster elected no leader within 60 s before the run; "
-                                   "see `raftdeck status` and the agents' logs")
+                                   "see `raftdeck status` and the agents' logs"
+                                   + target.exited_report())
             # ``stop`` tells the nemesis the duration is over; the clients go on until the
             # nemesis has finished (a script may run longer than ``duration``).
             stop, clients_stop = asyncio.Event(), asyncio.Event()

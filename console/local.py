@@ -59,7 +59,9 @@ class LocalCluster:
         ``<tmp>/tls``, and ``cluster.tls: {dir: tls}``; ``client()`` presents the admin
         certificate (``client(role=...)`` another). ``cluster_extra``: more ``cluster:``
         settings, written as given (e.g. ``{"max_connections": 50}``)."""
-        self.tmp = Path(tmp)
+        # Absolute: the agents run with this folder as their working directory, so a
+        # relative path (``raftdeck chaos --out runs/x``) would name another place for them.
+        self.tmp = Path(tmp).resolve()
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.tls_dir = self.tmp / "tls"

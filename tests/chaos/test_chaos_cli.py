@@ -38,10 +38,12 @@ def test_no_tls_with_attach_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_a_short_run_over_plain_tcp_passes(tmp_path, capsys):
-    """--no-tls: the agents talk plain TCP, where they write frames without a writer task."""
+def test_a_short_run_over_plain_tcp_passes(tmp_path, capsys, monkeypatch):
+    """--no-tls: the agents talk plain TCP, where they write frames without a writer task.
+    --out is relative (the agents run in another folder: it once left them no inventory)."""
+    monkeypatch.chdir(tmp_path)
     rc = main(["chaos", "--nodes", "3", "--duration", "2", "--nemesis", "pause", "--seed", "4",
-               "--clients", "2", "--no-tls", "--out", str(tmp_path / "o"), "--json"])
+               "--clients", "2", "--no-tls", "--out", "o", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0, report["checks"]
     assert report["tls"] is False and report["ops"]["total"] > 0
