@@ -452,8 +452,9 @@ def cert_file_facts(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             decoded = decode(os.fspath(path))
             facts["serial"] = decoded["serialNumber"]
-            facts["not_after"] = _dt.datetime.fromtimestamp(
-                ssl.cert_time_to_seconds(decoded["notAfter"]), _dt.timezone.utc).isoformat()
+            not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+            facts["not_after"] = _dt.datetime.fromtimestamp(not_after, _dt.timezone.utc).isoformat()
+            facts["not_after_unix"] = int(not_after)
         except (ssl.SSLError, KeyError, ValueError, OSError):
             pass
     return facts

@@ -56,6 +56,22 @@ class AgentMetrics:
                         lambda: d.messages_in, registry=r)
         CallbackCounter("raftdeck_inbox_dropped_total", "Raft messages dropped: driver inbox full",
                         lambda: d.dropped_inbox, registry=r)
+        tm = agent.tasks
+        CallbackCounter("raftdeck_task_reports_lost_total",
+                        "Task reports dropped at a full report queue (sent again later)",
+                        lambda: tm.reports_lost, registry=r)
+        CallbackCounter("raftdeck_task_reports_resent_total",
+                        "Task reports sent again for attempts still open in the table",
+                        lambda: tm.reports_resent, registry=r)
+        if agent.tls_cert is not None:
+            gauge("raftdeck_tls_cert_expiry_timestamp_seconds",
+                  "When the certificate this agent presents expires (Unix time; 0 if unknown)",
+                  lambda: float((agent.tls_cert or {}).get("not_after_unix", 0)))
+            CallbackCounter("raftdeck_tls_reloads_total", "TLS files reloaded (SIGHUP)",
+                            lambda: agent.tls_reloads, registry=r)
+            CallbackCounter("raftdeck_tls_reload_failures_total",
+                            "SIGHUP reloads refused (the old certificate stays in use)",
+                            lambda: agent.tls_reload_failures, registry=r)
 
     # hooks called by the driver and the server
     def observe_commit(self, seconds: float) -> None:

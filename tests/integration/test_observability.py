@@ -48,6 +48,11 @@ def test_metrics_subscription_and_logs_on_a_real_cluster(tmp_path):
             assert m["raftdeck_fsync_seconds_count"] >= 1  # fsync on: every batch synced
             assert m["raftdeck_messages_sent_total"] > 0
             assert m['raftdeck_client_request_seconds_count{type="put",ok="true"}'] >= 50
+            # TLS is on: the certificate's expiry (5 years from `raftdeck init`) and no reloads.
+            assert 4 * 365 * 86400 < m["raftdeck_tls_cert_expiry_timestamp_seconds"] - time.time() \
+                < 6 * 365 * 86400
+            assert m["raftdeck_tls_reloads_total"] == 0 == m["raftdeck_tls_reload_failures_total"]
+            assert m["raftdeck_task_reports_resent_total"] == 0
             follower = next(n for n in lc.names if n != leader)
             fm = await asyncio.to_thread(scrape, lc.metrics_ports[follower])
             assert fm["raftdeck_is_leader"] == 0 and fm["raftdeck_term"] == m["raftdeck_term"]
