@@ -22,10 +22,10 @@ at the first node afterwards.
 - makespan: M ``sleep`` tasks with heavy-tailed durations (Pareto, alpha 1.5, scale 50 ms,
   capped at 2 s, rounded to whole ms; a fixed seed), 3 agents of capacity 2 (6 slots),
   once under least_loaded and once under round_robin, each on a fresh cluster, the same
-  durations in the same order. All M tasks go in ONE submit request: the leader places a
-  task once, on the first tick after its submission is committed, and the node queues it
-  (FIFO) until one of its own slots frees; nothing is moved later to a node that became idle.
-  Submitting in several waves would let the policies see different loads, and would add
+  durations in the same order. All M tasks go in ONE submit request. The leader gives each
+  node at most ``capacity * (1 + task_queue_per_slot)`` tasks (default: one queued per
+  slot); the rest wait in the table and are placed, on a leader tick, as slots free (late
+  binding), and a node runs what it was given FIFO. Submitting in several waves would add
   the gaps between the waves to the makespan. The measured (wall) makespan is
   ``max(finished_at) - min(submitted_at)``. It is compared with pure figures computed from
   the same durations and slots (``nodeagent.dispatch``): ``lpt_makespan`` (longest task
@@ -364,7 +364,7 @@ async def makespan(tmp: str, a: argparse.Namespace, stderr: dict) -> dict:
         "lpt_over_lower_bound": ratio(lpt, lb),
         "global_queue_makespan_ms": round(gq, 1),
         "global_queue_over_lower_bound": ratio(gq, lb),
-        "submission": "all tasks in one submit request (placement happens once, at submission)",
+        "submission": "all tasks in one submit request (the leader places them as slots free)",
         "runs": {},
     }
     placements = {}
@@ -456,8 +456,8 @@ def main(argv: list[str] | None = None) -> None:
             "data_fs": fs_type(tmp),
         },
         "note": "client, the 3 agents and every task process share this machine's CPUs; "
-                "tasks are placed once, when their submission is committed, and queue FIFO "
-                "on their node",
+                "the leader gives a node up to capacity * (1 + task_queue_per_slot) tasks and "
+                "places the rest as slots free; a node runs its tasks FIFO",
     }
     stderr: dict = {}
     try:

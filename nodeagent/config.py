@@ -154,6 +154,8 @@ class ClusterConfig:
     dispatch_policy: str = "least_loaded"
     max_attempts: int = 3  # attempts per task, the first included
     task_lease_ms: int = 5000
+    # Tasks queued on a node per slot beyond the running ones; the rest wait at the leader.
+    task_queue_per_slot: int = 1
     # Finished tasks kept (oldest submitted forgotten first); the task table would grow
     # forever otherwise (docs/OPERATIONS.md, Tasks).
     task_retention: int = 10000
@@ -417,6 +419,7 @@ _CLUSTER_FIELDS: dict[str, tuple[str, Any, Any]] = {
     "dispatch_policy": ("choice", "least_loaded", DISPATCH_POLICIES),
     "max_attempts": ("int", 3, (1, 1000)),
     "task_lease_ms": ("int", 5000, (1, INT_MAX)),
+    "task_queue_per_slot": ("int", 1, (0, 100_000)),
     "task_retention": ("int", 10000, (1, INT_MAX)),
     "fsync": ("bool", True, None),
     "tls": ("tls", None, None),

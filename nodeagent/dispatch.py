@@ -14,6 +14,12 @@ replicated task table) and ``alive`` (its load report is within the lease, see
 :mod:`nodeagent.loads`). A node with ``alive=False`` is never chosen. The order of the
 candidates does not matter: every policy sorts or hashes by name.
 
+A candidate may carry a ``limit``: the most tasks it may hold (assigned, queued or
+running). A node at its limit is not chosen; a task no node can take now gets None and
+waits (the leader places it once a slot frees: late binding, so a task does not queue
+behind a long one on a busy node while another node idles). Under ``hash`` a keyed task
+whose node is full waits for that node: its affinity is the point of the policy.
+
 Policies (:data:`POLICIES`)
 ---------------------------
 ``least_loaded`` (the default)
@@ -95,6 +101,7 @@ class NodeLoad:
     capacity: int = 1
     assigned: int = 0
     alive: bool = True
+    limit: int | None = None  # the most tasks it may hold; None: no limit
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -105,6 +112,8 @@ class NodeLoad:
             raise ValueError(f"NodeLoad {self.name!r}: assigned must be an int >= 0, got {self.assigned!r}")
         if not isinstance(self.alive, bool):
             raise ValueError(f"NodeLoad {self.name!r}: alive must be a bool, got {self.alive!r}")
+        if self.limit is not None and (not _is_int(self.limit) or self.limit < 0):
+            raise ValueError(f"NodeLoad {self.name!r}: limit must be an int >= 0 or None, got {self.limit!r}")
 
     @property
     def utilization(self) -> Fraction:
@@ -194,33 +203,46 @@ class _Batch:
         self.eligible = sorted((n for n in nodes if n.alive), key=lambda n: n.name)
         self.cap = {n.name: n.capacity for n in self.eligible}
         self.assigned = {n.name: n.assigned for n in self.eligible}
+        self.limit = {n.name: n.limit for n in self.eligible if n.limit is not None}
         self._heap: list[tuple[Fraction, int, str]] | None = None
 
-    # least_loaded: a heap with lazy invalidation (an entry is current iff its count is)
-    def least_loaded(self) -> str:
+    def full(self, name: str) -> bool:
+        lim = self.limit.get(name)
+        return lim is not None and self.assigned[name] >= lim
+
+    # least_loaded: a heap with lazy invalidation (an entry is current iff its count is);
+    # a full node's entry is dropped for good (counts only grow within a batch)
+    def least_loaded(self) -> str | None:
         if self._heap is None:
             from fractions import Fraction
 
             self._heap = [(Fraction(a, self.cap[n]), a, n) for n, a in self.assigned.items()]
             heapq.heapify(self._heap)
         heap = self._heap
-        while heap[0][1] != self.assigned[heap[0][2]]:
+        while heap and (heap[0][1] != self.assigned[heap[0][2]] or self.full(heap[0][2])):
             heapq.heappop(heap)
-        return heap[0][2]
+        return heap[0][2] if heap else None
 
-    def round_robin(self) -> str:
+    def round_robin(self) -> str | None:
         names = [n.name for n in self.eligible]
         last = self.state.rr_last
         i = 0 if last is None else bisect.bisect_right(names, last)
-        return names[i if i < len(names) else 0]
+        for k in range(len(names)):  # from the cursor on, the first node with room
+            name = names[(i + k) % len(names)]
+            if not self.full(name):
+                return name
+        return None
 
-    def weighted(self) -> str:
+    def weighted(self) -> str | None:
         cur = self.state.current
         for name in [k for k in cur if k not in self.cap]:
             del cur[name]  # a node that left or died restarts from 0 when it returns
+        room = [n for n in self.eligible if not self.full(n.name)]
+        if not room:
+            return None  # nothing chosen: the weights stay as they are
         total = 0
         best: str | None = None
-        for n in self.eligible:  # sorted by name: ties go to the first name
+        for n in room:  # sorted by name: ties go to the first name
             w = cur.get(n.name, 0) + n.capacity
             cur[n.name] = w
             total += n.capacity
@@ -230,11 +252,12 @@ class _Batch:
         cur[best] -= total
         return best
 
-    def hash(self, key: str | None) -> str:
+    def hash(self, key: str | None) -> str | None:
         if key is None:
             return self.least_loaded()
         points, names = _ring(self.state, self.eligible)
-        return _ring_lookup(points, names, key)
+        name = _ring_lookup(points, names, key)
+        return None if self.full(name) else name  # wait for the key's own node
 
     def choose(self, key: str | None) -> str | None:
         if not self.eligible:
@@ -244,11 +267,14 @@ class _Batch:
             name = self.least_loaded()
         elif p == "round_robin":
             name = self.round_robin()
-            self.state.rr_last = name
+            if name is not None:
+                self.state.rr_last = name
         elif p == "weighted":
             name = self.weighted()
         else:
             name = self.hash(key)
+        if name is None:
+            return None
         a = self.assigned[name] + 1
         self.assigned[name] = a
         if self._heap is not None:
@@ -265,7 +291,7 @@ def place(
     key: str | None = None,
     state: PolicyState,
 ) -> str | None:
-    """The node to run one task, or None when no candidate is alive.
+    """The node to run one task, or None when no candidate is alive or has room (``limit``).
 
     Raises ValueError for an unknown policy (naming the known ones) or duplicate node names.
     ``state`` is updated by round_robin and weighted (and hash caches its ring there).
@@ -281,7 +307,7 @@ def place_many(
 ) -> list[str | None]:
     """Place ``tasks`` in order, one at a time; each placement counts into the next's load.
 
-    Returns one node name per task (all None when no candidate is alive). Equivalent to
+    Returns one node name per task (None for a task no alive node has room for). Equivalent to
     calling :func:`place` per task with the chosen node's ``assigned`` raised by one after
     each call. Cost: O((n + t) log n) for least_loaded and round_robin, O(n * t) for weighted,
     and one ring build per change of the alive set for hash.

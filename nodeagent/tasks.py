@@ -66,6 +66,7 @@ class TaskManager:
         cfg = agent.cfg
         self.node_id = agent.node_id
         self.default_policy = cfg.cluster.dispatch_policy
+        self.queue_per_slot = cfg.cluster.task_queue_per_slot
         self.lease = cfg.cluster.task_lease_ms / 1000.0
         self.max_attempts = cfg.cluster.max_attempts
         self.retention = cfg.cluster.task_retention
@@ -189,6 +190,12 @@ class TaskManager:
             if t is None or t["attempt"] != attempt or t["state"] in FINAL or t["state"] == "submitted":
                 del self._expiring[tid]
 
+    def limit(self, capacity: int) -> int:
+        """The most tasks the leader gives a node of ``capacity`` slots at once: a slot's
+        worth running plus ``task_queue_per_slot`` queued per slot. The rest wait in the
+        table (``submitted``) and go to whichever node frees a slot first (late binding)."""
+        return capacity * (1 + self.queue_per_slot)
+
     def _place(self, state: st.StateMachine, alive: set[str]) -> list[bytes]:
         waiting = [tid for tid in state.tasks_by_state("submitted") if tid not in self._assigning]
         if not waiting:
@@ -200,11 +207,19 @@ class TaskManager:
             n = self._pending_node.get(tid)
             if n is not None:
                 load[n] = load.get(n, 0) + 1
+        room = 0
+        for n in alive:
+            rep = self.loads.get(n)
+            if rep is not None:
+                room += max(0, self.limit(rep.capacity) - load.get(n, 0))
+        if room == 0:
+            return []  # every node is full: the tasks wait for a slot
         out: list[bytes] = []
         ts = now_ms()
-        # Group by policy so each policy sees the whole batch (and spreads it).
+        # Group by policy so each policy sees the whole batch (and spreads it). A few more
+        # than the room: a hash task whose node is full is passed over.
         by_policy: dict[str, list[dict]] = {}
-        for tid in waiting[:2000]:
+        for tid in waiting[:min(2000, 4 * room + 16)]:
             t = state.task(tid)
             by_policy.setdefault(t.get("policy") or self.default_policy, []).append(t)
         for policy, tasks in by_policy.items():
@@ -220,14 +235,16 @@ class TaskManager:
                         continue
                     if shell_only and not self._allows_shell(n):
                         continue
-                    nodes.append(NodeLoad(n, rep.capacity, load.get(n, 0), True))
+                    nodes.append(NodeLoad(n, rep.capacity, load.get(n, 0), True,
+                                          self.limit(rep.capacity)))
                 if not nodes:
                     continue
                 hints = [TaskHint(t.get("key")) for t in group]
                 chosen = place_many(policy, nodes, hints, self.policy_state)
                 for t, n in zip(group, chosen):
                     if n is None:
-                        continue
+                        continue  # no room now: it waits for a slot
+                    load[n] = load.get(n, 0) + 1
                     attempt = t["attempt"] + 1
                     out.append(st.encode_command("assign_task", id=t["id"], node=n,
                                                  attempt=attempt, ts=ts))

@@ -47,7 +47,7 @@ def test_bench_dispatch_tiny_run_prints_every_field(tmp_path):
     assert r["date"][:2] == "20"
     m = r["machine"]
     assert m["cpu_count"] >= 1 and m["platform"] and m["python"].startswith("3.")
-    assert "share" in r["note"] and "placed once" in r["note"]
+    assert "share" in r["note"] and "as slots free" in r["note"]
     assert "agent_stderr" not in r, r.get("agent_stderr")
     assert list(tmp_path.iterdir()) == []  # the clusters' files were removed
 

@@ -83,6 +83,8 @@ def test_duplicate_names_rejected():
         {"name": "a", "capacity": 1.5},
         {"name": "a", "assigned": -1},
         {"name": "a", "alive": 1},
+        {"name": "a", "limit": -1},
+        {"name": "a", "limit": 2.0},
     ],
 )
 def test_nodeload_validation(kw):
@@ -412,6 +414,7 @@ node_st = st.builds(
     capacity=st.integers(1, 6),
     assigned=st.integers(0, 30),
     alive=st.booleans(),
+    limit=st.one_of(st.none(), st.integers(0, 40)),
 )
 nodes_st = st.lists(node_st, max_size=8, unique_by=lambda n: n.name)
 hints_st = st.lists(st.builds(TaskHint, key=st.one_of(st.none(), st.text(max_size=6))), max_size=25)
@@ -422,11 +425,11 @@ policy_st = st.sampled_from(POLICIES)
 @given(policy=policy_st, nodes=nodes_st, key=st.one_of(st.none(), st.text(max_size=6)))
 def test_prop_place_returns_alive_node_or_none(policy, nodes, key):
     got = place(policy, nodes, key=key, state=PolicyState())
-    alive = {n.name for n in nodes if n.alive}
-    if alive:
-        assert got in alive
-    else:
-        assert got is None
+    room = {n.name for n in nodes if n.alive and (n.limit is None or n.assigned < n.limit)}
+    if got is not None:
+        assert got in room
+    elif not (policy == "hash" and key is not None):  # a keyed hash task waits for its node
+        assert not room
 
 
 @FAST
@@ -435,10 +438,23 @@ def test_prop_place_many_never_dead_and_counts(policy, nodes, hints):
     got = place_many(policy, nodes, hints, PolicyState())
     assert len(got) == len(hints)
     alive = {n.name for n in nodes if n.alive}
-    if alive:
-        assert all(g in alive for g in got)
-    else:
+    assert all(g in alive for g in got if g is not None)
+    if not alive:
         assert got == [None] * len(hints)
+    final = Counter(g for g in got if g is not None)
+    for n in nodes:  # no node is given more than its limit allows
+        if n.limit is not None:
+            assert final[n.name] <= max(0, n.limit - n.assigned), (n, final)
+    # A task is left unplaced only when no alive node had room at that point (or, under
+    # hash, its key's node had none).
+    held = {n.name: n.assigned for n in nodes}
+    for h, g in zip(hints, got):
+        if g is not None:
+            held[g] += 1
+            continue
+        if policy == "hash" and h.key is not None:
+            continue
+        assert all(n.limit is not None and held[n.name] >= n.limit for n in nodes if n.alive)
 
 
 @FAST
@@ -456,7 +472,7 @@ def test_prop_place_many_equals_repeated_place(policy, nodes, hints, seed):
         singles.append(g)
         if g is not None:
             n = cur[g]
-            cur[g] = NodeLoad(n.name, n.capacity, n.assigned + 1, n.alive)
+            cur[g] = NodeLoad(n.name, n.capacity, n.assigned + 1, n.alive, n.limit)
     assert batch == singles
     assert batch_state.rr_last == single_state.rr_last
     assert batch_state.current == single_state.current
@@ -466,6 +482,7 @@ def test_prop_place_many_equals_repeated_place(policy, nodes, hints, seed):
 @given(nodes=nodes_st, n=st.integers(0, 40))
 def test_prop_least_loaded_greedy_is_balanced(nodes, n):
     """After a least_loaded batch, moving the last task elsewhere could not lower its ratio."""
+    nodes = [NodeLoad(x.name, x.capacity, x.assigned, x.alive) for x in nodes]  # no limits
     got = place_many("least_loaded", nodes, [TaskHint()] * n, PolicyState())
     alive = [x for x in nodes if x.alive]
     if not alive or not got:
@@ -475,6 +492,50 @@ def test_prop_least_loaded_greedy_is_balanced(nodes, n):
     last = got[-1]
     before = (final[last] - 1) / cap[last]
     assert all(before <= final[x] / cap[x] + 1e-12 for x in final if x != last)
+
+
+# -- limits: late binding --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_full_node_is_passed_over_and_a_full_cluster_places_nothing(policy):
+    nodes = [NodeLoad("a", 2, assigned=4, limit=4), NodeLoad("b", 2, assigned=1, limit=4),
+             NodeLoad("c", 2, assigned=0, limit=4)]
+    got = place_many(policy, nodes, tasks(10), PolicyState())  # no keys: hash falls back
+    assert counts(got) == {"b": 3, "c": 4, None: 3}
+    assert got[-3:] == [None] * 3  # once every node is full, the rest wait
+    assert place(policy, [NodeLoad("a", 1, 1, True, 1)], state=PolicyState()) is None
+
+
+def test_round_robin_skips_full_nodes_and_keeps_its_cursor():
+    st_ = PolicyState()
+    nodes = [NodeLoad("a", limit=10), NodeLoad("b", assigned=1, limit=1), NodeLoad("c", limit=10)]
+    assert place_many("round_robin", nodes, tasks(4), st_) == ["a", "c", "a", "c"]
+    assert st_.rr_last == "c"
+    assert place("round_robin", nodes[1:2], state=st_) is None and st_.rr_last == "c"
+
+
+def test_weighted_shares_among_nodes_with_room():
+    nodes = [NodeLoad("a", 1, limit=100), NodeLoad("b", 2, limit=2), NodeLoad("c", 4, limit=100)]
+    got = place_many("weighted", nodes, tasks(12), PolicyState())
+    assert counts(got)["b"] == 2 and None not in got  # b stops at its limit; a and c go on
+    assert counts(got)["c"] > counts(got)["a"]
+
+
+def test_hash_waits_for_the_keys_own_node_and_does_not_move_keys():
+    nodes = nodes_of("a", "b", "c")
+    free = place_many("hash", nodes, tasks(60, "k"), PolicyState())
+    owner = free[0]
+    full = [NodeLoad(n.name, limit=0 if n.name == owner else None) for n in nodes]
+    got = place_many("hash", full, tasks(60, "k"), PolicyState())
+    for f, g in zip(free, got):
+        assert g == (None if f == owner else f)  # the others' keys stay where they were
+
+
+def test_least_loaded_with_limits_fills_free_slots_by_ratio():
+    nodes = [NodeLoad("a", 1, assigned=0, limit=2), NodeLoad("b", 4, assigned=2, limit=8)]
+    got = place_many("least_loaded", nodes, tasks(9), PolicyState())
+    assert counts(got) == {"a": 2, "b": 6, None: 1}
 
 
 # -- makespan --------------------------------------------------------------------------------

@@ -309,3 +309,41 @@ def test_a_lost_start_report_is_sent_again_while_the_task_runs(make_cluster, mon
             assert (await c.cancel("s0"))["state"] == "cancelled"
 
     run(main())
+
+
+def test_short_tasks_do_not_queue_behind_a_long_one_while_other_nodes_idle(make_cluster):
+    """Late binding (task_queue_per_slot 1): a node of one slot holds at most one task
+    queued behind the one it runs; the rest wait at the leader and go to whichever node
+    frees a slot. Placing everything at submit time put a third of the short tasks behind
+    the long one."""
+    lc = make_cluster(3, capacities={n: 1 for n in ("n1", "n2", "n3")})
+
+    async def main():
+        async with lc.client() as c:
+            await lc.wait_leader(c)
+            await c.submit(sleep_tasks("long", [60_000]))
+            deadline = time.monotonic() + 30
+            while (rec := await c.task("long0"))["state"] != "running":
+                assert time.monotonic() < deadline, rec
+                await asyncio.sleep(0.05)
+            busy = rec["node"]
+            short = sleep_tasks("s", [50] * 30)
+            await c.submit(short)
+            deadline = time.monotonic() + 90
+            while True:
+                done = [t for t in await c.tasks(state="succeeded", limit=100)
+                        if t["id"].startswith("s")]
+                if len(done) >= 29:
+                    break
+                assert time.monotonic() < deadline, f"{len(done)} of 30 short tasks done"
+                await asyncio.sleep(0.1)
+            assert (await c.task("long0"))["state"] == "running"  # none waited for it
+            await c.cancel("long0")
+            records = await c.wait([t["id"] for t in short], timeout=60)
+            assert all(r["state"] == "succeeded" for r in records)
+            on_busy = [r["id"] for r in records if r["node"] == busy]
+            assert len(on_busy) <= 1, (busy, on_busy)
+            st = await c.call(lc.names[0], "status")
+            assert st["tasks"]["counts"]["submitted"] == 0
+
+    run(main())
