@@ -991,18 +991,31 @@ class StateMachine:
         self._task_ids_by_node: dict[str, set[str]] = {}  # node -> ids of its live attempts
         # (submitted_at, id) of every task, sorted: the listing order
         self._task_order: list[tuple[int, str]] = sorted((r["submitted_at"], t) for t, r in self._tasks.items())
+        # the same for the tasks waiting to be placed: the leader reads the first few of
+        # them every tick, and thousands may wait (late binding)
+        self._submitted_order: list[tuple[int, str]] = [
+            k for k in self._task_order if self._tasks[k[1]]["state"] == "submitted"]
         for t, r in self._tasks.items():
-            self._index_task(t, r, order=False)
+            self._index_task(t, r, order=False, submitted=False)
 
-    def _index_task(self, task_id: str, record: Any, *, order: bool = True) -> None:
+    def _index_task(self, task_id: str, record: Any, *, order: bool = True,
+                    submitted: bool = True) -> None:
         self._task_ids_by_state[record["state"]].add(task_id)
         if record["state"] in ACTIVE_STATES:
             self._task_ids_by_node.setdefault(record["node"], set()).add(task_id)
         if order:
             key = (record["submitted_at"], task_id)
             self._task_order.insert(_bisect(self._task_order, key), key)
+        if submitted and record["state"] == "submitted":
+            key = (record["submitted_at"], task_id)
+            self._submitted_order.insert(_bisect(self._submitted_order, key), key)
 
     def _unindex_task(self, task_id: str, record: Any, *, order: bool = True) -> None:
+        if record["state"] == "submitted":
+            key = (record["submitted_at"], task_id)
+            i = _bisect(self._submitted_order, key)
+            assert self._submitted_order[i] == key
+            del self._submitted_order[i]
         self._task_ids_by_state[record["state"]].discard(task_id)
         if record["state"] in ACTIVE_STATES:
             ids = self._task_ids_by_node[record["node"]]
@@ -1195,7 +1208,13 @@ class StateMachine:
         """Ids of the tasks in ``state`` (``ValueError`` for an unknown state)."""
         if state not in self._task_ids_by_state:
             raise ValueError(f"unknown task state {state!r} (expected one of {', '.join(TASK_STATES)})")
+        if state == "submitted":
+            return [t for _, t in self._submitted_order]
         return self._in_order(self._task_ids_by_state[state])
+
+    def first_submitted(self, n: int) -> list[str]:
+        """The first ``n`` ids of ``tasks_by_state("submitted")``, in O(n)."""
+        return [t for _, t in self._submitted_order[:n]]
 
     def tasks_on(self, node: str) -> list[str]:
         """Ids of the non-final tasks whose current attempt is on ``node`` (assigned or running)."""
@@ -1357,6 +1376,7 @@ class StateMachine:
         self._task_ids_by_state = new._task_ids_by_state
         self._task_ids_by_node = new._task_ids_by_node
         self._task_order = new._task_order
+        self._submitted_order = new._submitted_order
         self._decoded.clear()
 
     @classmethod

@@ -197,9 +197,8 @@ class TaskManager:
         return capacity * (1 + self.queue_per_slot)
 
     def _place(self, state: st.StateMachine, alive: set[str]) -> list[bytes]:
-        waiting = [tid for tid in state.tasks_by_state("submitted") if tid not in self._assigning]
-        if not waiting:
-            return []
+        if state.task_counts()["submitted"] <= len(self._assigning):
+            return []  # none waits but those being assigned
         load = dict(state.node_load())
         # Assignments proposed but not applied yet count too, or one tick would pile a
         # whole burst onto the node that looked least loaded before it.
@@ -219,7 +218,10 @@ class TaskManager:
         # Group by policy so each policy sees the whole batch (and spreads it). A few more
         # than the room: a hash task whose node is full is passed over.
         by_policy: dict[str, list[dict]] = {}
-        for tid in waiting[:min(2000, 4 * room + 16)]:
+        scan = min(2000, 4 * room + 16)
+        waiting = [tid for tid in state.first_submitted(scan + len(self._assigning))
+                   if tid not in self._assigning][:scan]
+        for tid in waiting:
             t = state.task(tid)
             by_policy.setdefault(t.get("policy") or self.default_policy, []).append(t)
         for policy, tasks in by_policy.items():

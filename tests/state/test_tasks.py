@@ -100,6 +100,8 @@ def check_consistent(sm: StateMachine) -> None:
     assert [r["id"] for r in sm.list_tasks(limit=10**6)] == order
     for s in TASK_STATES:
         assert sm.tasks_by_state(s) == [t for t in order if tasks[t]["state"] == s]
+    waiting = [t for t in order if tasks[t]["state"] == "submitted"]
+    assert sm.first_submitted(3) == waiting[:3] and sm.first_submitted(10**6) == waiting
 
 
 # -- submit ---------------------------------------------------------------------------------
