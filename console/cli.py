@@ -825,10 +825,11 @@ async def _cmd_status(args, inv) -> int:
                        load={"running": load.get("running"), "queued": load.get("queued"),
                              "capacity": load.get("capacity", s.get("capacity"))},
                        faults=len(s.get("faults") or ()), fault_rules=s.get("faults") or [],
-                       pid=s.get("pid"), uptime_s=s.get("uptime_s"), error=None)
+                       pid=s.get("pid"), uptime_s=s.get("uptime_s"),
+                       cert=(s.get("security") or {}).get("cert"), error=None)
         else:
             row.update(role=None, term=None, leader=None, commit=None, applied=None, lag=None,
-                       digest=None, load=None, faults=None, fault_rules=None, error=s)
+                       digest=None, load=None, faults=None, fault_rules=None, cert=None, error=s)
         nodes.append(row)
     tls = "on" if inv.cluster.tls is not None else "off"
     health["tls"] = tls == "on"
@@ -855,7 +856,34 @@ async def _cmd_status(args, inv) -> int:
         print(_health_line(health))
         print(f"tls: {tls}" + (f" (as {_my_role(inv, args)})" if tls == "on" else
                                " (anyone who reaches a port may run any command)"))
+        for ln in cert_lines(nodes, time.time()):
+            print(ln)
     return EXIT_OK if health["quorum"] else EXIT_FAIL
+
+
+CERT_WARN_DAYS = 30
+
+
+def cert_lines(nodes: list[dict], now: float) -> list[str]:
+    """What ``status`` says about the node certificates the agents present: the one that
+    expires first, a warning within ``CERT_WARN_DAYS``, and any refused reload."""
+    certs = [(r["name"], r["cert"]) for r in nodes if r.get("cert")]
+    dated = sorted((c["not_after_unix"], name, c["not_after"]) for name, c in certs
+                   if isinstance(c.get("not_after_unix"), int))
+    out = []
+    if dated:
+        at, name, iso = dated[0]
+        days = int((at - now) // 86400)
+        line = f"certificates: the first to expire is {name}'s, on {iso[:10]} (in {days} days)"
+        if days < CERT_WARN_DAYS:
+            line += ("; WARNING: renew it: delete its files under the TLS folder, run "
+                     "`raftdeck init`, then `raftdeck deploy` (or copy them and send SIGHUP)")
+        out.append(line)
+    for name, c in certs:
+        if c.get("reload_error"):
+            out.append(f"{name}: the last TLS reload was refused, the old certificate is in "
+                       f"use: {c['reload_error']}")
+    return out
 
 
 def _when(ms) -> str | None:

@@ -452,3 +452,26 @@ def test_bench_reports_a_bad_argument_as_the_benchmark_does(capsys):
         main(["bench", "--quick", "--no-such-flag"])
     assert exc.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_status_names_the_first_certificate_to_expire_and_warns_before_it_does():
+    from console.cli import cert_lines
+
+    now = 1_800_000_000
+    day = 86400
+
+    def cert(days, error=None):
+        return {"sha256": "ab" * 32, "not_after_unix": now + days * day + 60,
+                "not_after": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now + days * day + 60)),
+                "reloads": 0, "reload_error": error}
+
+    nodes = [{"name": "n1", "cert": cert(400)}, {"name": "n2", "cert": cert(200)},
+             {"name": "n3", "cert": None}]
+    [line] = cert_lines(nodes, now)
+    assert line.startswith("certificates: the first to expire is n2's, on ") and "(in 200 days)" in line
+    assert "WARNING" not in line
+    nodes[0]["cert"] = cert(12, error="cannot load the TLS files (/x/node.crt, ...): bad")
+    first, refused = cert_lines(nodes, now)
+    assert "n1's" in first and "(in 12 days)" in first and "WARNING: renew it" in first
+    assert refused.startswith("n1: the last TLS reload was refused") and "/x/node.crt" in refused
+    assert cert_lines([{"name": "n1", "cert": None}], now) == []  # TLS off: nothing to say

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,10 @@ def test_up_inits_tls_and_the_cli_enforces_roles(tmp_path):
         assert "operators/admin.crt" in json.loads(out)["tls"]["issued"]  # it said what it made
         rc, out, err = run(inv, "status", "--json")
         assert rc == 0 and json.loads(out[out.index("{"):])["health"]["tls"] is True, out
+        assert all(n["cert"]["sha256"] for n in json.loads(out[out.index("{"):])["nodes"]), out
+        rc, out, err = run(inv, "status")
+        assert re.search(r"(?m)^certificates: the first to expire is n\d's, on \d{4}-\d\d-\d\d "
+                         r"\(in 18\d\d days\)$", out), out
 
         def refused(*args, needs: str):
             rc, out, err = run(inv, *args)
