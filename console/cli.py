@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -162,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, what in (("kill", "SIGKILL an agent (by its pid file) and remove the pid file"),
                        ("pause", "SIGSTOP an agent: it stays up but answers nothing"),
                        ("resume", "SIGCONT a paused agent"),
-                       ("restart", "SIGKILL an agent, start it again, wait until it answers")):
+                       ("restart", "SIGKILL an agent, start it again, wait until it answers"),
+                       ("reload", "SIGHUP an agent: it rereads its TLS files (a renewed "
+                                  "certificate) without a restart; then check that it took them")):
         p = cmd(verb, _cmd_signal, what,
                 what + ". A local node directly; a node with ssh: on another host over SSH "
                 "(deployed with `raftdeck deploy`; known_hosts from $RAFTDECK_KNOWN_HOSTS or "
@@ -1062,6 +1065,8 @@ async def _cmd_signal(args, inv) -> int:
     if role is not None and role != "admin":
         raise CliError(f"forbidden: {verb} needs the admin role; this certificate is {role} "
                        "(use --role admin)")
+    if verb == "reload":
+        return await _reload(args, inv, node)
     if not is_local(node):  # over SSH
         from console.deploy import remote_signal_command
 
@@ -1109,6 +1114,57 @@ async def _cmd_signal(args, inv) -> int:
         _print_json(result)
     else:
         print(text)
+    return EXIT_OK
+
+
+async def _reload(args, inv, node) -> int:
+    """`raftdeck reload NODE`: SIGHUP (by the pid file, locally or over SSH), then wait
+    until the agent's status counts the reload, or its refusal."""
+    from console.procs import LocalProcesses, is_local
+
+    if inv.cluster.tls is None:
+        raise CliError("TLS is off in this inventory: an agent has no TLS files to reload")
+    async with _client(inv, args, timeout=2.0) as client:
+        st = (await _statuses(client, [node.name]))[node.name]
+        if not isinstance(st, dict):
+            raise CliError(f"{node.name} does not answer, so a reload could not be checked: {st}")
+        before = (st.get("security") or {}).get("cert")
+        if not isinstance(before, dict) or "reload_failures" not in before:
+            raise CliError(f"{node.name}'s agent reports no reloadable certificate (TLS off in "
+                           "its config, or a version before reloads): restart it instead")
+        if is_local(node):  # a node that is not running: ProcError, its own exit code
+            pid = LocalProcesses(inv).signal(node.name, signal.SIGHUP)
+        else:
+            from console.deploy import Deployer, HostError, _client_ssl, ssh_options_from
+
+            d = Deployer(inv, ssh=ssh_options_from(args), client_ssl=_client_ssl(inv, args))
+            try:
+                pid = await d.signal(node, "HUP")
+            except HostError as e:
+                raise CliError(str(e)) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15.0
+        while True:
+            st = (await _statuses(client, [node.name], per_agent=1.0))[node.name]
+            cert = ((st.get("security") or {}).get("cert") or {}) if isinstance(st, dict) else {}
+            if cert.get("reload_failures", 0) > before["reload_failures"]:
+                raise CliError(f"{node.name} refused the TLS files and keeps its certificate: "
+                               f"{cert.get('reload_error')}")
+            if cert.get("reloads", 0) > before["reloads"]:
+                break
+            if loop.time() >= deadline:
+                raise CliError(f"{node.name} (pid {pid}) got SIGHUP but reported no reload "
+                               f"within 15s; see `raftdeck logs {node.name}`")
+            await asyncio.sleep(0.1)
+    same = cert.get("sha256") == before.get("sha256")
+    result = {"name": node.name, "action": "reload", "pid": pid, "sha256": cert.get("sha256"),
+              "not_after": cert.get("not_after"), "changed": not same}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{node.name} reloaded its TLS files (pid {pid}): certificate "
+              f"{str(cert.get('sha256'))[:16]}, valid until {str(cert.get('not_after'))[:10]}"
+              + (" (the same certificate as before)" if same else ""))
     return EXIT_OK
 
 

@@ -1000,8 +1000,8 @@ class Deployer:
         return await self._with_conn(node, go)
 
     async def signal(self, node: NodeConfig, sig: str) -> int:
-        """SIGKILL (waits until gone, removes the pid file), SIGSTOP or SIGCONT the node's
-        agent over SSH; its pid. ``HostError`` if it does not run."""
+        """SIGKILL (waits until gone, removes the pid file), SIGSTOP, SIGCONT or SIGHUP
+        the node's agent over SSH; its pid. ``HostError`` if it does not run."""
         self._track([node], sig.lower())
 
         async def go(conn, lay):

@@ -328,6 +328,11 @@ def test_read_after_election_serves_no_stale_value(make_cluster):
                 await lc.wait_leader(c, among=[n for n in lc.names if n != ld])
                 await asyncio.sleep(0.3)
                 lc.start(ld)
+            # Enough reads to mean something, however slow the machine is today (a fixed
+            # 0.5 s here once gave 92 reads on a loaded CI machine).
+            deadline = time.monotonic() + 60
+            while sum(o.op == "get" for o in ops) <= 100 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             await asyncio.sleep(0.5)
             stop.set()
             await asyncio.gather(*tasks)

@@ -72,6 +72,30 @@ def test_up_inits_tls_and_the_cli_enforces_roles(tmp_path):
         refused("kill", "n3", "--role", "operator", needs="admin")
         rc, out, err = run(inv, "status", "--json")
         assert all(n["reachable"] for n in json.loads(out[out.index("{"):])["nodes"]), out
+        # reload: the agent rereads its TLS files; a renewed certificate is then in use
+        refused("reload", "n1", "--role", "operator", needs="admin")
+        rc, out, err = run(inv, "reload", "n1")
+        assert rc == 0, err
+        assert re.fullmatch(r"n1 reloaded its TLS files \(pid \d+\): certificate [0-9a-f]{16}, "
+                            r"valid until \d{4}-\d\d-\d\d \(the same certificate as before\)\n",
+                            out), out
+        for suffix in (".crt", ".key"):
+            (tls / "nodes" / f"n1{suffix}").unlink()
+        assert run(inv, "init")[0] == 0
+        rc, out, err = run(inv, "reload", "n1", "--json")
+        assert rc == 0, err
+        reloaded = json.loads(out)
+        assert reloaded["changed"] is True and reloaded["action"] == "reload"
+        rc, out, err = run(inv, "status", "--json")
+        n1 = {n["name"]: n for n in json.loads(out[out.index("{"):])["nodes"]}["n1"]
+        assert n1["cert"]["sha256"] == reloaded["sha256"] and n1["cert"]["reloads"] == 2
+        good_key = (tls / "nodes" / "n1.key").read_bytes()
+        (tls / "nodes" / "n1.key").write_bytes((tls / "nodes" / "n2.key").read_bytes())
+        rc, out, err = run(inv, "reload", "n1")
+        assert rc == 1 and "n1 refused the TLS files and keeps its certificate: cannot load" in err, err
+        (tls / "nodes" / "n1.key").write_bytes(good_key)
+        rc, out, err = run(inv, "status")
+        assert "n1: the last TLS reload was refused" in out, out
         rc, out, err = run(inv, "kill", "n3", "--json")  # admin by default
         assert rc == 0 and json.loads(out)["pid"] > 0, (out, err)
         rc, out, err = run(inv, "status", "--json")

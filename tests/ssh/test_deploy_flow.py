@@ -257,6 +257,11 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     assert re.search(r"(?m)^deploy: 3 hosts: 1 reloaded, 2 unchanged$", r.stdout), r.stdout
     assert (inst["n1"] / "tls" / "node.key").read_bytes() == good_key
     assert statuses(inv)["n1"]["security"]["cert"]["reload_error"] is None
+    # `raftdeck reload` over SSH: SIGHUP by the host's pid file, then the check
+    r = raftdeck("reload", "n2", "--inventory", str(inv_path), env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert re.match(rf"n2 reloaded its TLS files \(pid {pids['n2']}\): .*\(the same certificate as "
+                    r"before\)$", r.stdout.strip()), r.stdout
 
     # -- kill the leader over SSH: it is gone, the others elect a leader and take writes --
     r = raftdeck("kill", leader, "--inventory", str(inv_path), env_extra=env)
