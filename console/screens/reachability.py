@@ -246,6 +246,9 @@ class ReachabilityScreen(Screen):
         self.matrix: Matrix | None = None
         self._prev: dict[str, Mapping[str, Any] | None] | None = None
         self._prev_t: float | None = None
+        # the sample the last rates were computed from (reused while no time passes)
+        self._base: dict[str, Mapping[str, Any] | None] | None = None
+        self._base_t: float | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="reach-header")
@@ -277,12 +280,17 @@ class ReachabilityScreen(Screen):
         try:
             names, statuses = self._sample()
             now = mono()
-            dt = now - self._prev_t if self._prev_t is not None else 0.0
-            m = reachability_matrix(statuses, self._prev, dt, names)
+            if self._prev_t is not None and now > self._prev_t:
+                self._base, self._base_t = self._prev, self._prev_t
+            # No time since the last sample (two refreshes in one clock tick): the rates
+            # over the span before, not none; the traffic figures would blink otherwise.
+            dt = now - self._base_t if self._base_t is not None else 0.0
+            m = reachability_matrix(statuses, self._base, dt, names)
         except Exception as e:  # a model bug must not take the console down
             self.query_one("#reach-error", Static).update(Text(f"reachability: {type(e).__name__}: {e}"))
             return
-        self._prev, self._prev_t = statuses, now
+        if self._prev_t is None or now > self._prev_t:
+            self._prev, self._prev_t = statuses, now
         self.matrix = m
         self.query_one("#reach-matrix", Static).update(render_matrix(m))
         self.query_one("#reach-details", Static).update(details_text(m))
