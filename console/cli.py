@@ -1120,6 +1120,7 @@ async def _cmd_signal(args, inv) -> int:
 async def _reload(args, inv, node) -> int:
     """`raftdeck reload NODE`: SIGHUP (by the pid file, locally or over SSH), then wait
     until the agent's status counts the reload, or its refusal."""
+    from console.deploy import reload_outcome
     from console.procs import LocalProcesses, is_local
 
     if inv.cluster.tls is None:
@@ -1147,10 +1148,11 @@ async def _reload(args, inv, node) -> int:
         while True:
             st = (await _statuses(client, [node.name], per_agent=1.0))[node.name]
             cert = ((st.get("security") or {}).get("cert") or {}) if isinstance(st, dict) else {}
-            if cert.get("reload_failures", 0) > before["reload_failures"]:
+            outcome = reload_outcome(before, cert)
+            if outcome == "refused":
                 raise CliError(f"{node.name} refused the TLS files and keeps its certificate: "
                                f"{cert.get('reload_error')}")
-            if cert.get("reloads", 0) > before["reloads"]:
+            if outcome == "reloaded":
                 break
             if loop.time() >= deadline:
                 raise CliError(f"{node.name} (pid {pid}) got SIGHUP but reported no reload "

@@ -831,9 +831,7 @@ class Deployer:
                 _check_ok(node, "stop", r)
             pid = await self._start(conn, node, lay, want["release"])
             # only now: a failed run leaves the old manifest, and the next run tries again
-            await self._put_bytes(conn, node, lay.manifest,
-                                  json.dumps({**want, "deployed_at": round(time.time(), 3),
-                                              "python": list(version)}, indent=1).encode(), 0o644)
+            await self._put_manifest(conn, node, lay, want, version)
             # keep this release and the one before (to go back to); remove older ones
             await remote_op(conn, node, "prune", releases=lay.releases,
                             keep=[want["release"], have.get("release") or want["release"]])
@@ -878,20 +876,16 @@ class Deployer:
             return None  # it stopped meanwhile: start it as any stopped agent
         _check_ok(node, "SIGHUP", r)
 
-        async def manifest(tls) -> None:
-            await self._put_bytes(conn, node, lay.manifest,
-                                  json.dumps({**want, "tls": tls, "deployed_at": round(time.time(), 3),
-                                              "python": list(version)}, indent=1).encode(), 0o644)
-
         problem = None
         deadline = time.monotonic() + self.health_timeout
         while True:
             cert = ((await self._health(node)).get("security") or {}).get("cert") or {}
-            if cert.get("reload_failures", 0) > had["reload_failures"]:
+            outcome = reload_outcome(had, cert)
+            if outcome == "refused":
                 problem = (f"the agent refused the new TLS files ({cert.get('reload_error')}); "
                            "it keeps its certificate and runs on. Fix the files (`raftdeck "
                            "init`) and deploy again")
-            elif cert.get("reloads", 0) > had["reloads"]:
+            elif outcome == "reloaded":
                 if cert.get("sha256") != expect:
                     problem = (f"after the reload the agent presents certificate "
                                f"{str(cert.get('sha256'))[:16]}, not the deployed {expect[:16]}; "
@@ -905,13 +899,20 @@ class Deployer:
             break
         if problem is not None:
             # The host holds files its agent does not use: the next deploy writes them again.
-            await manifest(None)
+            await self._put_manifest(conn, node, lay, {**want, "tls": None}, version)
             raise HostError(f"{who(node)}: {problem}")
-        await manifest(want["tls"])
+        await self._put_manifest(conn, node, lay, want, version)
         pid = r.get("pid")
         return HostResult(name, True, "reloaded",
                           f"TLS files updated; agent pid {pid} reloaded them without a restart "
                           f"(certificate sha256 {expect[:16]})", ("tls",), pid)
+
+    async def _put_manifest(self, conn, node: NodeConfig, lay: Layout, inputs: dict,
+                            version) -> None:
+        """Record on the host what this deploy installed (compared by the next one)."""
+        await self._put_bytes(conn, node, lay.manifest,
+                              json.dumps({**inputs, "deployed_at": round(time.time(), 3),
+                                          "python": list(version)}, indent=1).encode(), 0o644)
 
     async def _start(self, conn, node: NodeConfig, lay: Layout, release: str | None = None) -> int:
         self._step(node.name, "start")
@@ -1195,6 +1196,16 @@ async def _makedirs(sftp, path: PurePosixPath) -> None:
     except Exception:
         if not await sftp.isdir(str(path)):
             raise
+
+
+def reload_outcome(before: dict, cert: dict) -> str | None:
+    """After a SIGHUP: "reloaded" or "refused" once the agent's ``security.cert`` counters
+    (``cert``) moved past ``before``, None while neither has."""
+    if cert.get("reload_failures", 0) > before["reload_failures"]:
+        return "refused"
+    if cert.get("reloads", 0) > before["reloads"]:
+        return "reloaded"
+    return None
 
 
 def _check_ok(node: NodeConfig, op: str, r: dict) -> None:

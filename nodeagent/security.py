@@ -25,8 +25,6 @@ files, the context builders read them, ``AuditLog`` appends to a file.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as _dt
 import hashlib
 import ipaddress
@@ -427,7 +425,7 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     return _base_context(ssl.Purpose.SERVER_AUTH, ca, cert, key)
 
 
-_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 def cert_file_facts(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -439,10 +437,10 @@ def cert_file_facts(path: str | os.PathLike[str]) -> dict[str, Any]:
         pem = Path(path).read_text(encoding="ascii", errors="replace")
     except OSError as e:
         raise TLSError(f"cannot read the certificate {path}: {e.strerror or e}") from None
-    m = _PEM_CERT.search(pem)
+    m = _PEM_CERT.search(pem)  # the first certificate of the file (a chain starts with it)
     try:
-        der = base64.b64decode("".join(m.group(1).split()), validate=True) if m else b""
-    except (binascii.Error, ValueError):
+        der = ssl.PEM_cert_to_DER_cert(m.group(0)) if m else b""
+    except ValueError:
         der = b""
     if not der:
         raise TLSError(f"{path} holds no PEM certificate")
