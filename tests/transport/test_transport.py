@@ -279,6 +279,9 @@ def test_delivery_and_order_to_several_peers():
             for name in servers:
                 assert t.send(hb(name, i))
         await wait_for(lambda: all(len(s.received) == 300 for s in servers.values()), what="delivery")
+        # A writer counts a batch when it resumes from send_all, which can be after the
+        # server read it (trio runs ready tasks in random order).
+        await wait_for(lambda: all(peer_stats(t, n)["sent"] == 300 for n in servers), what="counted")
         for name, s in servers.items():
             assert s.seqs == list(range(300))
             assert all(m.to == name and m.frm == ME for m in s.msgs)
@@ -306,6 +309,7 @@ def test_batching_coalesces_queued_messages():
             assert t.send(hb("p1", i))
         await wait_for(lambda: len(s.received) == n, what="delivery")
         assert s.seqs == list(range(n))
+        await wait_for(lambda: peer_stats(t, "p1")["sent"] == n, what="counted")  # see above
         st = peer_stats(t, "p1")
         assert st["sent"] == n and st["batches"] <= 5, st
 
@@ -359,6 +363,7 @@ def test_send_batch_writes_at_once_and_a_full_socket_keeps_every_frame_whole(tmp
         assert s.seqs == list(range(n)) and not s.errors
         assert [len(m.entries[0].data) for m in s.msgs[2:]] == [64 * 1024] * (n - 2)
         assert all(m.entries[0].data == bytes([m.commit % 251]) * 64 * 1024 for m in s.msgs[2:])
+        await wait_for(lambda: peer_stats(t, "p1")["sent"] == n, what="counted")  # see above
         st = peer_stats(t, "p1")
         assert st["sent"] == n and st["queued"] == 0 and st["dropped_error"] == 0, st
 
@@ -782,6 +787,9 @@ def test_mutual_tls_link_delivers(tmp_path):
             t.send(hb("p1", i))
         await wait_for(lambda: len(s.received) == 50, what="delivery over TLS")
         assert s.seqs == list(range(50))
+        # The server can read the last batch before the writer task resumes from send_all
+        # (still ``busy``): wait until it counted them, as above.
+        await wait_for(lambda: peer_stats(t, "p1")["sent"] == 50, what="the writer to finish")
         # A direct write over TLS too: send_batch encrypts and writes at once.
         assert t.send_batch([hb("p1", i) for i in range(50, 53)]) is True
         assert peer_stats(t, "p1")["queued"] == 0
