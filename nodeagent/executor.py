@@ -35,7 +35,8 @@ Decisions:
 * **Results are delivered by ``run()``.** Submitting before ``run()`` starts queues the
   task; refusals and cancellations of queued tasks are reported by ``run()`` (never from
   inside ``submit()``/``cancel()``, so callbacks are never re-entered). After ``run()``
-  has ended, ``submit()`` raises ``RuntimeError``.
+  has ended, ``submit()`` refuses (returns False): the agent is stopping, and its driver
+  may still apply an assignment in the meantime.
 * **Timeout** (``timeout_ms``, counted from the spawn, so it includes interpreter start-up):
   the process group gets SIGTERM, then SIGKILL after ``kill_grace`` seconds; outcome
   ``timed_out``. ``cancel()`` of a running task does the same; outcome ``cancelled``.
@@ -352,7 +353,10 @@ class Executor:
         newer attempt of the id is queued/running. Never blocks; see the module docstring
         for refusals (accepted, then reported ``failed``)."""
         if self._state == "closed":
-            raise RuntimeError("executor is closed")
+            # The agent is stopping: its driver can still apply an entry that assigns a
+            # task here after this executor's task ended. The table keeps the task
+            # assigned; the restarted agent runs it, or the leader's lease moves it.
+            return False
         key = spec.key
         if key in self._queue or key in self._running or key in self._done:
             self._counts["duplicates"] += 1

@@ -520,8 +520,9 @@ def test_cancelling_the_executor_kills_every_child(tmp_path):
     while not gone(grandchild) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert gone(grandchild), f"grandchild {grandchild} survived the executor"
-    with pytest.raises(RuntimeError):
-        ex.submit(spec("late", "sleep", {"ms": 1}))
+    # A stopping agent's driver can still apply an assignment after the executor's task
+    # ended (seen in the dispatch benchmark: the agent exited with a traceback): refused.
+    assert ex.submit(spec("late", "sleep", {"ms": 1})) is False
     assert ex.running() == 0 and ex.queued() == 0
 
 
