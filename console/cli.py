@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
             "changed gets a new certificate), so it is safe to run again after adding nodes. "
             "`raftdeck up` runs it when the inventory has tls: on or tls: {dir: ...}.")
     p.add_argument("--dir", metavar="DIR", help="where to write the files")
+    p.add_argument("--rotate-ca", action="store_true",
+                   help="take the next of the three steps that replace the CA while the cluster "
+                        "runs (trust a new CA, issue every certificate from it, stop trusting "
+                        "the old one); each step first checks that every agent loaded the files "
+                        "of the step before (docs/OPERATIONS.md, Security)")
+    p.add_argument("--force", action="store_true",
+                   help="with --rotate-ca: take the step even if an agent did not answer or "
+                        "still uses older files")
 
     p = cmd("up", _cmd_up, "start the inventory's local agents and wait for a leader",
             "Start every inventory node that lives on this machine (no ssh:, or host "
@@ -170,8 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
                 what + ". A local node directly; a node with ssh: on another host over SSH "
                 "(deployed with `raftdeck deploy`; known_hosts from $RAFTDECK_KNOWN_HOSTS or "
                 "~/.ssh/known_hosts). With TLS, only for the admin role (the role of the "
-                "certificate in use); another role exits 1.")
-        p.add_argument("node", metavar="NODE")
+                "certificate in use); another role exits 1."
+                + (" Several nodes, or --all, are reloaded one after the other; the exit "
+                   "code is 1 if any of them did not take its files." if verb == "reload" else ""))
+        if verb == "reload":
+            p.add_argument("node", metavar="NODE", nargs="*")
+            p.add_argument("--all", action="store_true", help="every node of the inventory")
+        else:
+            p.add_argument("node", metavar="NODE")
         if verb == "restart":
             p.add_argument("--wait-s", type=positive_float, default=30.0, metavar="S",
                            help="how long to wait for it to answer (default 30)")
@@ -636,8 +650,12 @@ def _init(inv, tls_dir):
         raise CliError(str(e), EXIT_FAIL) from None
 
 
-def _cmd_init(args, inv) -> int:
+def _cmd_init(args, inv):
     d = _tls_dir(inv, args.dir)
+    if args.rotate_ca:
+        return _rotate_ca(args, inv, d)
+    if args.force:
+        raise CliError("--force goes with --rotate-ca", EXIT_USAGE)
     done = _init(inv, d)
     uses = inv.cluster.tls is not None and inv.cluster.tls.dir is not None and \
         inv.cluster.tls.dir.resolve() == d.resolve()
@@ -652,6 +670,83 @@ def _cmd_init(args, inv) -> int:
           "(keys are 0600; never copy ca.key to the nodes)")
     if not uses:
         print(f"to use them, set in {inv.path.name}: cluster: tls: {{dir: {d}}}")
+    return EXIT_OK
+
+
+_ROTATE_NEXT = {
+    "trust": "get ca.crt to every agent: `raftdeck deploy` (it sends each running agent "
+             "SIGHUP), or `raftdeck reload --all` where the files are already in place; then "
+             "run `raftdeck init --rotate-ca` again, to issue every certificate from the new CA",
+    "issue": "get the new certificates to every agent the same way (deploy, or reload --all); "
+             "the console uses the new operator certificates from now on, and the old CA's key "
+             "is gone; then run `raftdeck init --rotate-ca` again, to stop trusting the old CA",
+    "finish": "get ca.crt to every agent the same way (deploy, or reload --all); each then ends "
+              "the connections still made with a certificate of the old CA, and they reconnect "
+              "with the new ones. The CA is replaced.",
+}
+
+
+async def _rotation_lag(inv, args, d) -> list[str]:
+    """What keeps the next CA step from being safe: each node that did not answer, or
+    whose agent trusts other CAs than ca.crt lists, or presents another certificate than
+    nodes/<name>.crt. Empty when every agent runs with the files in ``d``."""
+    from nodeagent.security import TLSError, cert_file_facts, pem_fingerprints
+
+    try:
+        want_ca = set(pem_fingerprints(d / "ca.crt"))
+        want_cert = {n.name: cert_file_facts(d / "nodes" / f"{n.name}.crt")["sha256"]
+                     for n in inv.nodes}
+    except TLSError as e:
+        raise CliError(str(e)) from None
+    async with _client(inv, args, timeout=STATUS_TIMEOUT) as client:
+        sts = await _statuses(client, inv.names)
+    lag = []
+    for n in inv.nodes:
+        st = sts[n.name]
+        if not isinstance(st, dict):
+            lag.append(f"{n.name} did not answer ({st})")
+            continue
+        sec = st.get("security") or {}
+        has_ca = {c.get("sha256") for c in sec.get("ca") or ()}
+        has_cert = (sec.get("cert") or {}).get("sha256")
+        if has_ca != want_ca:
+            lag.append(f"{n.name} trusts {len(has_ca)} CA(s), not the {len(want_ca)} of ca.crt")
+        elif has_cert != want_cert[n.name]:
+            lag.append(f"{n.name} presents a certificate other than nodes/{n.name}.crt")
+    return lag
+
+
+async def _rotate_ca(args, inv, d) -> int:
+    from nodeagent.security import ROTATE_STEPS, TLSError, ca_rotation_state, rotate_ca
+
+    try:
+        state = ca_rotation_state(d)
+    except TLSError as e:
+        raise CliError(str(e)) from None
+    step = ROTATE_STEPS[(ROTATE_STEPS.index(state) + 1) if state in ROTATE_STEPS else 0]
+    if inv.cluster.tls is None and not args.force:
+        raise CliError(f"{inv.path.name}: TLS is off, so no agent uses a CA; to replace the "
+                       "files anyway, pass --force")
+    if not args.force:
+        lag = await _rotation_lag(inv, args, d)
+        if lag:
+            raise CliError(f"not taking the CA step {step!r} yet: " + "; ".join(lag) +
+                           ". Every agent must run with the files of the step before: deploy "
+                           "them, or `raftdeck reload --all`; or pass --force (an agent that "
+                           "misses a step cannot talk to the others after the last one)")
+    try:
+        step, done = rotate_ca(d, inv.cluster.name, [(n.name, n.host) for n in inv.nodes])
+    except TLSError as e:
+        raise CliError(str(e)) from None
+    number = ROTATE_STEPS.index(step) + 1
+    if args.json:
+        _print_json({"dir": str(d), "step": step, "of": len(ROTATE_STEPS),
+                     "files": [{"cert": c, "result": r} for c, r in done], "next": _ROTATE_NEXT[step]})
+        return EXIT_OK
+    for ln in _table([[c, r] for c, r in done]):
+        print(ln)
+    print(f"CA replacement: step {number} of {len(ROTATE_STEPS)} ({step}) done in {d}")
+    print(f"next: {_ROTATE_NEXT[step]}")
     return EXIT_OK
 
 
@@ -829,7 +924,10 @@ async def _cmd_status(args, inv) -> int:
                              "capacity": load.get("capacity", s.get("capacity"))},
                        faults=len(s.get("faults") or ()), fault_rules=s.get("faults") or [],
                        pid=s.get("pid"), uptime_s=s.get("uptime_s"),
-                       cert=(s.get("security") or {}).get("cert"), error=None)
+                       cert=(s.get("security") or {}).get("cert"),
+                       ca=[c.get("sha256") for c in (s.get("security") or {}).get("ca") or ()],
+                       untrusted_closed=(s.get("security") or {}).get("untrusted_closed"),
+                       error=None)
         else:
             row.update(role=None, term=None, leader=None, commit=None, applied=None, lag=None,
                        digest=None, load=None, faults=None, fault_rules=None, cert=None, error=s)
@@ -886,6 +984,11 @@ def cert_lines(nodes: list[dict], now: float) -> list[str]:
         if c.get("reload_error"):
             out.append(f"{name}: the last TLS reload was refused, the old certificate is in "
                        f"use: {c['reload_error']}")
+    trust = {r["name"]: len(r["ca"]) for r in nodes if r.get("ca")}
+    if trust and (len(set(trust.values())) > 1 or max(trust.values()) > 1):
+        counts = ", ".join(f"{name} {k}" for name, k in sorted(trust.items()))
+        out.append(f"CA: a replacement is under way (CAs trusted: {counts}); the next step "
+                   "is `raftdeck init --rotate-ca` once every agent has the files")
     return out
 
 
@@ -1059,14 +1162,19 @@ async def _cmd_signal(args, inv) -> int:
     from console.procs import LocalProcesses, is_local
 
     verb = args.command
-    node = _node(inv, args.node)
+    if verb == "reload":
+        if bool(args.node) == bool(args.all):
+            raise CliError("reload: name the nodes, or give --all", EXIT_USAGE)
+        nodes = list(inv.nodes) if args.all else [_node(inv, n) for n in args.node]
+    else:
+        node = _node(inv, args.node)
     # Process actions are admin's, local or over SSH (the agent cannot check a signal).
     role = _my_role(inv, args)
     if role is not None and role != "admin":
         raise CliError(f"forbidden: {verb} needs the admin role; this certificate is {role} "
                        "(use --role admin)")
     if verb == "reload":
-        return await _reload(args, inv, node)
+        return await _reload_all(args, inv, nodes)
     if not is_local(node):  # over SSH
         from console.deploy import remote_signal_command
 
@@ -1117,9 +1225,33 @@ async def _cmd_signal(args, inv) -> int:
     return EXIT_OK
 
 
-async def _reload(args, inv, node) -> int:
-    """`raftdeck reload NODE`: SIGHUP (by the pid file, locally or over SSH), then wait
-    until the agent's status counts the reload, or its refusal."""
+async def _reload_all(args, inv, nodes) -> int:
+    """`raftdeck reload NODE...`: each in turn; a node that fails does not stop the rest."""
+    results, failed = [], False
+    for node in nodes:
+        try:
+            result = await _reload(args, inv, node)
+        except CliError as e:
+            if len(nodes) == 1:
+                raise
+            failed = True
+            results.append({"name": node.name, "action": "reload", "error": str(e)})
+            if not args.json:
+                print(f"{node.name}: {e}", file=sys.stderr)
+            continue
+        results.append(result)
+        if not args.json:
+            print(f"{node.name} reloaded its TLS files (pid {result['pid']}): certificate "
+                  f"{str(result['sha256'])[:16]}, valid until {str(result['not_after'])[:10]}"
+                  + ("" if result["changed"] else " (the same certificate as before)"))
+    if args.json:
+        _print_json(results[0] if len(nodes) == 1 else results)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+async def _reload(args, inv, node) -> dict:
+    """SIGHUP one agent (by the pid file, locally or over SSH), then wait until its status
+    counts the reload, or its refusal (CliError). The result, for `_reload_all`."""
     from console.deploy import reload_outcome
     from console.procs import LocalProcesses, is_local
 
@@ -1158,16 +1290,8 @@ async def _reload(args, inv, node) -> int:
                 raise CliError(f"{node.name} (pid {pid}) got SIGHUP but reported no reload "
                                f"within 15s; see `raftdeck logs {node.name}`")
             await asyncio.sleep(0.1)
-    same = cert.get("sha256") == before.get("sha256")
-    result = {"name": node.name, "action": "reload", "pid": pid, "sha256": cert.get("sha256"),
-              "not_after": cert.get("not_after"), "changed": not same}
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"{node.name} reloaded its TLS files (pid {pid}): certificate "
-              f"{str(cert.get('sha256'))[:16]}, valid until {str(cert.get('not_after'))[:10]}"
-              + (" (the same certificate as before)" if same else ""))
-    return EXIT_OK
+    return {"name": node.name, "action": "reload", "pid": pid, "sha256": cert.get("sha256"),
+            "not_after": cert.get("not_after"), "changed": cert.get("sha256") != before.get("sha256")}
 
 
 # == faults ======================================================================================

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import trio
 
-from . import security
+from . import security, tlsstream
 from . import state as st
 from .config import AgentConfig
 from .driver import Driver, RequestFailed
@@ -79,6 +79,12 @@ class Agent:
         self.tls_reloads = 0
         self.tls_reload_failures = 0
         self.tls_reload_error: str | None = None
+        # The CAs trusted (security.trusted_cas), and the issuer of the certificate each
+        # context made so far presents: a reload that drops a CA ends the connections
+        # either side of which it issued (_cut_untrusted).
+        self.tls_trust: list[dict[str, Any]] = []
+        self._ctx_issuer: dict[int, tuple[Any, str]] = {}
+        self.tls_cut = 0
 
     # == start-up =============================================================================
 
@@ -106,6 +112,7 @@ class Agent:
         node = RaftNode(raft_cfg, persisted, rng=self.rng, bootstrap=initial_conf(cfg))
         self.storage.forget_recovered()  # the core has the entries now
         self.server_ssl, self.client_ssl, self.tls_cert = self._tls_contexts()
+        self._adopt_contexts()
         self.transport = Transport(self.node_id, self.cluster_name, dict(self.addresses),
                                    max_frame=max(self.max_frame, 64 << 20), rng=self.rng,
                                    ssl_context=self.client_ssl)
@@ -165,13 +172,52 @@ class Agent:
                       extra={"error": str(e), "sha256": (self.tls_cert or {}).get("sha256")})
             return False
         self.server_ssl, self.client_ssl, self.tls_cert = server_ssl, client_ssl, cert
+        self._adopt_contexts()
         if self.server is not None:
             self.server.ssl_context = server_ssl
         self.transport.set_ssl_context(client_ssl)
         self.tls_reloads += 1
         self.tls_reload_error = None
-        log.info("TLS files reloaded", extra={"reloads": self.tls_reloads, **cert})
+        log.info("TLS files reloaded", extra={"reloads": self.tls_reloads, **cert,
+                                              "trusted_cas": [c["subject"] for c in self.tls_trust]})
+        self._cut_untrusted()
         return True
+
+    def _adopt_contexts(self) -> None:
+        if self.server_ssl is None:
+            return
+        self.tls_trust = security.trusted_cas(self.server_ssl)
+        issuer = (self.tls_cert or {}).get("issuer", "")
+        for ctx in (self.server_ssl, self.client_ssl):
+            self._ctx_issuer[id(ctx)] = (ctx, issuer)  # the context too: its id stays unique
+
+    def _cut_untrusted(self) -> int:
+        """End the open connections on which either certificate was issued by a CA the
+        files no longer list (the last step of replacing the CA): they were verified
+        against the old trust, and would otherwise live on with it. The links reconnect at
+        once with the new files. Returns how many were cut."""
+        trusted = {c["subject"] for c in self.tls_trust}
+        contexts = [ctx for ctx, _ in self._ctx_issuer.values()]
+        cut, stale = [], []
+        for stream in tlsstream.open_streams(contexts):
+            ours = self._ctx_issuer[id(stream.context)][1]
+            peer = stream.getpeercert() or {}
+            theirs = security.dn_text(peer.get("issuer", ()))
+            if (ours and ours not in trusted) or (theirs and theirs not in trusted):
+                cut.append({"ours": ours, "theirs": theirs})
+                stale.append(stream)
+        # Our links to peers reconnect before the old connection closes; the rest (the
+        # listener's connections, the relay) end now and their other side reconnects.
+        renewed = {id(x) for x in self.transport.renew_links(stale)}
+        for stream in stale:
+            if id(stream) not in renewed:
+                stream.cut()
+        if cut:
+            self.tls_cut += len(cut)
+            log.warning("connections made with a CA no longer trusted were closed",
+                        extra={"closed": len(cut), "issuers": sorted({i for c in cut for i in c.values()
+                                                                      if i not in trusted})})
+        return len(cut)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .server import Server
@@ -515,7 +561,8 @@ class Agent:
                          "cert": None if self.tls_cert is None else {
                              **self.tls_cert, "reloads": self.tls_reloads,
                              "reload_failures": self.tls_reload_failures,
-                             "reload_error": self.tls_reload_error}},
+                             "reload_error": self.tls_reload_error},
+                         "ca": self.tls_trust, "untrusted_closed": self.tls_cut},
             "requests": dict(self._request_counts),
             "tasks": {"counts": self.driver.state.task_counts(),
                       "executor": {k: v for k, v in self.tasks.executor.stats().items()

@@ -53,7 +53,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 __all__ = [
     "ROLES", "NODE", "TLSError", "Identity", "init_tls", "server_context", "peer_client_context",
     "client_context", "identity_from_cert", "required_role", "check_request", "effective_role",
-    "TokenBucket", "AuditLog", "tls_paths_for_node", "tls_paths_for_role",
+    "TokenBucket", "AuditLog", "tls_paths_for_node", "tls_paths_for_role", "dn_text", "trusted_cas",
+    "pem_fingerprints", "cert_file_facts", "rotate_ca",
 ]
 
 
@@ -352,8 +353,10 @@ def init_tls(tls_dir: str | os.PathLike[str], cluster: str,
         missing = ca_key_path if ca_crt.exists() else ca_crt
         raise TLSError(f"{missing} is missing but its pair exists; restore it, or move the "
                        f"directory {d} away to start a new CA (every certificate is reissued)")
+    previous: list[Any] = []  # CAs still trusted while the CA is replaced (rotate_ca)
     if ca_crt.exists():
         ca_cert, ca_key = _load_pair(ca_crt, ca_key_path)
+        previous = _load_bundle(ca_crt)[1:]
         out.append(("ca.crt", "kept"))
     else:
         ca_key, ca_cert = _issue(None, None, cluster, "ca", f"raftdeck {cluster} CA", ca=True)
@@ -367,14 +370,17 @@ def init_tls(tls_dir: str | os.PathLike[str], cluster: str,
         why = None
         if crt.exists() and key.exists():
             cert, _ = _load_pair(crt, key)
-            if not _signed_by(cert, ca_cert):
+            if _signed_by(cert, ca_cert):
+                missing = [h for h in hosts if not _san_covers(cert, h)]
+                if not missing:
+                    out.append((rel, "kept"))
+                    return
+                why = f"reissued: host {missing[0]} was not in it"
+            elif any(_signed_by(cert, p) for p in previous):
+                why = "reissued: issued by the previous CA"
+            else:
                 raise TLSError(f"{crt} was not issued by {ca_crt}; remove {crt} and {key} to "
                                "issue a new one")
-            missing = [h for h in hosts if not _san_covers(cert, h)]
-            if not missing:
-                out.append((rel, "kept"))
-                return
-            why = f"reissued: host {missing[0]} was not in it"
         k, cert = _issue(ca_key, ca_cert, cluster, ou, name, hosts=hosts, days=1825)
         _write(key, _key_pem(k), 0o600)
         _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
@@ -385,6 +391,77 @@ def init_tls(tls_dir: str | os.PathLike[str], cluster: str,
     for role in ROLES:
         one("operators", role, role, ())
     return out
+
+
+def _load_bundle(path: Path) -> list[Any]:
+    x509 = _x509()[0]
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise TLSError(f"{path}: cannot load ({type(e).__name__}); restore it from a copy") from None
+
+
+def _write_bundle(path: Path, certs: list[Any]) -> None:
+    _, _, serialization, _, _, _ = _x509()
+    _write(path, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs), 0o644)
+
+
+ROTATE_STEPS = ("trust", "issue", "finish")
+
+
+def ca_rotation_state(tls_dir: str | os.PathLike[str]) -> str:
+    """Where a CA replacement stands, from the files: ``"steady"`` (one CA), ``"trust"``
+    done (``ca-next.crt`` is made and ``ca.crt`` lists both), ``"issue"`` done (the new CA
+    signs, the old one is still trusted)."""
+    d = Path(tls_dir)
+    if (d / "ca-next.crt").exists():
+        return "trust"
+    if (d / "ca.crt").exists() and len(_load_bundle(d / "ca.crt")) > 1:
+        return "issue"
+    return "steady"
+
+
+def rotate_ca(tls_dir: str | os.PathLike[str], cluster: str,
+              nodes: Iterable[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+    """Take the next step of replacing the cluster CA without stopping the cluster; each
+    step's files must reach every agent (deploy, or reload) before the next one:
+
+    1. ``trust``: a new CA (``ca-next.crt``/``.key``); ``ca.crt`` lists the old CA, then
+       the new one. Agents trust both; every certificate stays.
+    2. ``issue``: the new CA signs (``ca.crt`` lists it first, ``ca.key`` is its key,
+       ``ca-next.*`` are gone) and every node and operator certificate is issued again.
+    3. ``finish``: ``ca.crt`` lists the new CA only; an agent that reloads it ends the
+       connections still made with certificates of the old one.
+
+    Returns (the step taken, the files as ``init_tls`` reports them). Raises TLSError."""
+    d = Path(tls_dir)
+    _, _, serialization, _, _, _ = _x509()
+    ca_crt, ca_key_path = d / "ca.crt", d / "ca.key"
+    next_crt, next_key = d / "ca-next.crt", d / "ca-next.key"
+    if not ca_crt.exists() or not ca_key_path.exists():
+        raise TLSError(f"{d} has no CA to replace (ca.crt and ca.key); run `raftdeck init`")
+    state = ca_rotation_state(d)
+    bundle = _load_bundle(ca_crt)
+    if state == "steady":
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        key, cert = _issue(None, None, cluster, "ca", f"raftdeck {cluster} CA {stamp}", ca=True)
+        _write(next_key, _key_pem(key), 0o600)
+        _write(next_crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        _write_bundle(ca_crt, [bundle[0], cert])
+        return "trust", [("ca-next.crt", "created"), ("ca.crt", "trusts the old and the new CA")]
+    if state == "trust":
+        new_cert, new_key = _load_pair(next_crt, next_key)
+        old = [c for c in bundle if c != new_cert]
+        # ca.crt first (an interrupted step still finds ca-next.* and is taken again),
+        # then its key; the leaves follow, reissued by init_tls (the previous CA's).
+        _write_bundle(ca_crt, [new_cert, *old])
+        _write(ca_key_path, _key_pem(new_key), 0o600)
+        next_crt.unlink()
+        next_key.unlink()
+        out = [("ca.crt", "the new CA signs; the old one is still trusted")]
+        return "issue", out + init_tls(d, cluster, nodes)[1:]
+    _write_bundle(ca_crt, bundle[:1])
+    return "finish", [("ca.crt", "trusts the new CA only")]
 
 
 # == TLS contexts (I/O: read files) ===================================================================
@@ -449,6 +526,7 @@ def cert_file_facts(path: str | os.PathLike[str]) -> dict[str, Any]:
     if decode is not None:  # CPython's, private: the facts are a courtesy, so tolerate its absence
         try:
             decoded = decode(os.fspath(path))
+            facts["issuer"] = dn_text(decoded["issuer"])
             facts["serial"] = decoded["serialNumber"]
             not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
             facts["not_after"] = _dt.datetime.fromtimestamp(not_after, _dt.timezone.utc).isoformat()
@@ -519,3 +597,47 @@ def _jsonable(v: Any) -> Any:
         return [_jsonable(x) for x in v]
     return v
 
+
+
+_DN_KEYS = {"countryName": "C", "organizationName": "O", "organizationalUnitName": "OU",
+            "commonName": "CN"}
+
+
+def dn_text(name: Any) -> str:
+    """A distinguished name as the ssl module decodes it (a tuple of RDNs of (key, value)
+    pairs) in one line, ``O=..., OU=..., CN=...``: how issuers and subjects are compared."""
+    try:
+        return ", ".join(f"{_DN_KEYS.get(k, k)}={v}" for rdn in name for k, v in rdn)
+    except (TypeError, ValueError):
+        return ""
+
+
+def trusted_cas(ctx: ssl.SSLContext) -> list[dict[str, Any]]:
+    """The CA certificates ``ctx`` trusts (its CA file may hold several while the CA is
+    being replaced): the SHA-256 fingerprint, subject and expiry of each, in file order."""
+    out = []
+    for der, info in zip(ctx.get_ca_certs(binary_form=True), ctx.get_ca_certs()):
+        fact = {"sha256": hashlib.sha256(der).hexdigest(), "subject": dn_text(info.get("subject", ()))}
+        try:
+            fact["not_after"] = _dt.datetime.fromtimestamp(
+                ssl.cert_time_to_seconds(info["notAfter"]), _dt.timezone.utc).isoformat()
+        except (KeyError, ValueError):
+            pass
+        out.append(fact)
+    return out
+
+
+def pem_fingerprints(path: str | os.PathLike[str]) -> list[str]:
+    """The SHA-256 fingerprints of every certificate in a PEM file, in order (a CA file
+    that holds two CAs during a rotation gives two). Raises TLSError naming the file."""
+    try:
+        pem = Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError as e:
+        raise TLSError(f"cannot read {path}: {e.strerror or e}") from None
+    out = []
+    for m in _PEM_CERT.finditer(pem):
+        try:
+            out.append(hashlib.sha256(ssl.PEM_cert_to_DER_cert(m.group(0))).hexdigest())
+        except ValueError:
+            raise TLSError(f"{path}: a certificate block does not decode") from None
+    return out

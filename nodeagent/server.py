@@ -446,6 +446,8 @@ class Server:
                 del self._peer_conns[frm]
 
     def _peer_ended(self, conn: Connection, frm: str) -> None:
+        if getattr(conn.stream, "was_cut", False):
+            return  # we ended it (a CA no longer trusted): the peer is alive and reconnects
         if self._peer_conns.get(frm) is conn and not self.agent.transport.partitioned_from(frm):
             self.agent.driver.peer_lost(frm)
 

@@ -20,11 +20,23 @@ Errors are those of ``trio.SSLStream``: a TLS failure or a broken socket raises
 from __future__ import annotations
 
 import os
+import socket
 import ssl
+import weakref
 
 import trio
 
-__all__ = ["TLSStream", "read_nowait", "receive_waiting_first"]
+__all__ = ["TLSStream", "open_streams", "read_nowait", "receive_waiting_first"]
+
+# Every stream whose handshake completed and that is not closed yet, so that a reload
+# that stops trusting a CA can find the connections made with it (Agent.reload_tls).
+_OPEN: "weakref.WeakSet[TLSStream]" = weakref.WeakSet()
+
+
+def open_streams(contexts) -> list["TLSStream"]:
+    """The open streams made with one of ``contexts`` (SSLContext objects)."""
+    ids = {id(c) for c in contexts}
+    return [s for s in list(_OPEN) if id(s.context) in ids and not s._closed]
 
 _READ = 65536
 
@@ -68,6 +80,8 @@ class TLSStream(trio.abc.Stream):
     def __init__(self, transport_stream: trio.SocketStream, context: ssl.SSLContext, *,
                  server_side: bool = False, server_hostname: str | None = None):
         self.transport_stream = transport_stream
+        self.context = context
+        self.was_cut = False  # ended by ``cut``: this side chose to, the peer did not vanish
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
@@ -97,9 +111,21 @@ class TLSStream(trio.abc.Stream):
                     pass
                 raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
         await self._send_pending()
+        _OPEN.add(self)
 
     def getpeercert(self, binary_form: bool = False):
         return self._obj.getpeercert(binary_form)
+
+    def cut(self) -> None:
+        """End the connection under whichever task uses it: shut the socket down both
+        ways, so its reader sees the end of the stream and its writer a broken pipe; they
+        close it as after any broken connection."""
+        _OPEN.discard(self)
+        self.was_cut = True
+        try:
+            self.transport_stream.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # -- writing ------------------------------------------------------------------------
 
@@ -277,4 +303,5 @@ class TLSStream(trio.abc.Stream):
             pass
         finally:
             self._closed = True
+            _OPEN.discard(self)
             await self.transport_stream.aclose()

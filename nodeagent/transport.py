@@ -396,6 +396,10 @@ class _Link:
         # ``flush``: a TLS write left ciphertext in the stream for the writer to send.
         self.direct_sock: trio.socket.SocketType | None = None
         self.direct_tls: TLSStream | None = None
+        # renew_links: the connection being replaced, left open until the next one is up
+        # (or failed), so the peer never sees this link end (no early campaign there).
+        self.renewing = False
+        self.retiring: trio.abc.Stream | None = None
         self.busy = False
         self.partial = b""
         self.flush = False
@@ -780,6 +784,16 @@ class Transport:
 
     async def _link_main(self, link: _Link) -> None:
         assert link.scope is not None
+        try:
+            await self._link_loop(link)
+        finally:
+            if link.retiring is not None:  # stopped while renewing
+                old, link.retiring = link.retiring, None
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(old)
+
+    async def _link_loop(self, link: _Link) -> None:
+        assert link.scope is not None
         with link.scope:
             failures = 0
             while True:
@@ -812,6 +826,11 @@ class Transport:
             link.counts["connect_failures"] += 1
             self._record_error(link, f)
             return None
+        finally:
+            if link.retiring is not None:  # renew_links: the new connection is up, or failed
+                old, link.retiring = link.retiring, None
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(old)
         started = self._clock()
         link.connected = True
         if type(stream) is trio.SocketStream:
@@ -832,8 +851,12 @@ class Transport:
             link.partial = b""  # the rest of a frame belongs to this connection only
             link.flush = False
             up_for = self._clock() - started
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
+            if link.renewing:  # closed once the next connection is up (see renew_links)
+                link.renewing = False
+                link.retiring = stream
+            else:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
             if failure is not None:
                 link.counts["disconnects"] += 1
                 self._record_error(link, failure)
@@ -850,6 +873,21 @@ class Transport:
     def set_ssl_context(self, ctx: ssl.SSLContext | None) -> None:
         """TLS for the links made from now on (a certificate reload); open links keep theirs."""
         self._ssl_context = ctx
+
+    def renew_links(self, streams: Iterable[Any]) -> list[Any]:
+        """Reconnect the links whose open stream is one of ``streams`` with the TLS
+        context set now, closing each old connection only once its replacement is up (or
+        failed): the peer's listener sees the new link arrive before the old one end, so
+        it never takes the end for a crashed leader. Returns the streams taken."""
+        wanted = {id(x) for x in streams}
+        taken = []
+        for link in self._links.values():
+            st = link.direct_tls
+            if st is not None and id(st) in wanted and link.attempt_scope is not None:
+                link.renewing = True
+                link.attempt_scope.cancel()
+                taken.append(st)
+        return taken
 
     async def _connect(self, link: _Link) -> tuple[trio.abc.Stream, FrameDecoder]:
         host, port = link.addr
