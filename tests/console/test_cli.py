@@ -475,3 +475,17 @@ def test_status_names_the_first_certificate_to_expire_and_warns_before_it_does()
     assert "n1's" in first and "(in 12 days)" in first and "WARNING: renew it" in first
     assert refused.startswith("n1: the last TLS reload was refused") and "/x/node.crt" in refused
     assert cert_lines([{"name": "n1", "cert": None}], now) == []  # TLS off: nothing to say
+
+
+def test_status_says_a_ca_replacement_is_under_way_until_every_agent_trusts_one_ca():
+    from console.cli import cert_lines
+
+    def nodes(*counts):
+        return [{"name": f"n{i + 1}", "cert": None, "ca": ["ab" * 32] * k} for i, k in enumerate(counts)]
+
+    assert cert_lines(nodes(1, 1, 1), 0) == []
+    [line] = cert_lines(nodes(2, 1, 1), 0)  # one agent reloaded the first step
+    assert line.startswith("CA: a replacement is under way (CAs trusted: n1 2, n2 1, n3 1)")
+    assert "raftdeck init --rotate-ca" in line
+    assert cert_lines(nodes(2, 2, 2), 0)  # between steps
+    assert cert_lines(nodes(0, 0, 0), 0) == []  # TLS off, or agents without the field
