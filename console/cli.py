@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 from console.argtypes import int_range, positive_float
+from console.certs import cert_lines
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -960,36 +961,6 @@ async def _cmd_status(args, inv) -> int:
         for ln in cert_lines(nodes, time.time()):
             print(ln)
     return EXIT_OK if health["quorum"] else EXIT_FAIL
-
-
-CERT_WARN_DAYS = 30
-
-
-def cert_lines(nodes: list[dict], now: float) -> list[str]:
-    """What ``status`` says about the node certificates the agents present: the one that
-    expires first, a warning within ``CERT_WARN_DAYS``, and any refused reload."""
-    certs = [(r["name"], r["cert"]) for r in nodes if r.get("cert")]
-    dated = sorted((c["not_after_unix"], name, c["not_after"]) for name, c in certs
-                   if isinstance(c.get("not_after_unix"), int))
-    out = []
-    if dated:
-        at, name, iso = dated[0]
-        days = int((at - now) // 86400)
-        line = f"certificates: the first to expire is {name}'s, on {iso[:10]} (in {days} days)"
-        if days < CERT_WARN_DAYS:
-            line += ("; WARNING: renew it: delete its files under the TLS folder, run "
-                     "`raftdeck init`, then `raftdeck deploy` (or copy them and send SIGHUP)")
-        out.append(line)
-    for name, c in certs:
-        if c.get("reload_error"):
-            out.append(f"{name}: the last TLS reload was refused, the old certificate is in "
-                       f"use: {c['reload_error']}")
-    trust = {r["name"]: len(r["ca"]) for r in nodes if r.get("ca")}
-    if trust and (len(set(trust.values())) > 1 or max(trust.values()) > 1):
-        counts = ", ".join(f"{name} {k}" for name, k in sorted(trust.items()))
-        out.append(f"CA: a replacement is under way (CAs trusted: {counts}); the next step "
-                   "is `raftdeck init --rotate-ca` once every agent has the files")
-    return out
 
 
 def _when(ms) -> str | None:

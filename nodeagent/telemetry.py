@@ -72,6 +72,12 @@ class AgentMetrics:
             CallbackCounter("raftdeck_tls_reload_failures_total",
                             "SIGHUP reloads refused (the old certificate stays in use)",
                             lambda: agent.tls_reload_failures, registry=r)
+            gauge("raftdeck_tls_trusted_cas",
+                  "CAs this agent trusts (2 while the CA is being replaced)",
+                  lambda: float(len(agent.tls_trust)))
+            CallbackCounter("raftdeck_tls_untrusted_closed_total",
+                            "Connections ended because a reload stopped trusting their CA",
+                            lambda: agent.tls_cut, registry=r)
 
     # hooks called by the driver and the server
     def observe_commit(self, seconds: float) -> None:

@@ -52,6 +52,7 @@ def test_metrics_subscription_and_logs_on_a_real_cluster(tmp_path):
             assert 4 * 365 * 86400 < m["raftdeck_tls_cert_expiry_timestamp_seconds"] - time.time() \
                 < 6 * 365 * 86400
             assert m["raftdeck_tls_reloads_total"] == 0 == m["raftdeck_tls_reload_failures_total"]
+            assert m["raftdeck_tls_trusted_cas"] == 1 and m["raftdeck_tls_untrusted_closed_total"] == 0
             assert m["raftdeck_task_reports_resent_total"] == 0
             follower = next(n for n in lc.names if n != leader)
             fm = await asyncio.to_thread(scrape, lc.metrics_ports[follower])

@@ -8,22 +8,17 @@ the old CA's certificate is refused."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from console.local import free_ports
 from nodeagent.protocol import PROTOCOL_VERSION, encode
 
-from .test_cli_up_and_roles import pids, run
+from .test_cli_up_and_roles import down, run, tls_inventory
 
 pytestmark = pytest.mark.integration
 
@@ -57,13 +52,9 @@ def closed_by_peer(s: ssl.SSLSocket, timeout: float = 30.0) -> bool:
 
 
 def test_the_ca_is_replaced_in_three_steps_without_an_election(tmp_path):
-    ports = free_ports(3)
-    inv = tmp_path / "inventory.yaml"
     # A long election timeout: only an early campaign (a peer link seen to end) could
     # change the term during the test, and that is what the steps must not cause.
-    inv.write_text("cluster:\n  name: rot\n  tls: on\n  election_timeout_ms: 3000\nnodes:\n" + "".join(
-        f"  - {{name: n{i + 1}, host: 127.0.0.1, port: {p}, data_dir: .raftdeck/n{i + 1}}}\n"
-        for i, p in enumerate(ports)))
+    inv, ports = tls_inventory(tmp_path, "rot", election_timeout_ms=3000)
     tls = tmp_path / ".raftdeck" / "tls"
     try:
         rc, out, err = run(inv, "up", "--no-console", "--json")
@@ -127,10 +118,4 @@ def test_the_ca_is_replaced_in_three_steps_without_an_election(tmp_path):
         rc, out, err = run(inv, "init", "--json")  # steady again: a plain init keeps it all
         assert rc == 0 and {f["result"] for f in json.loads(out)["files"]} == {"kept"}, out
     finally:
-        subprocess.run([sys.executable, "-m", "console.cli", "--inventory", str(inv), "down",
-                        "--grace-s", "5"], capture_output=True, timeout=60, cwd=tmp_path)
-        for pid in pids(tmp_path):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        down(inv)

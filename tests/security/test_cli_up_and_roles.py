@@ -37,12 +37,30 @@ def pids(folder: Path) -> list[int]:
     return out
 
 
-def test_up_inits_tls_and_the_cli_enforces_roles(tmp_path):
+def tls_inventory(folder: Path, cluster: str, election_timeout_ms: int = 2000) -> tuple[Path, list[int]]:
+    """An inventory of three local nodes with `tls: on` (certificates in .raftdeck/tls)."""
     ports = free_ports(3)
-    inv = tmp_path / "inventory.yaml"
-    inv.write_text("cluster:\n  name: sec\n  tls: on\n  election_timeout_ms: 2000\nnodes:\n" + "".join(
-        f"  - {{name: n{i + 1}, host: 127.0.0.1, port: {p}, data_dir: .raftdeck/n{i + 1}}}\n"
-        for i, p in enumerate(ports)))
+    inv = folder / "inventory.yaml"
+    inv.write_text(f"cluster:\n  name: {cluster}\n  tls: on\n  election_timeout_ms: "
+                   f"{election_timeout_ms}\nnodes:\n" + "".join(
+                       f"  - {{name: n{i + 1}, host: 127.0.0.1, port: {p}, data_dir: .raftdeck/n{i + 1}}}\n"
+                       for i, p in enumerate(ports)))
+    return inv, ports
+
+
+def down(inv: Path) -> None:
+    """`raftdeck down`, then SIGKILL whatever pid file is left under the folder."""
+    subprocess.run([sys.executable, "-m", "console.cli", "--inventory", str(inv), "down",
+                    "--grace-s", "5"], capture_output=True, timeout=60, cwd=inv.parent)
+    for pid in pids(inv.parent):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def test_up_inits_tls_and_the_cli_enforces_roles(tmp_path):
+    inv, _ = tls_inventory(tmp_path, "sec")
     tls = tmp_path / ".raftdeck" / "tls"
     assert not tls.exists()
     try:
@@ -105,10 +123,4 @@ def test_up_inits_tls_and_the_cli_enforces_roles(tmp_path):
         rc, out, err = run(inv, "init", "--json")
         assert rc == 0 and {f["result"] for f in json.loads(out)["files"]} == {"kept"}
     finally:
-        subprocess.run([sys.executable, "-m", "console.cli", "--inventory", str(inv), "down",
-                        "--grace-s", "5"], capture_output=True, timeout=60, cwd=tmp_path)
-        for pid in pids(tmp_path):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        down(inv)
