@@ -263,6 +263,23 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     assert re.match(rf"n2 reloaded its TLS files \(pid {pids['n2']}\): .*\(the same certificate as "
                     r"before\)$", r.stdout.strip()), r.stdout
 
+    # -- a new CA, in its three steps, each shipped by deploy: reloads only, no restart --
+    for k, step in enumerate(("trust", "issue", "finish"), 1):
+        r = raftdeck("init", "--rotate-ca", "--inventory", str(inv_path))
+        assert r.returncode == 0, r.stderr
+        assert f"step {k} of 3 ({step}) done" in r.stdout, r.stdout
+        r = raftdeck("deploy", *base, *wheel_args)
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"(?m)^deploy: 3 hosts: 3 reloaded$", r.stdout), r.stdout
+        assert {n: pid_of(d, n) for n, d in inst.items()} == pids
+        assert kv(inv, "put", f"ca-{step}", b"1") > 0
+    new_ca = (tls_dir / "ca.crt").read_text()
+    for name, st in statuses(inv).items():
+        assert len(st["security"]["ca"]) == 1, (name, st["security"])
+        assert (inst[name] / "tls" / "ca.crt").read_text() == new_ca
+        assert st["security"]["cert"]["issuer"].startswith("O=raftdeck cluster deploytest, OU=ca, "
+                                                           "CN=raftdeck deploytest CA 20"), st["security"]
+
     # -- kill the leader over SSH: it is gone, the others elect a leader and take writes --
     r = raftdeck("kill", leader, "--inventory", str(inv_path), env_extra=env)
     assert r.returncode == 0, r.stderr
