@@ -450,6 +450,9 @@ def rotate_ca(tls_dir: str | os.PathLike[str], cluster: str,
         _write_bundle(ca_crt, [bundle[0], cert])
         return "trust", [("ca-next.crt", "created"), ("ca.crt", "trusts the old and the new CA")]
     if state == "trust":
+        if not next_key.exists():
+            raise TLSError(f"{next_key} is missing: it is the new CA's key, made by the first "
+                           "step; restore it from a copy (the new CA cannot sign without it)")
         new_cert, new_key = _load_pair(next_crt, next_key)
         old = [c for c in bundle if c != new_cert]
         # ca.crt first (an interrupted step still finds ca-next.* and is taken again),

@@ -149,3 +149,41 @@ def test_contexts_require_client_certificates_and_name_missing_files(tmp_path):
     with pytest.raises(sec.TLSError) as e:
         sec.server_context(d / "ca.crt", d / "nodes" / "n1.crt", d / "operators" / "admin.key")
     assert "PRIVATE KEY" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rotate_ca_steps_through_the_files_and_names_a_missing_key(tmp_path):
+    d = tmp_path / "tls"
+    nodes = [("n1", "127.0.0.1")]
+    sec.init_tls(d, "demo", nodes)
+    old_ca = sec.pem_fingerprints(d / "ca.crt")
+    old_n1 = sec.cert_file_facts(d / "nodes" / "n1.crt")
+    assert sec.ca_rotation_state(d) == "steady" and len(old_ca) == 1
+
+    step, files = sec.rotate_ca(d, "demo", nodes)  # 1: both trusted, nothing reissued
+    assert step == "trust" and sec.ca_rotation_state(d) == "trust"
+    both = sec.pem_fingerprints(d / "ca.crt")
+    assert both[0] == old_ca[0] and len(both) == 2 and both[1] == sec.pem_fingerprints(d / "ca-next.crt")[0]
+    assert {r for _, r in sec.init_tls(d, "demo", nodes)} == {"kept"}  # `init`/`up` between steps
+    assert stat.S_IMODE(os.stat(d / "ca-next.key").st_mode) == 0o600
+
+    step, files = sec.rotate_ca(d, "demo", nodes)  # 2: the new CA signs, everything reissued
+    assert step == "issue" and sec.ca_rotation_state(d) == "issue"
+    assert sec.pem_fingerprints(d / "ca.crt") == [both[1], both[0]]
+    assert not (d / "ca-next.crt").exists() and not (d / "ca-next.key").exists()
+    assert dict(files)["nodes/n1.crt"] == "reissued: issued by the previous CA"
+    assert dict(files)["operators/admin.crt"] == "reissued: issued by the previous CA"
+    new_n1 = sec.cert_file_facts(d / "nodes" / "n1.crt")
+    assert new_n1["sha256"] != old_n1["sha256"] and new_n1["issuer"] != old_n1["issuer"]
+    # both kinds of certificate still verify: agents one step apart talk
+    ctx = sec.server_context(*sec.tls_paths_for_node(d, "n1"))
+    assert [c["sha256"] for c in sec.trusted_cas(ctx)] == [both[1], both[0]]
+
+    step, files = sec.rotate_ca(d, "demo", nodes)  # 3: the new CA alone
+    assert step == "finish" and sec.ca_rotation_state(d) == "steady"
+    assert sec.pem_fingerprints(d / "ca.crt") == [both[1]]
+    assert {r for _, r in sec.init_tls(d, "demo", nodes)} == {"kept"}
+
+    sec.rotate_ca(d, "demo", nodes)  # a second replacement starts; its key goes missing
+    (d / "ca-next.key").unlink()
+    with pytest.raises(sec.TLSError, match="ca-next.key is missing: it is the new CA's key"):
+        sec.rotate_ca(d, "demo", nodes)
