@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import os
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -66,7 +67,61 @@ def tls_context(tls, role: str = "admin", cert: str | os.PathLike | None = None,
     if cert is None and t.dir is None:
         raise TLSError("cluster.tls names one agent's files, not an init directory: give the "
                        "console an operator certificate with --tls-cert and --tls-key")
-    return client_context(t.ca, Path(cert) if cert else t.cert, Path(key) if key else t.key)
+    return followed_context(t.ca, Path(cert) if cert else t.cert, Path(key) if key else t.key)
+
+
+class _TLSFiles:
+    """The files an operator context was made from, so that a console running for days
+    follows a renewed certificate or a CA replacement (`raftdeck init --rotate-ca`: its
+    last step ends the connections made with the old CA's certificates, and the old
+    certificate is no longer accepted). Looked at when a connection is made, at most once
+    a second; files that do not load (half copied) leave the context in use."""
+
+    def __init__(self, paths: tuple, ctx) -> None:
+        self.paths = paths
+        self.ctx = ctx
+        self.stamp = self._stamp()
+        self.checked = time.monotonic()
+
+    def _stamp(self):
+        try:
+            return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in map(os.stat, self.paths))
+        except OSError:
+            return None
+
+    def current(self):
+        now = time.monotonic()
+        if now - self.checked < 1.0:
+            return self.ctx
+        self.checked = now
+        stamp = self._stamp()
+        if stamp is None or stamp == self.stamp:
+            return self.ctx
+        from nodeagent.security import TLSError, client_context
+
+        try:
+            ctx = client_context(*self.paths)
+        except TLSError:
+            return self.ctx  # tried again on a later connection
+        ctx.raftdeck_files = self
+        self.ctx, self.stamp = ctx, stamp
+        return ctx
+
+
+def followed_context(ca, cert, key):
+    """``client_context(ca, cert, key)`` that ``current_context`` keeps up with its files."""
+    from nodeagent.security import client_context
+
+    ctx = client_context(ca, cert, key)
+    ctx.raftdeck_files = _TLSFiles((ca, cert, key), ctx)
+    return ctx
+
+
+def current_context(ctx):
+    """The context to make a connection with: ``ctx``, or the one made from its files
+    since they changed (see ``_TLSFiles``)."""
+    files = getattr(ctx, "raftdeck_files", None)
+    return ctx if files is None else files.current()
 
 
 class RequestError(Exception):
@@ -163,10 +218,11 @@ class AgentConnection:
     async def connect(self) -> dict:
         loop = asyncio.get_running_loop()
         self._hello_fut = loop.create_future()
+        ssl = current_context(self.ssl)
         try:
             self._transport, self._wire = await asyncio.wait_for(
-                loop.create_connection(lambda: _Wire(self), self.host, self.port, ssl=self.ssl,
-                                       server_hostname=self.host if self.ssl else None),
+                loop.create_connection(lambda: _Wire(self), self.host, self.port, ssl=ssl,
+                                       server_hostname=self.host if ssl else None),
                 self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise ConnectionFailed(f"{self.name} ({self.host}:{self.port}): "

@@ -165,9 +165,10 @@ class LocalCluster:
         """The console-side SSL context of an operator role (None when TLS is off)."""
         if not self.tls:
             return None
-        from nodeagent.security import client_context, tls_paths_for_role
+        from console.client import followed_context
+        from nodeagent.security import tls_paths_for_role
 
-        return client_context(*tls_paths_for_role(self.tls_dir, role))
+        return followed_context(*tls_paths_for_role(self.tls_dir, role))
 
     def client(self, role: str = "admin", **kw) -> ClusterClient:
         kw.setdefault("timeout", 3.0)

@@ -60,3 +60,27 @@ def test_the_header_shows_certificate_alerts_and_clears_them():
             await until(pilot, lambda: "TLS:" not in header(), 10, lambda: header())
 
     asyncio.run(main())
+
+
+def test_a_console_context_follows_its_files_and_keeps_the_last_good_one(tmp_path):
+    from console.client import current_context, followed_context
+    from nodeagent import security as sec
+
+    d = tmp_path / "tls"
+    nodes = [("n1", "127.0.0.1")]
+    sec.init_tls(d, "demo", nodes)
+    ctx = followed_context(*sec.tls_paths_for_role(d, "admin"))
+    files = ctx.raftdeck_files
+    files.checked = -1e9  # past the once-a-second throttle
+    assert current_context(ctx) is ctx  # nothing changed
+    sec.rotate_ca(d, "demo", nodes)
+    sec.rotate_ca(d, "demo", nodes)  # a new CA, and a new admin certificate from it
+    assert current_context(ctx) is ctx  # looked at less than a second ago
+    files.checked = -1e9
+    new = current_context(ctx)
+    assert new is not ctx and len(new.get_ca_certs()) == 2
+    assert current_context(ctx) is new is current_context(new)
+    (d / "operators" / "admin.crt").write_text("half copied")
+    files.checked = -1e9
+    assert current_context(ctx) is new  # files that do not load: the context in use stays
+    assert current_context(None) is None  # TLS off

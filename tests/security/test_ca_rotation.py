@@ -7,6 +7,7 @@ the old CA's certificate is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from console.client import ClusterClient, tls_context
+from nodeagent.config import load_inventory
 from nodeagent.protocol import PROTOCOL_VERSION, encode
 
 from .test_cli_up_and_roles import down, run, tls_inventory
@@ -63,6 +66,9 @@ def test_the_ca_is_replaced_in_three_steps_without_an_election(tmp_path):
         leader, term = before["health"]["leader"], before["health"]["term"]
         assert leader and term
         old_ca = (tls / "ca.crt").read_bytes()
+        # A console started now: its context is made from today's files and is still what
+        # it holds after the replacement (it follows the files when it reconnects).
+        early = tls_context(load_inventory(inv).cluster.tls)
         keep = tmp_path / "old-admin"
         keep.mkdir()
         for f in ("admin.crt", "admin.key"):
@@ -115,6 +121,14 @@ def test_the_ca_is_replaced_in_three_steps_without_an_election(tmp_path):
         assert all(len(n["ca"]) == 1 for n in st["nodes"]), st["nodes"]
         assert "CA:" not in run(inv, "status")[1]
         assert run(inv, "put", "at-the-end", "ok")[0] == 0
+
+        async def console_started_before():
+            async with ClusterClient({f"n{i + 1}": ("127.0.0.1", p) for i, p in enumerate(ports)},
+                                     "rot", ssl=early, timeout=5.0) as c:
+                await c.put("from-a-console-started-before", b"ok")
+                return await c.get("after-finish")
+
+        assert asyncio.run(console_started_before()) == b"ok"
         rc, out, err = run(inv, "init", "--json")  # steady again: a plain init keeps it all
         assert rc == 0 and {f["result"] for f in json.loads(out)["files"]} == {"kept"}, out
     finally:
