@@ -215,6 +215,58 @@ def test_short_chaos_run_with_every_nemesis_kind(tmp_path):
     assert (tmp_path / "out" / "history.jsonl").exists()
 
 
+def test_the_ca_is_replaced_under_load_through_a_kill_and_a_pause(tmp_path):
+    """The three steps of `raftdeck init --rotate-ca`, each followed by SIGHUP to every
+    agent, while clients write and read: step 2 with the leader killed (it restarts on
+    the new files), step 3 with a follower paused (its SIGHUP waits for the resume). The
+    history stays linearizable, every task has one result, and the clients, whose
+    contexts were made before the first step, follow the files to the new certificate."""
+    import signal
+
+    from nodeagent.security import rotate_ca
+
+    async def script(run, admin, stop):
+        lc = run.target.lc
+        names = list(run.target.names)
+
+        def step(n: int) -> None:
+            name, _ = rotate_ca(lc.tls_dir, lc.cluster, [(x, "127.0.0.1") for x in names])
+            run.fault_event("start", "rotate-ca", step=name)
+            for x in names:
+                if x not in run.killed:
+                    lc.signal(x, signal.SIGHUP)  # a paused agent handles it on resume
+
+        await settled(run, admin)
+        await oks_at_least(run, 40)
+        step(1)
+        await oks_at_least(run, 80)
+        ld = await leader_now(run, admin)
+        await run.kill(ld, leader=True)
+        step(2)
+        await asyncio.sleep(1.0)
+        run.restart(ld)
+        await settled(run, admin)
+        await oks_at_least(run, 140)
+        ld = await leader_now(run, admin)
+        follower = next(n for n in names if n != ld)
+        run.pause(follower)
+        step(3)
+        await asyncio.sleep(1.0)
+        run.resume(follower)
+        await settled(run, admin)
+        await oks_at_least(run, 200)
+        end.update(await admin.statuses())
+
+    end: dict = {}
+    r = passed(chaos(tmp_path, script, duration=3.0, unique_writes=0.3, task_share=0.2),
+               min_ok=200)
+    assert [f["step"] for f in starts(r, "rotate-ca")] == ["trust", "issue", "finish"]
+    # Every agent trusts the new CA only, and the ones up through the last step ended the
+    # connections still made with the old CA's certificates.
+    assert all(len(st["security"]["ca"]) == 1 for st in end.values()), end
+    assert sum(st["security"]["untrusted_closed"] for st in end.values()) >= 2, end
+
+
 def test_planted_stale_reads_are_caught_by_a_chaos_run(tmp_path):
     """The harness reads a replica's local state and calls it linearizable; with one
     follower cut off, the checker must say non-linearizable and show a small witness."""
