@@ -48,7 +48,12 @@ from console.client import ClusterClient, ConnectionFailed, OutcomeUnknown, Requ
 from console.history import Op, check_tasks, dump_line, latency_stats
 
 NEMESES = ("kill", "pause", "partition", "latency")
+# Opt-in kinds (not in the default): "ca" takes the next step of replacing the CA
+# (`raftdeck init --rotate-ca`) and sends every agent SIGHUP; a started TLS cluster only.
+KINDS = NEMESES + ("ca",)
 PLANTED = ("stale-reads",)
+CA_NEMESIS_NEEDS = ("the ca nemesis replaces the CA of a cluster the run starts with TLS; "
+                    "drop --no-tls and --attach, or the ca kind")
 # After the nemesis stops and everything is healed, a leader must be elected within this
 # many seconds (docs/OPERATIONS.md "Chaos"): generous for a loaded 2-core machine.
 LIVENESS_BOUND_S = 20.0
@@ -93,6 +98,7 @@ class _Target:
     names: list[str]
 
     def client(self, **kw) -> ClusterClient: ...
+    def rotate_ca(self, down: set[str]) -> str: ...
     def kill(self, name: str) -> None: ...
     def start(self, name: str) -> None: ...
     def pause(self, name: str) -> None: ...
@@ -120,6 +126,20 @@ class _Owned(_Target):
 
     def client(self, **kw):
         return self.lc.client(**kw)
+
+    def rotate_ca(self, down: set[str]) -> str:
+        """The next step of replacing the CA, then SIGHUP to every agent not in ``down``
+        (a killed one reads the files when it starts; a paused one handles the signal when
+        resumed). The clients' contexts follow the files (console.client.current_context)."""
+        import signal
+
+        from nodeagent.security import rotate_ca
+
+        step, _ = rotate_ca(self.lc.tls_dir, self.lc.cluster, [(n, "127.0.0.1") for n in self.names])
+        for n in self.names:
+            if n not in down:
+                self.lc.signal(n, signal.SIGHUP)
+        return step
 
     def exited_report(self) -> str:
         return self.lc.exited_report(self.names)
@@ -434,6 +454,11 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             await rest(cfg.fault_s)
             await _heal_all(run, admin)
             run.fault_event("end", "partition", shape=shape)
+        elif kind == "ca":
+            step = run.target.rotate_ca(run.killed)
+            run.fault_event("start", "ca", step=step)
+            await rest(cfg.fault_s)  # the reloads and the connections they end settle
+            run.fault_event("end", "ca", step=step)
         elif kind == "latency":
             ms = rng.choice([50, 100, 200, 400])
             run.fault_event("start", "latency", ms=ms)
@@ -535,8 +560,10 @@ async def _task_records(run: _Run, admin: ClusterClient, ids: list[str]) -> dict
 async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     """One chaos run; returns the report (also written to ``cfg.out``)."""
     for k in cfg.nemesis:
-        if k not in NEMESES:
-            raise ValueError(f"unknown nemesis {k!r}: choose from {', '.join(NEMESES)}")
+        if k not in KINDS:
+            raise ValueError(f"unknown nemesis {k!r}: choose from {', '.join(KINDS)}")
+    if "ca" in cfg.nemesis and (cfg.inventory or not cfg.tls):
+        raise ValueError(CA_NEMESIS_NEEDS)
     if cfg.planted is not None and cfg.planted not in PLANTED:
         raise ValueError(f"unknown planted bug {cfg.planted!r}: choose from {', '.join(PLANTED)}")
     out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="raftdeck-chaos-"))
@@ -667,10 +694,10 @@ def summary(report: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     def nemesis_list(text: str) -> tuple[str, ...]:
         kinds = tuple(k for k in text.split(",") if k) if text != "none" else ()
-        bad = [k for k in kinds if k not in NEMESES]
+        bad = [k for k in kinds if k not in KINDS]
         if bad:
             raise argparse.ArgumentTypeError(
-                f"unknown nemesis {bad[0]!r}: use a comma list of {', '.join(NEMESES)} (or none)")
+                f"unknown nemesis {bad[0]!r}: use a comma list of {', '.join(KINDS)} (or none)")
         return kinds
 
     count, seconds = int_range, positive_float
@@ -679,7 +706,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=seconds, default=60.0, metavar="S",
                    help="seconds of workload and faults (default 60)")
     p.add_argument("--nemesis", type=nemesis_list, default=NEMESES, metavar="KINDS",
-                   help="comma list of kill,pause,partition,latency, or none (default all)")
+                   help="comma list of kill,pause,partition,latency,ca, or none (default: all "
+                        "but ca, which replaces the CA step by step, as `raftdeck init "
+                        "--rotate-ca` does, and needs TLS and a cluster the run starts)")
     p.add_argument("--seed", type=int, default=None,
                    help="seeds the workload and the fault schedule (default: random, printed)")
     p.add_argument("--clients", type=count(1, 64), default=6, help="concurrent clients (default 6)")
@@ -706,6 +735,10 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
 
         raise CliError("chaos: --no-tls chooses how a cluster it starts talks; with --attach "
                        "the inventory's own tls settings apply (drop one of the two)", EXIT_USAGE)
+    if "ca" in args.nemesis and (args.attach or args.no_tls):
+        from console.cli import EXIT_USAGE, CliError
+
+        raise CliError(f"chaos: {CA_NEMESIS_NEEDS}", EXIT_USAGE)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     return ChaosConfig(nodes=args.nodes, duration=args.duration, nemesis=tuple(args.nemesis),
                        seed=seed, clients=args.clients, keys=args.keys, tasks=not args.no_tasks,

@@ -109,12 +109,15 @@ class LocalCluster:
 
     def start(self, name: str) -> None:
         assert name not in self.procs or self.procs[name].poll() is not None, f"{name} runs"
+        from console.procs import sighup_held
+
         err = open(self.tmp / f"{name}.stderr", "ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "nodeagent.cli", "run", "--inventory", str(self.inventory),
-             "--name", name, "--log-file", str(self.log_path(name))],
-            cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=err,
-        )
+        with sighup_held():
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "nodeagent.cli", "run", "--inventory", str(self.inventory),
+                 "--name", name, "--log-file", str(self.log_path(name))],
+                cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=err,
+            )
         err.close()
 
     def start_all(self) -> None:

@@ -31,6 +31,7 @@ through ``console.deploy`` (the same pid file, kept on the node's host).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,6 +47,19 @@ from nodeagent.config import Inventory, NodeConfig
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def sighup_held():
+    """Around starting an agent: SIGHUP blocked in this thread, so the child starts with
+    it blocked (the mask survives fork and exec). The agent unblocks it once it has a
+    handler (nodeagent/cli.py), so a reload sent while the interpreter starts waits for it
+    instead of ending it (SIGHUP's default action)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 # Children started by this process, by pid: polled so they are reaped (no zombies, and
 # no "still running" warnings when a Popen object is dropped).
@@ -382,9 +396,10 @@ class LocalProcesses:
             err.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} raftdeck starts "
                       f"{node.name}: {' '.join(argv)}\n".encode())
             err.flush()
-            p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                 stdout=err, stderr=err, start_new_session=True,
-                                 close_fds=True)
+            with sighup_held():
+                p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=err, stderr=err, start_new_session=True,
+                                     close_fds=True)
         _CHILDREN[p.pid] = p
         _EXITED.pop(p.pid, None)
         info = PidInfo(p.pid, start_ticks(p.pid), round(time.time(), 3), node.name,

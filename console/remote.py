@@ -301,8 +301,14 @@ def op_start(a):
         err.write(("--- %s raftdeck deploy starts %s: %s\n" % (
             time.strftime("%Y-%m-%dT%H:%M:%S"), a["node"], " ".join(argv))).encode())
         err.flush()
-        p = subprocess.Popen(argv, cwd=a["cwd"], env=env, stdin=subprocess.DEVNULL, stdout=err,
-                             stderr=err, start_new_session=True, close_fds=True)
+        # SIGHUP blocked in the child until the agent has its handler (console/procs.py,
+        # sighup_held): a reload sent while it starts waits instead of ending it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            p = subprocess.Popen(argv, cwd=a["cwd"], env=env, stdin=subprocess.DEVNULL,
+                                 stdout=err, stderr=err, start_new_session=True, close_fds=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
     st = _stat(p.pid)
     info = {"pid": p.pid, "start_ticks": st and st[1], "started_at": round(time.time(), 3),
             "node": a["node"], "config": a["config"], "argv": argv}

@@ -7,7 +7,9 @@ One sub-command per verb; each is a ``_cmd_<verb>(args) -> int`` set as the sub-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # argparse uses 2 for usage errors too
@@ -101,6 +103,24 @@ EXIT_STORAGE = 3  # the data directory is damaged: the agent refuses to start
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
+    # SIGHUP's default action ends the process. Until the agent's own receiver is up
+    # (after the imports and the recovery, which can take seconds), a reload sent to an
+    # agent that is still starting (the chaos ca nemesis right after a restart, an
+    # operator's kill -HUP) would end it: note it instead, and reload once the receiver
+    # is there.
+    early_hup: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_hup.append(signum))
+    # Whoever started us may have blocked it until now (console/procs.py, sighup_held):
+    # one that arrived meanwhile is delivered here, to the handler above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    delay = os.environ.get("RAFTDECK_TEST_START_DELAY_S")
+    if delay:  # tests only: a start as slow as a long recovery, to signal an agent in it
+        print("nodeagent run: RAFTDECK_TEST_START_DELAY_S: starting slowly", file=sys.stderr,
+              flush=True)
+        time.sleep(float(delay))
+
     from nodeagent.config import ConfigError, load_inventory, load_node_config
 
     try:
@@ -119,8 +139,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
-
-    import signal
 
     import trio
 
@@ -166,6 +184,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(agent.run)
+                if early_hup:  # files may have changed since recover() read them
+                    log.info("SIGHUP arrived while starting: reloading the TLS files now")
+                    nursery.start_soon(agent.reload_tls)
                 async for signum in signals:
                     if signum == signal.SIGHUP:  # reread the TLS files (Agent.reload_tls)
                         nursery.start_soon(agent.reload_tls)

@@ -48,3 +48,21 @@ def test_a_short_run_over_plain_tcp_passes(tmp_path, capsys, monkeypatch):
     assert rc == 0, report["checks"]
     assert report["tls"] is False and report["ops"]["total"] > 0
     assert "tls: off" in (tmp_path / "o" / "cluster" / "inventory.yaml").read_text()
+
+
+def test_the_ca_nemesis_needs_a_started_tls_cluster(tmp_path, capsys):
+    assert main(["chaos", "--nemesis", "kill,ca", "--no-tls"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the ca nemesis" in err and "--no-tls" in err
+
+
+@pytest.mark.integration
+def test_a_short_run_with_the_ca_nemesis_replaces_the_ca_and_passes(tmp_path, capsys):
+    """The opt-in `ca` kind between kills: each round takes the next step of replacing the
+    CA (SIGHUP to every agent), and the history still checks."""
+    rc = main(["chaos", "--nodes", "3", "--duration", "12", "--nemesis", "ca,kill", "--seed", "6",
+               "--clients", "3", "--out", str(tmp_path / "o"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report["checks"]
+    steps = [f["step"] for f in report["faults"] if f["kind"] == "ca" and f["event"] == "start"]
+    assert steps[:3] == ["trust", "issue", "finish"][:len(steps)] and len(steps) >= 2, report["faults"]

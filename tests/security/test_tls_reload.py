@@ -125,3 +125,52 @@ def test_sighup_without_tls_changes_nothing_and_the_agent_keeps_running(tmp_path
         asyncio.run(main())
     finally:
         lc.stop_all()
+
+
+def test_sighup_while_the_agent_starts_is_a_reload_not_its_end(tmp_path, monkeypatch):
+    """SIGHUP's default action ends a process: an agent still starting (imports, the
+    recovery of a long log) was killed by a reload sent to it then (seen in a chaos run:
+    the ca nemesis signalled an agent the kill nemesis had just restarted). It now
+    reloads once it is up."""
+    monkeypatch.setenv("RAFTDECK_TEST_START_DELAY_S", "2")
+    lc = LocalCluster(tmp_path, 1)
+    try:
+        lc.start("n1")
+        deadline = time.monotonic() + 60
+        while "starting slowly" not in lc.stderr("n1"):
+            assert time.monotonic() < deadline and lc.alive("n1"), lc.stderr("n1")
+            time.sleep(0.05)
+        lc.signal("n1", signal.SIGHUP)
+
+        async def main():
+            async with lc.client() as c:
+                await lc.wait_leader(c, timeout=60)
+                await wait_cert(lc, c, "n1", lambda x: x["reloads"] == 1, "no reload after the start")
+                await c.put("k", b"v")
+
+        asyncio.run(main())
+        assert lc.alive("n1")
+        assert any(r.get("msg") == "SIGHUP arrived while starting: reloading the TLS files now"
+                   for r in log_records(lc.log_path("n1")))
+    finally:
+        lc.stop_all()
+
+
+def test_sighup_sent_the_moment_an_agent_is_spawned_waits_for_it(tmp_path):
+    """Before the agent's first line runs, only the signal mask it was started with can
+    keep a SIGHUP from ending it: LocalCluster (like `raftdeck up` and deploy) starts
+    agents with SIGHUP blocked, and the agent takes it once it has a handler."""
+    lc = LocalCluster(tmp_path, 1)
+    try:
+        lc.start("n1")
+        lc.signal("n1", signal.SIGHUP)  # within the interpreter's start-up
+
+        async def main():
+            async with lc.client() as c:
+                await lc.wait_leader(c, timeout=60)
+                await wait_cert(lc, c, "n1", lambda x: x["reloads"] == 1, "no reload after the start")
+
+        asyncio.run(main())
+        assert lc.alive("n1")
+    finally:
+        lc.stop_all()
