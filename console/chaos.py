@@ -177,7 +177,12 @@ class _Attached(_Target):
             self.procs.local_node(n.name)  # refuses remote nodes with a one-line error
 
     def client(self, **kw):
+        from console.client import tls_context
+
         kw.setdefault("timeout", 3.0)
+        # With TLS (an inventory's default), the admin certificate of its init directory:
+        # the nemesis' faults are admin requests.
+        kw.setdefault("ssl", tls_context(self.inv.cluster.tls))
         return ClusterClient({n.name: (n.host, n.port) for n in self.inv.nodes},
                              self.inv.cluster.name, **kw)
 

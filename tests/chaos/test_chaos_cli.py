@@ -66,3 +66,25 @@ def test_a_short_run_with_the_ca_nemesis_replaces_the_ca_and_passes(tmp_path, ca
     assert rc == 0, report["checks"]
     steps = [f["step"] for f in report["faults"] if f["kind"] == "ca" and f["event"] == "start"]
     assert steps[:3] == ["trust", "issue", "finish"][:len(steps)] and len(steps) >= 2, report["faults"]
+
+
+@pytest.mark.integration
+def test_attach_runs_against_the_running_agents_of_a_tls_inventory(tmp_path):
+    """`--attach` on an inventory with `tls: on` (the default): its clients present the
+    admin certificate of the init directory (they once spoke plain TCP to TLS agents, and
+    the run ended with no leader found)."""
+    from tests.security.test_cli_up_and_roles import down, run, tls_inventory
+
+    inv, _ = tls_inventory(tmp_path, "att")
+    try:
+        rc, out, err = run(inv, "up", "--no-console", "--json")
+        assert rc == 0, err
+        rc, out, err = run(inv, "chaos", "--attach", "--duration", "3", "--nemesis", "pause",
+                           "--seed", "7", "--clients", "2", "--out", str(tmp_path / "o"), "--json",
+                           timeout=300)
+        report = json.loads(out)
+        assert rc == 0, (report.get("checks"), err[-2000:])
+        assert report["ops"]["ok"] > 0 and report["nodes"] == 3
+        assert [f["kind"] for f in report["faults"] if f["event"] == "start"][:1] == ["pause"]
+    finally:
+        down(inv)
