@@ -255,16 +255,26 @@ def test_the_ca_is_replaced_under_load_through_a_kill_and_a_pause(tmp_path):
         run.resume(follower)
         await settled(run, admin)
         await oks_at_least(run, 200)
-        end.update(await admin.statuses())
+        # The resumed agent handles its SIGHUP now, and reloads in a worker thread: wait.
+        deadline = time.monotonic() + 60
+        while True:
+            st = await admin.statuses()
+            if all(isinstance(x, dict) and len(x["security"]["ca"]) == 1 for x in st.values()):
+                break
+            assert time.monotonic() < deadline, f"an agent still trusts the old CA: {st}"
+            await asyncio.sleep(0.1)
+        end.update(st)
 
     end: dict = {}
     r = passed(chaos(tmp_path, script, duration=3.0, unique_writes=0.3, task_share=0.2),
                min_ok=200)
     assert [f["step"] for f in starts(r, "rotate-ca")] == ["trust", "issue", "finish"]
-    # Every agent trusts the new CA only, and the ones up through the last step ended the
-    # connections still made with the old CA's certificates.
-    assert all(len(st["security"]["ca"]) == 1 for st in end.values()), end
-    assert sum(st["security"]["untrusted_closed"] for st in end.values()) >= 2, end
+    # Every agent came to trust the new CA only (the wait above), and presents a
+    # certificate it issued. (How many connections each ended depends on which links were
+    # made before step 2: tests/security/test_ca_rotation.py counts them.)
+    issuers = {st["security"]["cert"]["issuer"] for st in end.values()}
+    assert issuers == {st["security"]["ca"][0]["subject"] for st in end.values()}, end
+    assert len(issuers) == 1, issuers
 
 
 def test_planted_stale_reads_are_caught_by_a_chaos_run(tmp_path):
