@@ -699,17 +699,18 @@ async def _rotation_lag(inv, args, d) -> list[str]:
                      for n in inv.nodes}
     except TLSError as e:
         raise CliError(str(e)) from None
+    from console.certs import node_rows
+
     async with _client(inv, args, timeout=STATUS_TIMEOUT) as client:
         sts = await _statuses(client, inv.names)
+    rows = {r["name"]: r for r in node_rows(sts)}
     lag = []
     for n in inv.nodes:
-        st = sts[n.name]
-        if not isinstance(st, dict):
-            lag.append(f"{n.name} did not answer ({st})")
+        if n.name not in rows:
+            lag.append(f"{n.name} did not answer ({sts[n.name]})")
             continue
-        sec = st.get("security") or {}
-        has_ca = {c.get("sha256") for c in sec.get("ca") or ()}
-        has_cert = (sec.get("cert") or {}).get("sha256")
+        has_ca = set(rows[n.name]["ca"])
+        has_cert = (rows[n.name]["cert"] or {}).get("sha256")
         if has_ca != want_ca:
             lag.append(f"{n.name} trusts {len(has_ca)} CA(s), not the {len(want_ca)} of ca.crt")
         elif has_cert != want_cert[n.name]:
