@@ -44,6 +44,7 @@ it, damage in an older segment, a gap in the indexes -- raises ``StorageCorrupti
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -108,6 +109,48 @@ class StorageCorruption(Exception):
 
 class StorageLocked(RuntimeError):
     """Another process has this data directory open."""
+
+
+class StorageFailed(RuntimeError):
+    """A write or fsync under the data directory failed (disk full, an I/O error, a
+    filesystem remounted read-only). What reached the disk since the last fsync is unknown,
+    so the storage refuses further use and the node must stop: the log up to the last
+    successful fsync is intact, and a restart recovers from it (cutting a torn tail).
+
+    ``str()`` says what failed and what to do; ``errno`` is the OS error's number (None
+    when the cause was not an OS error)."""
+
+    def __init__(self, data_dir: str, cause: BaseException):
+        self.data_dir = data_dir
+        self.errno = getattr(cause, "errno", None)
+        self.cause = cause
+        super().__init__(io_error_advice(data_dir, cause))
+
+
+def io_error_advice(path: str, exc: BaseException) -> str:
+    """One line for an operator: what an OS error under ``path`` means and what to do."""
+    code = getattr(exc, "errno", None)
+    what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk is full under {path} ({what}): free space there, then start "
+                "the agent again")
+    if code == errno.EROFS:
+        return (f"the filesystem under {path} is read-only ({what}; the kernel may have "
+                "remounted it after errors, see dmesg): fix it, then start the agent again")
+    if code == errno.EIO:
+        return (f"the disk reported an I/O error under {path}: check the disk (dmesg), then "
+                "start the agent again; if its data does not read back, replace the node")
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"permission denied under {path} ({what}): the agent's user must own the "
+                "data directory")
+    return f"{what} ({path}): check the path, its permissions and the disk"
+
+
+def disk_usage(path: str) -> tuple[int, int]:
+    """(free bytes an unprivileged writer may use, total bytes) of the filesystem of
+    ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
 # -- record framing -----------------------------------------------------------------------
@@ -427,6 +470,11 @@ class DiskStorage:
     time; a second process gets ``StorageLocked``.
     """
 
+    # A new segment's blocks are reserved only while this many segments' worth is free.
+    RESERVE_FREE_FACTOR = 4
+    # ``disk()["low"]``: free space under this many times what the storage writes next.
+    LOW_DISK_FACTOR = 2
+
     def __init__(self, data_dir: str, fsync: bool, segment_bytes: int):
         """Private: use :meth:`DiskStorage.open`."""
         self._dir = data_dir
@@ -457,6 +505,7 @@ class DiskStorage:
         self._group_fsyncs = 0
         self._fsync_calls = 0
         self._reserved_segments = 0  # segments whose blocks were allocated up front
+        self._reservations_skipped = 0  # not reserved: too little free space, or it failed
         self._fsync_hist = [0] * (len(_BUCKETS_MS) + 1)
         self._fsync_sum = 0.0
         self._fsync_max = 0.0
@@ -556,8 +605,7 @@ class DiskStorage:
                 if records:
                     self._append(records)
             except BaseException as exc:
-                self._fail(exc)
-                raise
+                raise self._fail(exc) from exc
             if hard_state is not None:
                 self._pending_hs = None if hard_state == self._durable_hs else hard_state
 
@@ -593,8 +641,7 @@ class DiskStorage:
                 if write_hs:
                     self._write_hardstate(hs)
             except BaseException as exc:
-                self._fail(exc)
-                raise
+                raise self._fail(exc) from exc
             self._syncs += 1
             if self._fsync_enabled:
                 self._group_fsyncs += 1
@@ -615,8 +662,7 @@ class DiskStorage:
             try:
                 self._write_snapshot_file(snapshot)
             except BaseException as exc:
-                self._fail(exc)
-                raise
+                raise self._fail(exc) from exc
             self.finish_compact(snapshot)
 
     def write_snapshot_file(self, snapshot: Snapshot) -> bool:
@@ -696,8 +742,7 @@ class DiskStorage:
                 if delete:
                     self._delete_purged_locked()
             except BaseException as exc:
-                self._fail(exc)
-                raise
+                raise self._fail(exc) from exc
             return True
 
     def delete_purged(self) -> int:
@@ -787,6 +832,7 @@ class DiskStorage:
             "bytes": sum(s.size for s in self._segments),
             "segment_bytes": self._segment_bytes,
             "reserved_segments": self._reserved_segments,
+            "reservations_skipped": self._reservations_skipped,
             "first_index": self._base_index + 1,
             "last_index": self._last_index(),
             "snapshot_index": self._base_index,
@@ -805,8 +851,25 @@ class DiskStorage:
             "repairs": [dict(r) for r in self._repaired],
             "snapshot_fallbacks": [dict(r) for r in self._snapshot_fallbacks],
             "discarded_entries": self._discarded_entries,
-            "failed": None if self._failed is None else repr(self._failed),
+            "failed": None if self._failed is None else str(self._failed),
         }
+
+    def disk(self) -> dict:
+        """The data directory's filesystem: ``free_bytes``, ``total_bytes``, ``needs_bytes``
+        (room for what this storage writes next without deleting anything first: a new
+        WAL segment, and a snapshot beside the newest one) and ``low`` (free space under
+        ``LOW_DISK_FACTOR`` times that). A stat of the filesystem and of one file: for a
+        timer, not for every write."""
+        free, total = disk_usage(self._dir)
+        snap = 0
+        if self._snapshots:
+            try:
+                snap = os.stat(self._snap_path(*self._snapshots[-1])).st_size
+            except OSError:
+                pass
+        needs = self._segment_bytes + snap
+        return {"free_bytes": free, "total_bytes": total, "needs_bytes": needs,
+                "low": free < self.LOW_DISK_FACTOR * needs}
 
     def close(self) -> None:
         """Sync what is pending (unless an earlier I/O error made that unsafe) and release
@@ -839,17 +902,20 @@ class DiskStorage:
         if self._closed:
             raise ValueError(f"storage {self._dir} is closed")
         if self._failed is not None:
-            raise RuntimeError(
-                f"storage {self._dir} is unusable after an earlier I/O error ({self._failed!r}); "
-                "what reached the disk is unknown, so restart the node to recover from disk"
-            )
+            raise self._failed
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException) -> BaseException:
+        """Record the first failure and return what to raise for ``exc``: an OS error
+        becomes ``StorageFailed`` (and so does every later call); anything else (a bug)
+        is raised as it is, but the storage is still refused from then on."""
         # After a failed write or fsync the page cache state is unknown (a retried fsync can
         # report success for data that was dropped): refuse further use; restart recovers.
+        failed = StorageFailed(self._dir, exc)
         if self._failed is None:
-            self._failed = exc
-            log.error("storage %s failed: %r; refusing further writes", self._dir, exc)
+            self._failed = failed
+            log.error("storage failed; refusing further writes", extra={
+                "data_dir": self._dir, "errno": failed.errno, "error": str(failed)})
+        return failed if isinstance(exc, OSError) else exc
 
     def _close_fds(self) -> None:
         if self._fd is not None:
@@ -882,8 +948,21 @@ class DiskStorage:
     def _reserve_active(self) -> None:
         # Only worth it when appends are fsynced; a segment may outgrow the reservation
         # (one record larger than what is left), which only means allocating as before.
-        if self._fsync_enabled and reserve_blocks(self._fd, self._segment_bytes):
+        if not self._fsync_enabled:
+            return
+        # Not on a filling disk: the reservation would take space the next snapshot needs
+        # (written beside the old one) and bring a disk-full stop closer.
+        free, _ = disk_usage(self._wal_dir)
+        if free < self.RESERVE_FREE_FACTOR * self._segment_bytes:
+            self._reservations_skipped += 1
+            return
+        if reserve_blocks(self._fd, self._segment_bytes):
             self._reserved_segments += 1
+            return
+        # ext4 keeps the blocks a failed fallocate did allocate (all the free space, when
+        # it failed for want of it); cutting the file to its own length hands them back.
+        self._reservations_skipped += 1
+        os.ftruncate(self._fd, os.fstat(self._fd).st_size)
 
     def _fsync_dir(self, path: str) -> None:
         if not self._fsync_enabled:
