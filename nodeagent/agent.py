@@ -55,6 +55,14 @@ def initial_conf(cfg: AgentConfig) -> ConfState:
     )
 
 
+class ListenError(Exception):
+    """The agent could not listen on one of its addresses (in use, not this host's)."""
+
+    def __init__(self, host: str, port: int, cause: OSError):
+        self.host, self.port, self.cause = host, port, cause
+        super().__init__(f"cannot listen on {host}:{port}: {cause.strerror or cause}")
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, *, rng: random.Random | None = None,
                  metrics=None):
@@ -85,6 +93,8 @@ class Agent:
         self.tls_trust: list[dict[str, Any]] = []
         self._ctx_issuer: dict[int, tuple[Any, str]] = {}
         self.tls_cut = 0
+        # The data directory's filesystem (DiskStorage.disk), refreshed by housekeeping.
+        self.disk: dict[str, Any] | None = None
 
     # == start-up =============================================================================
 
@@ -96,6 +106,7 @@ class Agent:
         os.makedirs(data_dir, exist_ok=True)
         self.storage = DiskStorage.open(data_dir, fsync=cfg.cluster.fsync)
         persisted = self.storage.recovered()
+        self._check_disk()
         state = st.StateMachine()
         if persisted.snapshot is not None:
             state.restore(persisted.snapshot.data)
@@ -234,14 +245,14 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.transport.run)
-                await nursery.start(self.server.serve, self.cfg.node.host, self.cfg.node.port)
+                await self._listen(nursery, self.server.serve, self.cfg.node.port)
                 await nursery.start(self.tasks.run)
                 await nursery.start(self.driver.run)
                 self.forwarder = Forwarder(self, nursery)
                 nursery.start_soon(self._housekeeping)
                 if self.metrics is not None and self.cfg.node.metrics_port is not None:
-                    await nursery.start(serve_metrics, self.metrics.registry, self.cfg.node.host,
-                                        self.cfg.node.metrics_port)
+                    await self._listen(nursery, serve_metrics, self.cfg.node.metrics_port,
+                                       self.metrics.registry)
                 log.info("started", extra={"host": self.cfg.node.host, "port": self.server.port,
                                            "pid": os.getpid()})
                 task_status.started(self.server.port)
@@ -250,10 +261,41 @@ class Agent:
                 with trio.CancelScope(shield=True):
                     self.storage.close()
 
+    async def _listen(self, nursery, serve, port: int, *first) -> None:
+        """Start a listener; a port that cannot be bound raises ``ListenError``, so the
+        command line names the address and no other OS error is taken for it."""
+        try:
+            await nursery.start(serve, *first, self.cfg.node.host, port)
+        except (OSError, BaseExceptionGroup) as exc:
+            # A listener with a nursery of its own hands its bind error up in a group.
+            err = exc
+            while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+                err = err.exceptions[0]
+            if not isinstance(err, OSError):
+                raise
+            raise ListenError(self.cfg.node.host, port, err) from exc
+
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(0.5)
             self.driver.node.report = self._load_report()
+            self._check_disk()
+
+    def _check_disk(self) -> None:
+        """Refresh ``self.disk`` (status ``disk``); log when free space turns low or
+        recovers, once each way."""
+        try:
+            disk = self.storage.disk()
+        except OSError as exc:
+            disk = {"error": exc.strerror or str(exc)}
+        was_low = bool(self.disk and self.disk.get("low"))
+        if disk.get("low") and not was_low:
+            log.warning("disk space low", extra={
+                "data_dir": str(self.cfg.node.data_dir), "free_mib": disk["free_bytes"] >> 20,
+                "needs_mib": disk["needs_bytes"] >> 20})
+        elif was_low and disk.get("low") is False:
+            log.info("disk space recovered", extra={"free_mib": disk["free_bytes"] >> 20})
+        self.disk = disk
 
     def _load_report(self) -> bytes:
         return self.tasks.load_report()
@@ -556,6 +598,7 @@ class Agent:
             "storage": {k: v for k, v in storage.items() if k in (
                 "fsync", "segments", "bytes", "first_index", "last_index", "snapshot_index",
                 "syncs", "fsyncs", "fsync_latency_ms_sum", "fsync_latency_ms_max", "repaired")},
+            "disk": self.disk,
             "connections": self.server.connections if self.server else 0,
             "security": {**(self.server.stats() if self.server else {"tls": self.server_ssl is not None}),
                          "cert": None if self.tls_cert is None else {

@@ -99,7 +99,24 @@ def _addr(host: str, port: int) -> str:
 
 
 
-EXIT_STORAGE = 3  # the data directory is damaged: the agent refuses to start
+EXIT_STORAGE = 3  # the data directory is damaged, full or failing: the agent does not start, or stops
+
+
+def _operator_error(exc: BaseException):
+    """The error in ``exc`` (trio wraps what ends a nursery in exception groups, nested,
+    and the other tasks' errors while they unwind may be beside it) that has an
+    operator's explanation: the storage failing or a port that cannot be bound."""
+    from nodeagent.agent import ListenError
+    from nodeagent.storage import StorageFailed
+
+    if isinstance(exc, (StorageFailed, ListenError)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            found = _operator_error(e)
+            if found is not None:
+                return found
+    return None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -146,7 +163,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from nodeagent.libc import release_free_memory, share_one_malloc_arena
     from nodeagent.logs import setup_logging
     from nodeagent.security import TLSError
-    from nodeagent.storage import StorageCorruption, StorageLocked
+    from nodeagent.storage import (StorageCorruption, StorageFailed, StorageLocked,
+                                   io_error_advice)
 
     log_file = args.log_file or (str(cfg.node.log_file) if cfg.node.log_file else None)
     try:
@@ -170,10 +188,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except TLSError as e:
         print(f"nodeagent run: node {cfg.node.name}: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except OSError as e:
-        print(f"nodeagent run: node {cfg.node.name}: cannot use the data directory "
-              f"{cfg.node.data_dir}: {e.strerror or e}; check its path and permissions",
+    except StorageFailed as e:
+        print(f"nodeagent run: node {cfg.node.name}: cannot recover its log: {e}",
               file=sys.stderr)
+        return EXIT_STORAGE
+    except OSError as e:
+        print(f"nodeagent run: node {cfg.node.name}: cannot use the data directory: "
+              f"{io_error_advice(str(cfg.node.data_dir), e)}", file=sys.stderr)
         return EXIT_STORAGE
     # Compiling the imports (no .pyc files where bytecode is not written), reading the
     # inventory and recovering leave megabytes free in the C heap that nothing reuses
@@ -197,15 +218,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main_task)
-    except (OSError, BaseExceptionGroup) as exc:
-        # trio >= 0.25 wraps an error from inside a nursery in (nested) exception groups.
-        e = exc
-        while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
-            e = e.exceptions[0]
-        if not isinstance(e, OSError):
+    except BaseException as exc:
+        stop = _operator_error(exc)
+        if stop is None:
             raise
-        print(f"nodeagent run: node {cfg.node.name}: cannot listen on "
-              f"{cfg.node.host}:{cfg.node.port}: {e.strerror or e}", file=sys.stderr)
+        if isinstance(stop, StorageFailed):
+            log.error("stopping: the storage failed", extra={"data_dir": stop.data_dir,
+                                                              "errno": stop.errno})
+            print(f"nodeagent run: node {cfg.node.name} stopped: cannot write its log: {stop} "
+                  "(what it acknowledged was fsynced before; the other nodes go on without "
+                  "it, and it catches up when started again)", file=sys.stderr)
+            return EXIT_STORAGE
+        print(f"nodeagent run: node {cfg.node.name}: {stop}", file=sys.stderr)
         return 1
     return EXIT_OK
 

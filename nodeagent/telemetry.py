@@ -56,6 +56,12 @@ class AgentMetrics:
                         lambda: d.messages_in, registry=r)
         CallbackCounter("raftdeck_inbox_dropped_total", "Raft messages dropped: driver inbox full",
                         lambda: d.dropped_inbox, registry=r)
+        gauge("raftdeck_disk_free_bytes",
+              "Free space on the data directory's filesystem (refreshed twice a second)",
+              lambda: float((agent.disk or {}).get("free_bytes", 0)))
+        gauge("raftdeck_disk_needed_bytes",
+              "Room the log needs next: a new WAL segment and a snapshot beside the newest",
+              lambda: float((agent.disk or {}).get("needs_bytes", 0)))
         tm = agent.tasks
         CallbackCounter("raftdeck_task_reports_lost_total",
                         "Task reports dropped at a full report queue (sent again later)",

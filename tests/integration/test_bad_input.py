@@ -520,6 +520,19 @@ def test_an_agent_whose_port_is_taken_exits_with_one_clear_line(cluster_factory)
     assert f"127.0.0.1:{port}" in msg and "n1" in msg and "in use" in msg, msg
 
 
+def test_a_taken_metrics_port_is_named_not_the_agents_port(cluster_factory):
+    lc = cluster_factory(1, metrics=True)
+    port = lc.metrics_ports["n1"]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        lc.start("n1")
+        code = lc.procs["n1"].wait(timeout=60)
+    assert code != 0
+    msg = assert_one_clear_line(lc.stderr("n1"))
+    assert f"cannot listen on 127.0.0.1:{port}" in msg and "in use" in msg, msg
+
+
 # == 4: a corrupted WAL ========================================================================
 
 
