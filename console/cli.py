@@ -22,6 +22,7 @@ from typing import Any
 
 from console.argtypes import int_range, positive_float
 from console.certs import cert_lines
+from console.disk import disk_lines
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -929,10 +930,11 @@ async def _cmd_status(args, inv) -> int:
                        cert=(s.get("security") or {}).get("cert"),
                        ca=[c.get("sha256") for c in (s.get("security") or {}).get("ca") or ()],
                        untrusted_closed=(s.get("security") or {}).get("untrusted_closed"),
-                       error=None)
+                       disk=s.get("disk"), error=None)
         else:
             row.update(role=None, term=None, leader=None, commit=None, applied=None, lag=None,
-                       digest=None, load=None, faults=None, fault_rules=None, cert=None, error=s)
+                       digest=None, load=None, faults=None, fault_rules=None, cert=None,
+                       disk=None, error=s)
         nodes.append(row)
     tls = "on" if inv.cluster.tls is not None else "off"
     health["tls"] = tls == "on"
@@ -960,6 +962,8 @@ async def _cmd_status(args, inv) -> int:
         print(f"tls: {tls}" + (f" (as {_my_role(inv, args)})" if tls == "on" else
                                " (anyone who reaches a port may run any command)"))
         for ln in cert_lines(nodes, time.time()):
+            print(ln)
+        for ln in disk_lines(sts):
             print(ln)
     return EXIT_OK if health["quorum"] else EXIT_FAIL
 
