@@ -50,13 +50,23 @@ from console.history import Op, check_tasks, dump_line, latency_stats
 NEMESES = ("kill", "pause", "partition", "latency")
 # Opt-in kinds (not in the default): "ca" takes the next step of replacing the CA
 # (`raftdeck init --rotate-ca`) and sends every agent SIGHUP; a started TLS cluster only.
-KINDS = NEMESES + ("ca",)
+# "disk" fills a node's disk until the agent stops itself, then frees it and starts the
+# agent again; a started cluster, as root (each agent's data directory is a small tmpfs).
+KINDS = NEMESES + ("ca", "disk")
 PLANTED = ("stale-reads",)
 CA_NEMESIS_NEEDS = ("the ca nemesis replaces the CA of a cluster the run starts with TLS; "
                     "drop --no-tls and --attach, or the ca kind")
 # After the nemesis stops and everything is healed, a leader must be elected within this
 # many seconds (docs/OPERATIONS.md "Chaos"): generous for a loaded 2-core machine.
 LIVENESS_BOUND_S = 20.0
+DISK_NEMESIS_NEEDS = ("the disk nemesis mounts a small filesystem (tmpfs) under each agent's "
+                      "data directory of a cluster the run starts: run it as root, without "
+                      "--attach")
+# Each agent's tmpfs with the disk nemesis (memory only as it is written). Under four WAL
+# segments (4 x 64 MiB), so the agent does not reserve a segment's blocks up front: with
+# 64 MiB reserved, the log would outlast any fault.
+DISK_FS_MIB = 192
+DISK_LEFT_BYTES = 64 << 10  # what a filled disk leaves: some hundred log records
 
 
 @dataclass
@@ -122,7 +132,51 @@ class _Owned(_Target):
                                snapshot_interval=cfg.snapshot_interval, name="chaos",
                                task_lease_ms=3000, priorities=cfg.priorities, tls=cfg.tls)
         self.names = list(self.lc.names)
-        self.lc.start_all()
+        self.mounts: list[Path] = []
+        try:
+            if "disk" in cfg.nemesis:
+                for n in self.names:
+                    self._mount(self.lc.tmp / "data" / n)
+            self.lc.start_all()
+        except BaseException:
+            self.close()
+            raise
+
+    def _mount(self, where: Path) -> None:
+        import subprocess
+
+        where.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_FS_MIB}m", "tmpfs",
+                              str(where)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"chaos: cannot mount a tmpfs on {where}: "
+                               f"{res.stderr.strip() or res.returncode}; {DISK_NEMESIS_NEEDS}")
+        self.mounts.append(where)
+
+    def fill_disk(self, name: str) -> None:
+        """Take all but ``DISK_LEFT_BYTES`` of the node's filesystem with one file."""
+        from nodeagent.storage import disk_usage
+
+        data = self.lc.tmp / "data" / name
+        free, _ = disk_usage(str(data))
+        with open(data / "ballast", "wb") as f:
+            if free > DISK_LEFT_BYTES:
+                os.posix_fallocate(f.fileno(), 0, free - DISK_LEFT_BYTES)
+
+    def free_disk(self, name: str) -> None:
+        try:
+            os.unlink(self.lc.tmp / "data" / name / "ballast")
+        except FileNotFoundError:
+            pass
+
+    def stopped_by_itself(self, name: str) -> dict:
+        """How an agent that exited on its own ended: its exit code and whether it said
+        so as an operator should read it (exit 3, the disk named, no traceback)."""
+        code = self.lc.procs[name].wait(timeout=30)
+        err = self.lc.stderr(name)
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        return {"exit_code": code, "clean": code == 3 and "Traceback" not in err
+                and "the disk is full under" in last, "said": last[-300:]}
 
     def client(self, **kw):
         return self.lc.client(**kw)
@@ -160,7 +214,12 @@ class _Owned(_Target):
         return self.lc.alive(name)
 
     def close(self):
+        import subprocess
+
         self.lc.stop_all()
+        for where in self.mounts:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        self.mounts.clear()
 
 
 class _Attached(_Target):
@@ -220,6 +279,7 @@ class _Run:
     tasks_stdout: dict[str, str] = field(default_factory=dict)
     killed: set[str] = field(default_factory=set)
     paused: set[str] = field(default_factory=set)
+    disk_stops: list[dict] = field(default_factory=list)  # agents the disk nemesis stopped
     notes: dict[str, Any] = field(default_factory=dict)  # what a script wants in the report
 
     def record(self, client: int, call: int, op: str, key: str, status: str, *,
@@ -459,6 +519,8 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             await rest(cfg.fault_s)
             await _heal_all(run, admin)
             run.fault_event("end", "partition", shape=shape)
+        elif kind == "disk":
+            await _fill_disk(run, target, leader, rest)
         elif kind == "ca":
             step = run.target.rotate_ca(run.killed)
             run.fault_event("start", "ca", step=step)
@@ -472,6 +534,32 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             await _heal_all(run, admin)
             run.fault_event("end", "latency", ms=ms)
         await rest(cfg.rest_s)
+
+
+async def _fill_disk(run: _Run, target: str, leader: str | None, rest) -> None:
+    """Fill ``target``'s disk; once its agent has stopped itself (or the fault's time is
+    up: an agent cut off from the log writes nothing), free the disk and start it again.
+    How it stopped is kept for the ``disk_stops`` check."""
+    cfg = run.cfg
+    loop = asyncio.get_running_loop()
+    run.fault_event("start", "disk", node=target, leader=target == leader)
+    await loop.run_in_executor(None, run.target.fill_disk, target)
+    run.killed.add(target)  # ends the fault by a start if the run ends meanwhile
+    deadline = loop.time() + cfg.fault_s[1] * 3
+    while run.target.alive(target) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await rest(cfg.fault_s)  # down for a while, as a killed node is
+    run.target.free_disk(target)
+    if run.target.alive(target):
+        run.killed.discard(target)
+        run.fault_event("end", "disk", node=target, action="freed", stopped=False)
+        return
+    how = await loop.run_in_executor(None, run.target.stopped_by_itself, target)
+    run.disk_stops.append({"node": target, "t": run.t(), **how})
+    run.target.start(target)
+    run.killed.discard(target)
+    run.fault_event("end", "disk", node=target, action="freed and restarted", stopped=True,
+                    exit_code=how["exit_code"])
 
 
 async def _heal_everything(run: _Run, admin: ClusterClient) -> None:
@@ -569,6 +657,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
             raise ValueError(f"unknown nemesis {k!r}: choose from {', '.join(KINDS)}")
     if "ca" in cfg.nemesis and (cfg.inventory or not cfg.tls):
         raise ValueError(CA_NEMESIS_NEEDS)
+    if "disk" in cfg.nemesis and (cfg.inventory or os.geteuid() != 0):
+        raise ValueError(DISK_NEMESIS_NEEDS)
     if cfg.planted is not None and cfg.planted not in PLANTED:
         raise ValueError(f"unknown planted bug {cfg.planted!r}: choose from {', '.join(PLANTED)}")
     out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="raftdeck-chaos-"))
@@ -634,6 +724,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     report["notes"] = run.notes
     report["latency"] = latency_stats(ops)
     report["final_reads"] = {"ok": not unread, "unread": unread}
+    report["disk_stops"] = run.disk_stops
     result = lin.check(ops, seconds=cfg.checker_seconds)
     report["linearizability"] = result.to_json()
     if result.verdict == lin.NON_LINEARIZABLE:
@@ -652,6 +743,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         "liveness": report["liveness"]["ok"],
         "final_reads": not unread,
     }
+    if "disk" in cfg.nemesis:  # every agent the full disk stopped said so, and nothing else
+        checks["disk_stops"] = all(d["clean"] for d in run.disk_stops)
     report["checks"] = checks
     report["ok"] = all(checks.values())
     report["verdict"] = ("pass" if report["ok"] else
@@ -680,6 +773,12 @@ def summary(report: dict[str, Any]) -> str:
         f"{report['liveness']['seconds']:.1f}s after heal (bound {report['liveness']['bound_s']:g}s)",
         f"convergence: {'ok' if report['convergence']['ok'] else report['convergence']}",
     ]
+    if "disk_stops" in report["checks"]:
+        stops = report["disk_stops"]
+        bad = [d for d in stops if not d["clean"]]
+        lines.append(f"disk: {len(stops)} agents stopped by a full disk, "
+                     + ("each with exit 3 and the disk named" if not bad else
+                        "NOT AS EXPECTED: " + json.dumps(bad)))
     for k, v in sorted(report["latency"].items()):
         lines.append(f"  {k:12} n={v['count']:<6} p50 {v['p50_ms']}ms p99 {v['p99_ms']}ms max {v['max_ms']}ms")
     if "failure" in report:
@@ -711,9 +810,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=seconds, default=60.0, metavar="S",
                    help="seconds of workload and faults (default 60)")
     p.add_argument("--nemesis", type=nemesis_list, default=NEMESES, metavar="KINDS",
-                   help="comma list of kill,pause,partition,latency,ca, or none (default: all "
-                        "but ca, which replaces the CA step by step, as `raftdeck init "
-                        "--rotate-ca` does, and needs TLS and a cluster the run starts)")
+                   help="comma list of kill,pause,partition,latency,ca,disk, or none "
+                        "(default: all but ca, which replaces the CA step by step, as "
+                        "`raftdeck init --rotate-ca` does, and needs TLS and a cluster the run "
+                        "starts; and disk, which fills a node's disk until its agent stops, "
+                        "then frees it and starts it again, and needs root and a cluster the "
+                        "run starts)")
     p.add_argument("--seed", type=int, default=None,
                    help="seeds the workload and the fault schedule (default: random, printed)")
     p.add_argument("--clients", type=count(1, 64), default=6, help="concurrent clients (default 6)")
@@ -744,6 +846,10 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
         from console.cli import EXIT_USAGE, CliError
 
         raise CliError(f"chaos: {CA_NEMESIS_NEEDS}", EXIT_USAGE)
+    if "disk" in args.nemesis and (args.attach or os.geteuid() != 0):
+        from console.cli import EXIT_USAGE, CliError
+
+        raise CliError(f"chaos: {DISK_NEMESIS_NEEDS}", EXIT_USAGE)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     return ChaosConfig(nodes=args.nodes, duration=args.duration, nemesis=tuple(args.nemesis),
                        seed=seed, clients=args.clients, keys=args.keys, tasks=not args.no_tasks,

@@ -4,6 +4,8 @@ prints the history path and exits 0."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -69,6 +71,32 @@ def test_a_short_run_with_the_ca_nemesis_replaces_the_ca_and_passes(tmp_path, ca
     steps = [f["step"] for f in report["faults"] if f["kind"] == "ca" and f["event"] == "start"]
     assert steps and steps == [("trust", "issue", "finish")[i % 3] for i in range(len(steps))], \
         report["faults"]
+
+
+def test_the_disk_nemesis_needs_a_started_cluster(tmp_path, capsys):
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text("cluster: {name: c}\nnodes:\n  - {name: n1, host: 127.0.0.1, port: 7001}\n")
+    assert main(["chaos", "--nemesis", "disk", "--attach", "--inventory", str(inv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the disk nemesis" in err and "--attach" in err
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="the disk nemesis mounts tmpfs: root only")
+def test_a_short_run_with_the_disk_nemesis_stops_agents_cleanly_and_passes(tmp_path, capsys):
+    """The opt-in `disk` kind: a node's tmpfs is filled until its agent stops itself (exit
+    3, the disk named), then freed and the agent started; the history still checks, and
+    every mount is gone afterwards."""
+    out = tmp_path / "o"
+    rc = main(["chaos", "--nodes", "3", "--duration", "8", "--nemesis", "disk", "--seed", "7",
+               "--clients", "3", "--out", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, (report["checks"], report["disk_stops"])
+    stops = report["disk_stops"]
+    assert stops and all(d["exit_code"] == 3 and d["clean"] for d in stops), stops
+    assert report["checks"]["disk_stops"] is True
+    mounts = subprocess.run(["mount"], capture_output=True, text=True).stdout
+    assert str(out) not in mounts
 
 
 @pytest.mark.integration
