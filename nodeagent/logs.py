@@ -249,7 +249,32 @@ def setup_logging(node: str, level: str | int = "info", file: str | None = None)
         # Imported here: an agent logging to stderr does not load logging.handlers (or pickle).
         from logging.handlers import WatchedFileHandler
 
-        handler = WatchedFileHandler(file, mode="a", encoding="utf-8")
+        class LogFileHandler(WatchedFileHandler):
+            """A write that fails with an OS error (the disk is full) is counted and
+            said on stderr at most once a minute, in one line, instead of logging's
+            traceback for every record; the records buffered meanwhile go out once the
+            file can be written again."""
+
+            lost = 0
+            _said = float("-inf")
+
+            def handleError(self, record: logging.LogRecord) -> None:
+                exc = sys.exc_info()[1]
+                if not isinstance(exc, OSError):
+                    super().handleError(record)
+                    return
+                self.lost += 1
+                now = time.monotonic()
+                if now - self._said >= 60.0:
+                    self._said = now
+                    try:
+                        sys.stderr.write(f"nodeagent: cannot write the log file {self.baseFilename}: "
+                                         f"{exc.strerror or exc} ({self.lost} records failed so far)\n")
+                        sys.stderr.flush()
+                    except (OSError, ValueError):
+                        pass
+
+        handler = LogFileHandler(file, mode="a", encoding="utf-8")
     handler._raftdeck = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter(node))
     handler.addFilter(RedactingFilter())
