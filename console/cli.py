@@ -630,6 +630,15 @@ def _process_states(inv) -> dict[str, str]:
     return out
 
 
+def _last_words(inv, names) -> dict[str, str]:
+    """For local agents that are not running: the last line each wrote to its stderr file
+    since it was started (why it stopped by itself; "" when killed)."""
+    from console.procs import LocalProcesses
+
+    procs = LocalProcesses(inv)
+    return {n: procs.last_words(procs.node(n)) for n in names}
+
+
 # == up / down ===================================================================================
 
 
@@ -908,6 +917,8 @@ async def _cmd_status(args, inv) -> int:
         sts = await _statuses(client, inv.names)
     health = _health(inv, sts)
     procs = _process_states(inv)
+    said = _last_words(inv, [n for n, st in procs.items() if st in ("stale", "stopped")
+                             and not isinstance(sts[n], dict)])
     leader_commit = None
     if health["leader"] is not None:
         leader_commit = sts[health["leader"]].get("commit")
@@ -934,7 +945,7 @@ async def _cmd_status(args, inv) -> int:
         else:
             row.update(role=None, term=None, leader=None, commit=None, applied=None, lag=None,
                        digest=None, load=None, faults=None, fault_rules=None, cert=None,
-                       disk=None, error=s)
+                       disk=None, error=s, last_words=said.get(n.name) or None)
         nodes.append(row)
     tls = "on" if inv.cluster.tls is not None else "off"
     health["tls"] = tls == "on"
@@ -953,6 +964,8 @@ async def _cmd_status(args, inv) -> int:
             else:
                 proc = r["process"]
                 hint = f" (process {proc})" if proc not in ("remote",) else ""
+                if r.get("last_words"):
+                    hint = f" (process {proc}; it said: {r['last_words']})"
                 out.append([r["name"], r["address"], "-", "-", "-", "-", "-", "-", "-", "-", "-",
                             f"UNREACHABLE: {r['error']}{hint}"])
         for ln in _table(out, ["NODE", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED",

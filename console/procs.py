@@ -426,6 +426,24 @@ class LocalProcesses:
                if ln.strip() and not ln.startswith("--- ")]
         return " | ".join(got[-lines:])
 
+    def last_words(self, node: NodeConfig, max_bytes: int = 64 << 10) -> str:
+        """What the agent last wrote to its stderr file since it was last started (the
+        line after the newest ``--- ... raftdeck starts`` header): why an agent that
+        stopped by itself stopped (a full disk, a damaged log), or "" (killed: nothing).
+        Reads at most the last ``max_bytes`` of the file."""
+        try:
+            with open(self.stderr_file(node), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - max_bytes))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        lines = text.splitlines()
+        start = max((i for i, ln in enumerate(lines)
+                     if ln.startswith("--- ") and "raftdeck starts" in ln), default=-1)
+        lines = [ln.strip() for ln in lines[start + 1:] if ln.strip()]
+        return lines[-1][:500] if lines else ""
+
     # -- signals --
 
     def _running(self, node: NodeConfig) -> NodeProcess:

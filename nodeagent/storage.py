@@ -131,6 +131,7 @@ def io_error_advice(path: str, exc: BaseException) -> str:
     """One line for an operator: what an OS error under ``path`` means and what to do."""
     code = getattr(exc, "errno", None)
     what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    path = getattr(exc, "filename", None) or path  # the file itself, when the error names it
     if code in (errno.ENOSPC, errno.EDQUOT):
         return (f"the disk is full under {path} ({what}): free space there, then start "
                 "the agent again")

@@ -244,6 +244,37 @@ def test_restart_a_running_node_replaces_its_process(inv):
     wait_for(lambda: healthy(inv), 30, "n2 to rejoin")
 
 
+def test_status_says_why_an_agent_stopped_by_itself(inv):
+    """An agent that exits on its own (here: it cannot use its data directory) is shown
+    with the last line it wrote, not only as unreachable."""
+    follower = next(r["name"] for r in status(inv)["nodes"] if r["role"] == "follower")
+    wal = inv.parent / "data" / follower / "wal"
+    rc, _, err = run(inv, "kill", follower)
+    assert rc == 0, err
+    wal.rename(wal.with_name("wal.aside"))
+    wal.write_text("not a directory")
+    try:
+        run(inv, "restart", follower)  # starts it; it exits at once with code 3
+
+        def said():
+            me = next(r for r in status(inv)["nodes"] if r["name"] == follower)
+            return me if me.get("last_words") else None
+
+        me = wait_for(said, 30, "the agent's last words in status")
+        assert not me["reachable"] and me["process"] in ("stale", "stopped")
+        assert f"node {follower}" in me["last_words"] and "data directory" in me["last_words"]
+        text = run(inv, "status")[1]
+        line = next(ln for ln in text.splitlines() if ln.startswith(follower + " "))
+        assert "UNREACHABLE" in line and "it said: nodeagent run:" in line, text
+    finally:
+        wal.unlink()
+        wal.with_name("wal.aside").rename(wal)
+        run(inv, "restart", follower)
+    wait_for(lambda: healthy(inv), 30, "the node to rejoin")
+    me = next(r for r in status(inv)["nodes"] if r["name"] == follower)
+    assert "last_words" not in me or not me["last_words"]  # running again: nothing to say
+
+
 def test_pause_and_resume(inv):
     follower = next(r["name"] for r in status(inv)["nodes"] if r["role"] == "follower")
     rc, _, err = run(inv, "pause", follower)
