@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -416,7 +417,30 @@ class RaftdeckApp(App):
         for ev in m.new_events(self._events_seen):
             stamp = time.strftime("%H:%M:%S", time.localtime(self.wall() - (now - ev.ts)))
             log.write(Text.assemble(stamp, " ", (ev.kind, "bold"), " ", ev.text))
+            if ev.kind == "node_down" and ev.node is not None:
+                self._explain_down(ev.node)
         self._events_seen = m.events_total
+
+    @work(group="explain", exit_on_error=False)
+    async def _explain_down(self, name: str) -> None:
+        """A local agent that went down by itself (a full disk, a damaged log) said why on
+        its stderr: put that line in the event log. Looked for a few times over 3 s (the
+        process may still be exiting); nothing for a kill, a remote node, or one that is
+        back."""
+        words_of = getattr(self.procs, "last_words", None)
+        if words_of is None:
+            return
+        for _ in range(6):
+            await asyncio.sleep(0.5)
+            if self.model.row(name).reachable:
+                return
+            try:
+                words = await asyncio.to_thread(words_of, name)
+            except Exception:
+                return
+            if words:
+                self.note(f"[bold]{escape(name)} stopped by itself:[/] {escape(words)}")
+                return
 
     def note(self, text: str) -> None:
         self.query_one("#events", RichLog).write(
@@ -752,6 +776,9 @@ class ClusterProcesses:
 
     def log_path(self, name: str):
         return self.lc.log_path(name)
+
+    def last_words(self, name: str) -> str:
+        return self.lc.last_words(name)
 
 
 def app_for_local_cluster(lc, **kw) -> RaftdeckApp:

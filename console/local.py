@@ -72,6 +72,7 @@ class LocalCluster:
         self.priorities = priorities or {}
         self.cluster = name
         self.procs: dict[str, subprocess.Popen] = {}
+        self._stderr_at: dict[str, int] = {}  # where each agent's last start began writing
         self.inventory = self.tmp / "inventory.yaml"
         lines = [
             "cluster:",
@@ -112,6 +113,7 @@ class LocalCluster:
         from console.procs import sighup_held
 
         err = open(self.tmp / f"{name}.stderr", "ab")
+        self._stderr_at[name] = err.tell()
         with sighup_held():
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "nodeagent.cli", "run", "--inventory", str(self.inventory),
@@ -161,6 +163,14 @@ class LocalCluster:
     def stderr(self, name: str) -> str:
         path = self.tmp / f"{name}.stderr"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def last_words(self, name: str) -> str:
+        """The last line an agent that is not running wrote to stderr since its last
+        start ("" while it runs, or when it was killed and said nothing)."""
+        if self.alive(name):
+            return ""
+        lines = self.stderr(name)[self._stderr_at.get(name, 0):].strip().splitlines()
+        return lines[-1].strip()[:500] if lines else ""
 
     # -- clients --
 

@@ -624,6 +624,16 @@ class Processes:
             self.local.remove_pid_file(node)
         return self.local.start(node).pid
 
+    def last_words(self, name: str) -> str:
+        """Why a local node's agent stopped by itself (``LocalProcesses.last_words``), if
+        it is not running; "" for a running or a remote one (not fetched over SSH)."""
+        if self.is_remote(name):
+            return ""
+        node = self.inv.node(name)
+        if self.local.process(node).alive:
+            return ""
+        return self.local.last_words(node)
+
     def log_path(self, name: str) -> Path | None:
         """The node's log as a local file: the file itself for a local node. For a remote
         one, a cache file (~/.cache/raftdeck/logs/CLUSTER/NODE.log) that a background

@@ -4,12 +4,16 @@ sees after pressing the fault keys."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import time
 
 import pytest
 
 from console.app import app_for_local_cluster
+from console.local import LocalCluster
+from nodeagent.storage import disk_usage
 from console.testing import until, until_asked
 from console.widgets.node_table import NodeTable
 
@@ -208,3 +212,51 @@ def test_divergence_view_fetches_a_key_level_diff_from_real_agents(make_cluster)
             await pilot.press("q")
 
     asyncio.run(main())
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+def test_an_agent_that_stops_by_itself_says_why_in_the_event_log(tmp_path):
+    """A node killed from outside is just down; one that stops by itself (its disk filled
+    up, a real tmpfs under its data directory) gets the line it wrote, in the event log."""
+    lc = LocalCluster(tmp_path / "c", 3)
+    data = lc.tmp / "data" / "n3"
+    data.mkdir(parents=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(data)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+
+    async def main():
+        app = app_for_local_cluster(lc)
+        async with app.run_test(size=(180, 40)) as pilot:
+            def events() -> str:
+                return "\n".join(str(line.text) for line in app.query_one("#events").lines)
+
+            await until(pilot, lambda: len(leader_rows(app)) == 1, 30, "a leader")
+            lc.kill("n1")
+            await until(pilot, lambda: not app.model.row("n1").reachable, 30, "n1 down")
+            await pilot.pause(3.5)  # as long as the console looks for last words
+            assert "stopped by itself" not in events(), events()
+            lc.start("n1")
+            await until(pilot, lambda: app.model.row("n1").reachable, 60, "n1 back")
+
+            with open(data / "ballast", "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, disk_usage(str(data))[0] - (64 << 10))
+            async with lc.client(timeout=3.0, op_timeout=20.0) as c:
+                deadline = time.monotonic() + 60
+                i = 0
+                while lc.alive("n3"):
+                    assert time.monotonic() < deadline, "n3 never filled its disk"
+                    await c.put(f"k{i}", b"v" * 10_000)
+                    i += 1
+            await until(pilot, lambda: "n3 stopped by itself" in events(), 30, lambda: events())
+            line = next(ln for ln in events().splitlines() if "n3 stopped by itself" in ln)
+            assert "the disk is full under" in line and "Traceback" not in line, line
+
+    try:
+        lc.start_all()
+        asyncio.run(main())
+    finally:
+        lc.stop_all()
+        subprocess.run(["umount", "-l", str(data)], capture_output=True)
