@@ -11,6 +11,7 @@ import pytest
 
 from console.client import AgentConnection
 from console.local import LocalCluster
+from nodeagent.storage import disk_usage
 from nodeagent.statusmap import compact_status
 
 pytestmark = pytest.mark.integration
@@ -54,6 +55,13 @@ def test_metrics_subscription_and_logs_on_a_real_cluster(tmp_path):
             assert m["raftdeck_tls_reloads_total"] == 0 == m["raftdeck_tls_reload_failures_total"]
             assert m["raftdeck_tls_trusted_cas"] == 1 and m["raftdeck_tls_untrusted_closed_total"] == 0
             assert m["raftdeck_task_reports_resent_total"] == 0
+            # The data directory's filesystem, as statvfs sees it (give or take what the
+            # tests beside this one wrote or deleted since the agent looked: up to 0.5 s
+            # ago), and what the log needs next: one 64 MiB segment.
+            free, _ = disk_usage(str(lc.tmp))
+            assert 0 < m["raftdeck_disk_free_bytes"] and \
+                abs(m["raftdeck_disk_free_bytes"] - free) < 2 << 30, (m["raftdeck_disk_free_bytes"], free)
+            assert m["raftdeck_disk_needed_bytes"] >= 64 << 20
             follower = next(n for n in lc.names if n != leader)
             fm = await asyncio.to_thread(scrape, lc.metrics_ports[follower])
             assert fm["raftdeck_is_leader"] == 0 and fm["raftdeck_term"] == m["raftdeck_term"]
