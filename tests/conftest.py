@@ -28,3 +28,16 @@ def make_cluster(tmp_path):
     yield make
     for lc in made:
         lc.stop_all()
+
+
+@pytest.fixture
+def small_fs():
+    """``small_fs.mount(path, mib[, "ext4"])``: a real small filesystem for this test
+    (tests/smallfs.py); unmounted when the test ends."""
+    from tests.smallfs import Mounts
+
+    m = Mounts()
+    try:
+        yield m
+    finally:
+        m.unmount_all()

@@ -4,8 +4,6 @@ sees after pressing the fault keys."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 import time
 
@@ -13,7 +11,7 @@ import pytest
 
 from console.app import app_for_local_cluster
 from console.local import LocalCluster
-from nodeagent.storage import disk_usage
+from tests.smallfs import fill
 from console.testing import until, until_asked
 from console.widgets.node_table import NodeTable
 
@@ -215,17 +213,11 @@ def test_divergence_view_fetches_a_key_level_diff_from_real_agents(make_cluster)
 
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
-def test_an_agent_that_stops_by_itself_says_why_in_the_event_log(tmp_path):
+def test_an_agent_that_stops_by_itself_says_why_in_the_event_log(tmp_path, small_fs):
     """A node killed from outside is just down; one that stops by itself (its disk filled
     up, a real tmpfs under its data directory) gets the line it wrote, in the event log."""
     lc = LocalCluster(tmp_path / "c", 3)
-    data = lc.tmp / "data" / "n3"
-    data.mkdir(parents=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(data)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+    data = small_fs.mount(lc.tmp / "data" / "n3", 200)
 
     async def main():
         app = app_for_local_cluster(lc)
@@ -241,8 +233,7 @@ def test_an_agent_that_stops_by_itself_says_why_in_the_event_log(tmp_path):
             lc.start("n1")
             await until(pilot, lambda: app.model.row("n1").reachable, 60, "n1 back")
 
-            with open(data / "ballast", "wb") as f:
-                os.posix_fallocate(f.fileno(), 0, disk_usage(str(data))[0] - (64 << 10))
+            fill(data, 64 << 10)
             async with lc.client(timeout=3.0, op_timeout=20.0) as c:
                 deadline = time.monotonic() + 60
                 i = 0
@@ -259,4 +250,3 @@ def test_an_agent_that_stops_by_itself_says_why_in_the_event_log(tmp_path):
         asyncio.run(main())
     finally:
         lc.stop_all()
-        subprocess.run(["umount", "-l", str(data)], capture_output=True)

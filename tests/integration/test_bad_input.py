@@ -507,29 +507,28 @@ def test_a_data_dir_that_is_a_file_is_one_clear_line(tmp_path):
     assert "data directory" in msg and "blocker" in msg, msg
 
 
-def test_an_agent_whose_port_is_taken_exits_with_one_clear_line(cluster_factory):
-    lc = cluster_factory(1)
-    port = lc.ports["n1"]
+def _start_on_a_taken_port(lc: LocalCluster, port: int) -> str:
+    """Start n1 while something else listens on ``port``; its one-line message."""
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
         lc.start("n1")
         code = lc.procs["n1"].wait(timeout=60)
     assert code != 0
-    msg = assert_one_clear_line(lc.stderr("n1"))
+    return assert_one_clear_line(lc.stderr("n1"))
+
+
+def test_an_agent_whose_port_is_taken_exits_with_one_clear_line(cluster_factory):
+    lc = cluster_factory(1)
+    port = lc.ports["n1"]
+    msg = _start_on_a_taken_port(lc, port)
     assert f"127.0.0.1:{port}" in msg and "n1" in msg and "in use" in msg, msg
 
 
 def test_a_taken_metrics_port_is_named_not_the_agents_port(cluster_factory):
     lc = cluster_factory(1, metrics=True)
     port = lc.metrics_ports["n1"]
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", port))
-        squatter.listen()
-        lc.start("n1")
-        code = lc.procs["n1"].wait(timeout=60)
-    assert code != 0
-    msg = assert_one_clear_line(lc.stderr("n1"))
+    msg = _start_on_a_taken_port(lc, port)
     assert f"cannot listen on 127.0.0.1:{port}" in msg and "in use" in msg, msg
 
 

@@ -18,32 +18,22 @@ import pytest
 
 from console.client import OutcomeUnknown
 from console.local import LocalCluster
-from nodeagent.storage import disk_usage
+from tests.smallfs import fill
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root"),
-]
+pytestmark = pytest.mark.integration
 
 
-def test_the_leader_runs_out_of_disk_and_the_cluster_goes_on(tmp_path):
+def test_the_leader_runs_out_of_disk_and_the_cluster_goes_on(tmp_path, small_fs):
     lc = LocalCluster(tmp_path / "c", 3, priorities={"n2": 5})
-    data = lc.tmp / "data" / "n2"
-    data.mkdir(parents=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(data)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+    data = small_fs.mount(lc.tmp / "data" / "n2", 200)
     try:
         # 20 MiB left: under the 2 x 64 MiB (a WAL segment) the agent wants ahead of it.
         # (tmpfs: the ballast is memory while the test runs.)
-        with open(data / "ballast", "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, disk_usage(str(data))[0] - (20 << 20))
+        fill(data, 20 << 20)
         lc.start_all()
         asyncio.run(_scenario(lc, data))
     finally:
         lc.stop_all()
-        subprocess.run(["umount", "-l", str(data)], capture_output=True)
 
 
 async def _scenario(lc: LocalCluster, data) -> None:

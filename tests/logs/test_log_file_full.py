@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-
-import pytest
 
 from nodeagent.logs import setup_logging
-from nodeagent.storage import disk_usage
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+from tests.smallfs import fill
 
 
-def test_a_full_disk_under_the_log_file_is_one_line_and_logging_resumes(tmp_path, capsys):
-    fs = tmp_path / "fs"
-    fs.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(fs)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+def test_a_full_disk_under_the_log_file_is_one_line_and_logging_resumes(tmp_path, capsys, small_fs):
+    fs = small_fs.mount(tmp_path / "fs", 1)
     log = logging.getLogger("nodeagent.test")
     handler = None
     try:
         handler = setup_logging("n1", file=str(fs / "agent.log"))
         log.info("before")
-        with open(fs / "ballast", "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, disk_usage(str(fs))[0])
+        fill(fs, 0)
         for i in range(200):
             log.info("while full", extra={"i": i, "pad": "x" * 200})
         err = capsys.readouterr().err
@@ -46,4 +35,3 @@ def test_a_full_disk_under_the_log_file_is_one_line_and_logging_resumes(tmp_path
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        subprocess.run(["umount", "-l", str(fs)], capture_output=True)

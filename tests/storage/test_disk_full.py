@@ -8,59 +8,19 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import uuid
 
 import pytest
 
 from nodeagent.raft.messages import Entry, HardState
 from nodeagent.storage import DiskStorage, StorageFailed, disk_usage
+from tests.smallfs import fill
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
 
 
-def _mount(args: list[str], where) -> None:
-    where.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["mount", *args, str(where)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount {' '.join(args)}: {res.stderr.strip()}")
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """``small_fs(kind, mib)``: a fresh filesystem of that size, unmounted afterwards."""
-    mounted = []
-
-    def make(kind: str, mib: int):
-        where = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
-        if kind == "tmpfs":
-            _mount(["-t", "tmpfs", "-o", f"size={mib}m", "tmpfs"], where)
-        else:
-            img = tmp_path / f"{where.name}.img"
-            with open(img, "wb") as f:
-                f.truncate(mib << 20)
-            mk = subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], capture_output=True, text=True)
-            if mk.returncode != 0:
-                pytest.skip(f"mkfs.ext4: {mk.stderr.strip()}")
-            _mount(["-o", "loop", str(img)], where)
-        mounted.append(where)
-        return where
-
-    yield make
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)  # lazy: an fd a failed test left open
-
-
-def _fill(path, leave: int) -> None:
-    """Take all but ``leave`` bytes of the filesystem with one file."""
-    free, _ = disk_usage(str(path))
-    with open(path / "ballast", "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, max(0, free - leave))
-
-
-def test_a_full_disk_fails_the_storage_and_loses_nothing_synced(small_fs):
-    fs = small_fs("tmpfs", 8)
-    _fill(fs, 1 << 20)
+def test_a_full_disk_fails_the_storage_and_loses_nothing_synced(small_fs, tmp_path):
+    fs = small_fs.mount(tmp_path / "fs", 8)
+    fill(fs, 1 << 20)
     s = DiskStorage.open(fs / "data", fsync=True, segment_bytes=4 << 20)
     synced: list[Entry] = []
     value = b"v" * 20_000
@@ -96,13 +56,13 @@ def test_a_full_disk_fails_the_storage_and_loses_nothing_synced(small_fs):
     s2.close()
 
 
-def test_no_block_reservation_on_a_filling_disk(small_fs):
-    fs = small_fs("tmpfs", 64)
+def test_no_block_reservation_on_a_filling_disk(small_fs, tmp_path):
+    fs = small_fs.mount(tmp_path / "fs", 64)
     s = DiskStorage.open(fs / "roomy", fsync=True, segment_bytes=4 << 20)
     st = s.stats()
     assert st["reserved_segments"] == 1 and st["reservations_skipped"] == 0
     s.close()
-    _fill(fs, 12 << 20)  # three segments' worth: under the reservation's four
+    fill(fs, 12 << 20)  # three segments' worth: under the reservation's four
     free0, _ = disk_usage(str(fs))
     s = DiskStorage.open(fs / "tight", fsync=True, segment_bytes=4 << 20)
     st = s.stats()
@@ -110,21 +70,15 @@ def test_no_block_reservation_on_a_filling_disk(small_fs):
     assert free0 - disk_usage(str(fs))[0] < 1 << 20  # a few blocks of metadata, no segment
     d = s.disk()
     assert d["needs_bytes"] == 4 << 20 and d["low"] is False  # 12 MiB free >= 2 x 4
-    _fill_more(fs, 6 << 20)
+    fill(fs, 6 << 20, name="ballast2")
     assert s.disk()["low"] is True
     s.close()
 
 
-def _fill_more(path, leave: int) -> None:
-    free, _ = disk_usage(str(path))
-    with open(path / "ballast2", "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, max(0, free - leave))
-
-
-def test_a_failed_reservation_on_ext4_gives_its_blocks_back(small_fs, monkeypatch):
+def test_a_failed_reservation_on_ext4_gives_its_blocks_back(small_fs, tmp_path, monkeypatch):
     """ext4 keeps whatever a failed fallocate allocated (all the free space, when it
     failed for want of it); the storage must hand it back, or the next write fails."""
-    fs = small_fs("ext4", 48)
+    fs = small_fs.mount(tmp_path / "fs", 48, "ext4")
     free0, _ = disk_usage(str(fs))
     # Past the free-space check, so the reservation is tried and fails.
     monkeypatch.setattr(DiskStorage, "RESERVE_FREE_FACTOR", 0)
