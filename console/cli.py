@@ -228,6 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
             "Note: a leader hands leadership on to a caught-up node of higher priority.")
     p.add_argument("node", metavar="NODE")
 
+    p = cmd("add-node", _cmd_add_node, "add an inventory node to the running cluster",
+            "Grow the running cluster by NODE, which must already be in the inventory (add "
+            "its entry first). With TLS, its certificate is issued if missing. The leader "
+            "adds it as a learner; its agent is started with `nodeagent run --join` (an empty "
+            "data directory then learns the membership from the leader instead of writing "
+            "the inventory's); once it has caught up, a node whose inventory role is voter "
+            "is made a voter (not with --learner). Local nodes only: a node with ssh: is "
+            "refused. Safe to run again: a step already done is skipped.")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("--learner", action="store_true",
+                   help="leave it a learner (replicated to, never voting) whatever its role")
+    p.add_argument("--wait-s", type=positive_float, default=60.0, metavar="S",
+                   help="how long to wait for it to catch up (default 60)")
+
+    p = cmd("remove-node", _cmd_remove_node, "remove a node from the running cluster",
+            "Ask the leader to remove NODE from the membership, wait until every remaining "
+            "member has applied it, then stop its agent (a local one, by its pid file). Its "
+            "data directory is kept; a removed node must not come back with the same name "
+            "and an empty disk (docs/OPERATIONS.md, Membership). Removing the leader hands "
+            "leadership on first. Take it out of the inventory afterwards.")
+    p.add_argument("node", metavar="NODE")
+
     p = cmd("chaos", _cmd_chaos, "a Jepsen-style run: workload, faults, linearizability check",
             "Start a fresh cluster of --nodes local agents (or, with --attach, use the "
             "inventory's running local agents), run concurrent clients (get/put/cas/delete on a "
@@ -762,6 +784,34 @@ async def _rotate_ca(args, inv, d) -> int:
     return EXIT_OK
 
 
+async def _not_members(inv, args, procs) -> set[str]:
+    """Local nodes of the inventory that `up` must not start: the cluster already runs
+    and they are not in its membership. A new one (no log yet) would write the
+    inventory's membership as its first entry, which the cluster's own entry 1 matches by
+    index and term (`add-node` starts it with --join instead); a removed one has no part
+    to play."""
+    from console.procs import is_local
+
+    running = [n.name for n in inv.nodes if is_local(n) and procs.process(n).alive]
+    if not running:
+        return set()
+    async with _client(inv, args, timeout=1.0) as client:
+        sts = await _statuses(client, running, per_agent=1.0)
+    members: set[str] = set()
+    for st in sts.values():
+        if isinstance(st, dict):
+            members |= set(st.get("voters") or ()) | set(st.get("learners") or ())
+    if not members:
+        return set()  # nobody answers: cannot tell
+    return {n.name for n in inv.nodes if is_local(n) and n.name not in members
+            and not procs.process(n).alive}
+
+
+def _has_log(data_dir) -> bool:
+    wal, snap = data_dir / "wal", data_dir / "snap"
+    return any(f.stat().st_size > 0 for d in (wal, snap) if d.is_dir() for f in d.iterdir())
+
+
 async def _cmd_up(args, inv) -> int:
     from console.procs import LocalProcesses, ProcError, is_local
 
@@ -774,6 +824,7 @@ async def _cmd_up(args, inv) -> int:
     procs = LocalProcesses(inv)
     rows: dict[str, dict] = {}
     started = {}
+    newcomers = await _not_members(inv, args, procs)
     for n in inv.nodes:
         row = {"name": n.name, "address": _addr(n.host, n.port), "action": None, "pid": None}
         rows[n.name] = row
@@ -784,6 +835,13 @@ async def _cmd_up(args, inv) -> int:
         p = procs.process(n)
         if p.alive:
             row.update(action="running", pid=p.pid, process=p.state)
+            continue
+        if n.name in newcomers:
+            row.update(action="skipped", note=(
+                f"removed from the running cluster: take it out of {inv.path.name}"
+                if _has_log(procs.data_dir(n)) else
+                f"not a member of the running cluster: `raftdeck add-node {n.name}` adds "
+                "and starts it"))
             continue
         try:
             r = procs.start(n)
@@ -842,14 +900,14 @@ async def _cmd_up(args, inv) -> int:
         lines = []
         for r in rows.values():
             what = {"started": "started", "running": "already running", "failed": "FAILED",
-                    "remote": "remote"}[r["action"]]
+                    "remote": "remote", "skipped": "NOT STARTED"}[r["action"]]
             extra = r.get("error") or r.get("note") or ""
             lines.append([r["name"], r["address"], what,
                           f"pid {r['pid']}" if r["pid"] else "", r.get("role") or "",
                           extra or (f"log {r['log']}" if r.get("log") else "")])
         for ln in _table(lines):
             print(ln)
-        if n_started == 0 and not failed:
+        if n_started == 0 and not failed and not any(r["action"] == "skipped" for r in rows.values()):
             print(f"nothing to start: all {n_local} local agents already run")
         if health.get("leader"):
             print(f"leader: {health['leader']} (term {health['term']})"
@@ -1393,6 +1451,138 @@ async def _cmd_transfer(args, inv) -> int:
         _print_json({"leader": node, "term": seen})
     else:
         print(f"{node} leads (term {seen})")
+    return EXIT_OK
+
+
+# == membership ==================================================================================
+
+
+async def _membership(client, inv) -> tuple[str, dict]:
+    """The leader and its status (voters, learners, commit)."""
+    leader = await client.find_leader()
+    if leader is None:
+        raise CliError("no leader: a membership change needs one (`raftdeck status`)")
+    return leader, await client.call(leader, "status")
+
+
+async def _cmd_add_node(args, inv) -> int:
+    from console.procs import LocalProcesses, ProcError, is_local
+
+    node = _node(inv, args.node)
+    if not is_local(node):
+        raise CliError(f"{node.name} has ssh: settings; add-node starts local nodes only (for "
+                       "now: on its host, send add_node and start it with `nodeagent run "
+                       "--join`)", EXIT_USAGE)
+    if inv.cluster.tls is not None and inv.cluster.tls.dir is not None:
+        _init(inv, inv.cluster.tls.dir)  # its node certificate, if new
+    want_voter = node.role == "voter" and not args.learner
+    done: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with _Cluster(inv, args) as client:
+        leader, st = await _membership(client, inv)
+        members = set(st.get("voters") or ()) | set(st.get("learners") or ())
+        if node.name not in members:
+            try:
+                await client.call(leader, "add_node", node=node.name, host=node.host,
+                                  port=node.port, priority=node.priority, learner=True)
+            except Exception as e:
+                raise CliError(f"the leader {leader} refused to add {node.name}: {e}") from None
+            done.append("added as a learner")
+        procs = LocalProcesses(inv)
+        if not procs.process(node).alive:
+            try:
+                procs.start(node, join=True)
+            except ProcError as e:
+                raise CliError(f"{node.name}: {e}") from None
+            done.append("started (--join)")
+        # Caught up: it has applied what the leader had committed when we looked.
+        target = (await client.call(leader, "status"))["commit"]
+        deadline = loop.time() + args.wait_s
+        applied = None
+        while loop.time() < deadline:
+            s = (await _statuses(client, [node.name], per_agent=1.0))[node.name]
+            applied = s.get("applied") if isinstance(s, dict) else None
+            if applied is not None and applied >= target:
+                break
+            if not procs.process(node).alive:
+                said = procs.last_words(node)
+                raise CliError(f"{node.name}'s agent exited" + (f": {said}" if said else ""))
+            await asyncio.sleep(0.1)
+        else:
+            raise CliError(f"{node.name} did not catch up within {args.wait_s:g}s "
+                           f"(applied {applied}, the leader's commit was {target})")
+        leader, st = await _membership(client, inv)
+        if want_voter and node.name not in (st.get("voters") or ()):
+            while True:  # refused while it lags (learner_promotion_lag): try again
+                try:
+                    await client.call(leader, "add_node", node=node.name, host=node.host,
+                                      port=node.port, priority=node.priority, learner=False)
+                    break
+                except Exception as e:
+                    if loop.time() > deadline:
+                        raise CliError(f"the leader {leader} refused to make {node.name} a "
+                                       f"voter: {e}") from None
+                    await asyncio.sleep(0.2)
+                    leader, _ = await _membership(client, inv)
+            done.append("made a voter")
+        leader, st = await _membership(client, inv)
+    role = "voter" if node.name in (st.get("voters") or ()) else "learner"
+    if args.json:
+        _print_json({"node": node.name, "role": role, "done": done, "leader": leader,
+                     "voters": st.get("voters"), "learners": st.get("learners")})
+    else:
+        print(f"{node.name}: {', '.join(done) or 'already a member and running'}; now a {role} "
+              f"(voters: {', '.join(st.get('voters') or ())}"
+              + (f"; learners: {', '.join(st['learners'])}" if st.get("learners") else "") + ")")
+    return EXIT_OK
+
+
+async def _cmd_remove_node(args, inv) -> int:
+    from console.procs import LocalProcesses, NotRunning, is_local
+
+    node = _node(inv, args.node)
+    loop = asyncio.get_running_loop()
+    async with _Cluster(inv, args) as client:
+        leader, st = await _membership(client, inv)
+        members = set(st.get("voters") or ()) | set(st.get("learners") or ())
+        if node.name not in members:
+            raise CliError(f"{node.name} is not a member of the running cluster "
+                           f"(voters: {', '.join(st.get('voters') or ())})")
+        if leader == node.name:
+            others = [n for n in (st.get("voters") or ()) if n != node.name]
+            if not others:
+                raise CliError(f"{node.name} is the only voter: the cluster cannot remove it")
+            await client.transfer(others[0])
+            deadline = loop.time() + 10.0
+            while leader == node.name and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+                leader = await client.find_leader() or node.name
+            if leader == node.name:
+                raise CliError(f"{node.name} leads and did not hand leadership on within 10s")
+        try:
+            index = (await client.call(leader, "remove_node", node=node.name))["index"]
+        except Exception as e:
+            raise CliError(f"the leader {leader} refused to remove {node.name}: {e}") from None
+        rest = [n for n in members if n != node.name]
+        deadline = loop.time() + 30.0
+        while loop.time() < deadline:
+            sts = await _statuses(client, rest, per_agent=1.0)
+            if all(isinstance(s, dict) and s.get("applied", 0) >= index for s in sts.values()):
+                break
+            await asyncio.sleep(0.1)
+    stopped = False
+    if is_local(node):
+        try:
+            LocalProcesses(inv).kill(node.name)
+            stopped = True
+        except NotRunning:
+            pass
+    if args.json:
+        _print_json({"node": node.name, "removed_at": index, "stopped": stopped})
+    else:
+        print(f"{node.name} removed (entry {index})"
+              + ("; its agent stopped" if stopped else "")
+              + f"; take it out of {inv.path.name}")
     return EXIT_OK
 
 

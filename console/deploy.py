@@ -1388,9 +1388,34 @@ def _finish(args, inv, action: str, res: dict[str, HostResult], extra: dict | No
     return EXIT_OK
 
 
+async def _outsiders(inv: Inventory, client_ssl) -> list[str]:
+    """Remote nodes of the inventory the running cluster does not have as members (none
+    when no agent answers: a first deploy). Started by deploy, such a node would write the
+    inventory's membership as its first entry, which the cluster's own entry 1 matches by
+    index and term (docs/OPERATIONS.md, Membership)."""
+    from console.client import ClusterClient
+
+    async with ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
+                             timeout=2.0, op_timeout=3.0, ssl=client_ssl) as client:
+        sts = await client.statuses()
+    members: set[str] = set()
+    for st in sts.values():
+        if isinstance(st, dict):
+            members |= set(st.get("voters") or ()) | set(st.get("learners") or ())
+    if not members:
+        return []
+    return [n.name for n in remote_nodes(inv) if n.name not in members]
+
+
 async def cmd_deploy(args, inv: Inventory) -> int:
     from console.cli import CliError
 
+    outsiders = await _outsiders(inv, _client_ssl(inv, args))
+    if outsiders:
+        raise CliError(f"{', '.join(outsiders)}: not a member of the running cluster; deploy "
+                       "would start it with the inventory's membership as its first log entry. "
+                       "Add it first (an add_node request to the leader), then start it with "
+                       "`nodeagent run --join`; or take it out of the inventory")
     res, d = await _run_action(args, inv, "deploy")
     extra: dict[str, Any] = {}
     if all(r.ok for r in res.values()):

@@ -364,13 +364,15 @@ class LocalProcesses:
 
     # -- start --
 
-    def command(self, node: NodeConfig) -> list[str]:
+    def command(self, node: NodeConfig, *, join: bool = False) -> list[str]:
         return [self.python, "-m", "nodeagent.cli", "run", "--inventory", str(self.inv.path),
-                "--name", node.name, "--log-file", str(self.log_file(node))]
+                "--name", node.name, "--log-file", str(self.log_file(node))] + \
+            (["--join"] if join else [])
 
-    def start(self, node: NodeConfig) -> StartResult:
+    def start(self, node: NodeConfig, *, join: bool = False) -> StartResult:
         """Start the node's agent detached (own session; no pipes to this process) and
-        write its pid file. Raises ``ProcError`` if it runs already or its port is taken."""
+        write its pid file. Raises ``ProcError`` if it runs already or its port is taken.
+        ``join``: a node added to a running cluster (``nodeagent run --join``)."""
         node = self.local_node(node.name)
         proc = self.process(node)
         if proc.alive:
@@ -385,7 +387,7 @@ class LocalProcesses:
         err_path = self.stderr_file(node)
         for d in {data_dir.parent, log.parent, err_path.parent}:
             d.mkdir(parents=True, exist_ok=True)
-        argv = self.command(node)
+        argv = self.command(node, join=join)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

@@ -65,8 +65,13 @@ class ListenError(Exception):
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *, rng: random.Random | None = None,
-                 metrics=None):
+                 metrics=None, join: bool = False):
+        """``join``: this node was added to a running cluster; with an empty data
+        directory it does not bootstrap the inventory's membership as entry 1 (that entry
+        would match the cluster's own entry 1 by index and term, and the node would keep
+        a membership the others never had), but learns it from the leader's log."""
         self.cfg = cfg
+        self.join = join
         self.node_id = cfg.node.name
         self.cluster_name = cfg.cluster.name
         self.max_frame = cfg.cluster.max_frame_bytes
@@ -120,7 +125,10 @@ class Agent:
             election_tick=max(2, cfg.cluster.election_timeout_ms // hb),
             heartbeat_tick=1,
         )
-        node = RaftNode(raft_cfg, persisted, rng=self.rng, bootstrap=initial_conf(cfg))
+        node = RaftNode(raft_cfg, persisted, rng=self.rng,
+                        bootstrap=None if self.join else initial_conf(cfg))
+        if self.join and persisted.is_empty():
+            log.info("joining: waiting for the leader's log", extra={"peers": sorted(self.addresses)})
         self.storage.forget_recovered()  # the core has the entries now
         self.server_ssl, self.client_ssl, self.tls_cert = self._tls_contexts()
         self._adopt_contexts()

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="this node's name in the inventory")
     p.add_argument("--log-file", metavar="PATH", help="append JSON logs here instead of stderr")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--join", action="store_true",
+                   help="this node joins a running cluster (after `raftdeck add-node`, or an "
+                        "add_node request): with an empty data directory, learn the membership "
+                        "from the leader instead of writing the inventory's as the log's first "
+                        "entry. Ignored once the data directory holds a log")
     p.set_defaults(func=_cmd_run)
 
     return parser
@@ -176,7 +181,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("nodeagent")
     share_one_malloc_arena()  # before trio's worker threads exist (see nodeagent/libc.py)
-    agent = Agent(cfg)
+    agent = Agent(cfg, join=args.join)
     try:
         agent.recover()
     except StorageCorruption as e:
