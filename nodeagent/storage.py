@@ -56,6 +56,7 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import msgpack
 
@@ -606,7 +607,7 @@ class DiskStorage:
                 if records:
                     self._append(records)
             except BaseException as exc:
-                raise self._fail(exc) from exc
+                self._fail(exc)
             if hard_state is not None:
                 self._pending_hs = None if hard_state == self._durable_hs else hard_state
 
@@ -642,7 +643,7 @@ class DiskStorage:
                 if write_hs:
                     self._write_hardstate(hs)
             except BaseException as exc:
-                raise self._fail(exc) from exc
+                self._fail(exc)
             self._syncs += 1
             if self._fsync_enabled:
                 self._group_fsyncs += 1
@@ -663,7 +664,7 @@ class DiskStorage:
             try:
                 self._write_snapshot_file(snapshot)
             except BaseException as exc:
-                raise self._fail(exc) from exc
+                self._fail(exc)
             self.finish_compact(snapshot)
 
     def write_snapshot_file(self, snapshot: Snapshot) -> bool:
@@ -743,7 +744,7 @@ class DiskStorage:
                 if delete:
                     self._delete_purged_locked()
             except BaseException as exc:
-                raise self._fail(exc) from exc
+                self._fail(exc)
             return True
 
     def delete_purged(self) -> int:
@@ -905,10 +906,10 @@ class DiskStorage:
         if self._failed is not None:
             raise self._failed
 
-    def _fail(self, exc: BaseException) -> BaseException:
-        """Record the first failure and return what to raise for ``exc``: an OS error
-        becomes ``StorageFailed`` (and so does every later call); anything else (a bug)
-        is raised as it is, but the storage is still refused from then on."""
+    def _fail(self, exc: BaseException) -> NoReturn:
+        """Record the first failure and raise for ``exc`` (from inside its ``except``): an
+        OS error as ``StorageFailed``, as every later call will; anything else (a bug) as
+        it is, though the storage is refused from then on too."""
         # After a failed write or fsync the page cache state is unknown (a retried fsync can
         # report success for data that was dropped): refuse further use; restart recovers.
         failed = StorageFailed(self._dir, exc)
@@ -916,7 +917,9 @@ class DiskStorage:
             self._failed = failed
             log.error("storage failed; refusing further writes", extra={
                 "data_dir": self._dir, "errno": failed.errno, "error": str(failed)})
-        return failed if isinstance(exc, OSError) else exc
+        if isinstance(exc, OSError):
+            raise failed from exc
+        raise exc
 
     def _close_fds(self) -> None:
         if self._fd is not None:
