@@ -1,7 +1,8 @@
 """Growing and shrinking a running cluster from the command line: `raftdeck add-node` and
 `raftdeck remove-node` against real agents started by `raftdeck up` (mutual TLS).
 
-The node that joins must learn the membership from the leader's log. If it wrote its
+The node that joins must learn the membership from the leader's log (n4 below), or
+from an installed snapshot once the leader's log is compacted (n5). If it wrote its
 inventory's membership as entry 1 (what a node of the initial cluster does), that entry
 would match the cluster's own entry 1 by index and term, and it would keep a membership
 nobody else has: as a learner it would count itself a voter, and its digest would differ
@@ -24,16 +25,28 @@ from console.local import free_ports
 pytestmark = pytest.mark.integration
 
 
-def statuses(inv_path) -> dict[str, dict]:
+def client(inv_path) -> ClusterClient:
     inv = load_inventory(str(inv_path))
+    return ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
+                         timeout=3.0, ssl=tls_context(inv.cluster.tls))
 
+
+def statuses(inv_path) -> dict[str, dict]:
     async def main():
-        async with ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
-                                 timeout=3.0, ssl=tls_context(inv.cluster.tls)) as c:
+        async with client(inv_path) as c:
             got = await c.statuses()
         return {n: s for n, s in got.items() if isinstance(s, dict)}
 
     return asyncio.run(main())
+
+
+def put_many(inv_path, n: int) -> None:
+    async def main():
+        async with client(inv_path) as c:
+            for i in range(n):
+                await c.put(f"k{i}", b"v")
+
+    asyncio.run(main())
 
 
 def agree(inv_path, names: list[str]):
@@ -50,18 +63,24 @@ def agree(inv_path, names: list[str]):
 def test_add_a_learner_then_a_voter_then_remove_nodes(tmp_path):
     folder = tmp_path / "grow"
     inv = write_inventory(folder)
+    # Snapshots every 20 entries, so that once the log has grown past the 1,000 entries a
+    # leader keeps behind its snapshot, a node that joins learns the membership from an
+    # installed snapshot (n5) rather than from entry 1 of the log (n4).
+    inv.write_text(inv.read_text().replace("cluster:\n", "cluster:\n  snapshot_interval: 20\n"
+                                           "  snapshot_log_percent: 0\n", 1))
     pids: set[int] = set()
     try:
         p = sub(inv, "up", "--json")
         assert p.returncode == 0, p.stderr
         pids |= {r["pid"] for r in json.loads(p.stdout)["nodes"] if r["pid"]}
-        for i in range(30):
-            assert run(inv, "put", f"k{i}", "v")[0] == 0
-        (p4,) = free_ports(1)
+        put_many(inv, 30)
+        p4, p5 = free_ports(2)
         with open(inv, "a") as f:
-            f.write(f"  - {{name: n4, host: 127.0.0.1, port: {p4}, capacity: 2, data_dir: data/n4}}\n")
+            for name, port in (("n4", p4), ("n5", p5)):
+                f.write(f"  - {{name: {name}, host: 127.0.0.1, port: {port}, capacity: 2, "
+                        f"data_dir: data/{name}}}\n")
 
-        # `up` does not start it: the cluster runs and it is not a member yet.
+        # `up` does not start them: the cluster runs and they are not members yet.
         rc, out, err = run_json(inv, "up")
         assert rc == 0, err
         row = next(r for r in out["nodes"] if r["name"] == "n4")
@@ -75,13 +94,21 @@ def test_add_a_learner_then_a_voter_then_remove_nodes(tmp_path):
         st = wait_for(lambda: agree(inv, ["n1", "n2", "n3", "n4"]), 30, "n4 to agree")
         assert st["n4"]["voters"] == ["n1", "n2", "n3"] and st["n4"]["learners"] == ["n4"]
         assert st["n4"]["keys"] == st["n1"]["keys"] >= 30
+        assert st["n4"]["snapshots"]["installed"] == 0  # it read the log from entry 1
+
+        # A learner that joins from a snapshot.
+        put_many(inv, 1200)
+        rc, out, err = run_json(inv, "add-node", "n5", "--learner")
+        assert rc == 0, err
+        st = wait_for(lambda: agree(inv, ["n1", "n2", "n3", "n4", "n5"]), 30, "n5 to agree")
+        assert st["n5"]["learners"] == ["n4", "n5"] and st["n5"]["snapshots"]["installed"] >= 1
 
         # Again, without --learner: it is made a voter; nothing else is redone.
         rc, out, err = run_json(inv, "add-node", "n4")
         assert rc == 0, err
         assert out["role"] == "voter" and out["done"] == ["made a voter"], out
-        st = wait_for(lambda: agree(inv, ["n1", "n2", "n3", "n4"]), 30, "a voter n4")
-        assert st["n4"]["voters"] == ["n1", "n2", "n3", "n4"]
+        st = wait_for(lambda: agree(inv, ["n1", "n2", "n3", "n4", "n5"]), 30, "a voter n4")
+        assert st["n4"]["voters"] == ["n1", "n2", "n3", "n4"] and st["n4"]["learners"] == ["n5"]
         assert run(inv, "put", "after-add", "v")[0] == 0
 
         # Remove the leader: it hands leadership on, then leaves; its agent is stopped.
@@ -89,9 +116,10 @@ def test_add_a_learner_then_a_voter_then_remove_nodes(tmp_path):
         rc, out, err = run_json(inv, "remove-node", leader)
         assert rc == 0, err
         assert out["stopped"] is True
-        rest = [n for n in ("n1", "n2", "n3", "n4") if n != leader]
+        rest = [n for n in ("n1", "n2", "n3", "n4", "n5") if n != leader]
         st = wait_for(lambda: agree(inv, rest), 30, "the rest to agree")
         assert leader not in st[rest[0]]["voters"] and len(st[rest[0]]["voters"]) == 3
+        assert st[rest[0]]["learners"] == ["n5"]
         assert run(inv, "put", "after-remove", "v")[0] == 0
         assert run(inv, "get", "k3")[1].strip() == "v"
 
