@@ -989,6 +989,8 @@ async def _cmd_status(args, inv) -> int:
             load = s.get("load") or {}
             applied = s.get("applied", 0)
             base = leader_commit if leader_commit is not None else s.get("commit", 0)
+            voters = s.get("voters")
+            row.update(voter=n.name in voters if isinstance(voters, list) and voters else None)
             row.update(role=s.get("role"), term=s.get("term"), leader=s.get("leader"),
                        commit=s.get("commit"), applied=applied, lag=max(0, base - applied),
                        digest=s.get("digest"),
@@ -1015,7 +1017,8 @@ async def _cmd_status(args, inv) -> int:
             if r["reachable"]:
                 ld = r["load"]
                 state = "ok" if r["process"] != "paused" else "ok (paused?)"
-                out.append([r["name"], r["address"], r["role"], r["term"], r["leader"] or "-",
+                role = "learner" if r["role"] == "follower" and r.get("voter") is False else r["role"]
+                out.append([r["name"], r["address"], role, r["term"], r["leader"] or "-",
                             r["commit"], r["applied"], r["lag"], (r["digest"] or "")[:8] or "-",
                             f"{_dash(ld['running'])}/{_dash(ld['queued'])}/{_dash(ld['capacity'])}",
                             r["faults"], state])

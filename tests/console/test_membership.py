@@ -95,6 +95,10 @@ def test_add_a_learner_then_a_voter_then_remove_nodes(tmp_path):
         assert st["n4"]["voters"] == ["n1", "n2", "n3"] and st["n4"]["learners"] == ["n4"]
         assert st["n4"]["keys"] == st["n1"]["keys"] >= 30
         assert st["n4"]["snapshots"]["installed"] == 0  # it read the log from entry 1
+        text = run(inv, "status")[1]
+        line = next(ln for ln in text.splitlines() if ln.startswith("n4 "))
+        assert line.split()[2] == "learner", text
+        assert run_json(inv, "status")[1]["nodes"][3]["voter"] is False
 
         # A learner that joins from a snapshot.
         put_many(inv, 1200)
