@@ -52,7 +52,9 @@ NEMESES = ("kill", "pause", "partition", "latency")
 # (`raftdeck init --rotate-ca`) and sends every agent SIGHUP; a started TLS cluster only.
 # "disk" fills a node's disk until the agent stops itself, then frees it and starts the
 # agent again; a started cluster, as root (each agent's data directory is a small tmpfs).
-KINDS = NEMESES + ("ca", "disk")
+# "member" removes a follower from the membership and stops it, then adds it back (a
+# learner, started with its data directory as it was, then a voter).
+KINDS = NEMESES + ("ca", "disk", "member")
 PLANTED = ("stale-reads",)
 CA_NEMESIS_NEEDS = ("the ca nemesis replaces the CA of a cluster the run starts with TLS; "
                     "drop --no-tls and --attach, or the ca kind")
@@ -108,6 +110,7 @@ class _Target:
     names: list[str]
 
     def client(self, **kw) -> ClusterClient: ...
+    def address(self, name: str) -> tuple[str, int]: ...
     def rotate_ca(self, down: set[str]) -> str: ...
     def kill(self, name: str) -> None: ...
     def start(self, name: str) -> None: ...
@@ -181,6 +184,9 @@ class _Owned(_Target):
     def client(self, **kw):
         return self.lc.client(**kw)
 
+    def address(self, name):
+        return "127.0.0.1", self.lc.ports[name]
+
     def rotate_ca(self, down: set[str]) -> str:
         """The next step of replacing the CA, then SIGHUP to every agent not in ``down``
         (a killed one reads the files when it starts; a paused one handles the signal when
@@ -245,6 +251,10 @@ class _Attached(_Target):
         return ClusterClient({n.name: (n.host, n.port) for n in self.inv.nodes},
                              self.inv.cluster.name, **kw)
 
+    def address(self, name):
+        n = self.procs.node(name)
+        return n.host, n.port
+
     def kill(self, name):
         self.procs.kill(name)
 
@@ -280,6 +290,7 @@ class _Run:
     killed: set[str] = field(default_factory=set)
     paused: set[str] = field(default_factory=set)
     disk_stops: list[dict] = field(default_factory=list)  # agents the disk nemesis stopped
+    member_changes: list[dict] = field(default_factory=list)  # the member nemesis' round trips
     notes: dict[str, Any] = field(default_factory=dict)  # what a script wants in the report
 
     def record(self, client: int, call: int, op: str, key: str, status: str, *,
@@ -521,6 +532,8 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             run.fault_event("end", "partition", shape=shape)
         elif kind == "disk":
             await _fill_disk(run, target, leader, rest)
+        elif kind == "member":
+            await _member_out_and_in(run, admin, rng, rest)
         elif kind == "ca":
             step = run.target.rotate_ca(run.killed)
             run.fault_event("start", "ca", step=step)
@@ -560,6 +573,61 @@ async def _fill_disk(run: _Run, target: str, leader: str | None, rest) -> None:
     run.killed.discard(target)
     run.fault_event("end", "disk", node=target, action="freed and restarted", stopped=True,
                     exit_code=how["exit_code"])
+
+
+async def _member_out_and_in(run: _Run, admin: ClusterClient, rng: random.Random, rest) -> None:
+    """Remove a follower (a voter) from the membership and stop its agent; after the
+    fault's time add it back as a learner, start it with its data directory as it was, and
+    make it a voter again once the leader takes it (refused while it lags). Each request
+    goes to whoever leads at the time, and is tried again until the deadline."""
+    cfg = run.cfg
+    loop = asyncio.get_running_loop()
+    leader = await _leader(run, admin)
+    if leader is None:
+        return
+    try:
+        st = await admin.call(leader, "status")
+    except Exception:
+        return
+    voters = [n for n in st.get("voters") or () if n != leader and n not in run.killed]
+    if not voters:
+        return
+    victim = rng.choice(sorted(voters))
+    try:  # its leader priority, to add it back with (a node's own status says it)
+        priority = int((await admin.call(victim, "status")).get("priority", 1))
+    except Exception:
+        priority = 1
+    host, port = run.target.address(victim)
+    deadline = loop.time() + max(30.0, cfg.fault_s[1] * 10)
+
+    async def leader_call(type_: str, **fields) -> bool:
+        while loop.time() < deadline:
+            ld = await _leader(run, admin)
+            if ld is not None:
+                try:
+                    await admin.call(ld, type_, **fields)
+                    return True
+                except Exception:
+                    pass
+            await asyncio.sleep(0.2)
+        return False
+
+    run.fault_event("start", "member", node=victim)
+    if not await leader_call("remove_node", node=victim):
+        run.fault_event("end", "member", node=victim, action="removal refused")
+        return
+    await loop.run_in_executor(None, run.target.kill, victim)
+    run.killed.add(victim)
+    await rest(cfg.fault_s)
+    added = await leader_call("add_node", node=victim, host=host, port=port,
+                              priority=priority, learner=True)
+    run.target.start(victim)  # its data directory holds its log: nothing to bootstrap
+    run.killed.discard(victim)
+    voter = added and await leader_call("add_node", node=victim, host=host, port=port,
+                                        priority=priority, learner=False)
+    run.member_changes.append({"node": victim, "t": run.t(), "readded": added, "voter": voter})
+    run.fault_event("end", "member", node=victim,
+                    action="back as a voter" if voter else "NOT BACK as a voter")
 
 
 async def _heal_everything(run: _Run, admin: ClusterClient) -> None:
@@ -725,6 +793,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     report["latency"] = latency_stats(ops)
     report["final_reads"] = {"ok": not unread, "unread": unread}
     report["disk_stops"] = run.disk_stops
+    report["member_changes"] = run.member_changes
     result = lin.check(ops, seconds=cfg.checker_seconds)
     report["linearizability"] = result.to_json()
     if result.verdict == lin.NON_LINEARIZABLE:
@@ -745,6 +814,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     }
     if "disk" in cfg.nemesis:  # every agent the full disk stopped said so, and nothing else
         checks["disk_stops"] = all(d["clean"] for d in run.disk_stops)
+    if "member" in cfg.nemesis:  # every node taken out came back as a voter
+        checks["members_back"] = all(m["voter"] for m in run.member_changes)
     report["checks"] = checks
     report["ok"] = all(checks.values())
     report["verdict"] = ("pass" if report["ok"] else
@@ -810,12 +881,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=seconds, default=60.0, metavar="S",
                    help="seconds of workload and faults (default 60)")
     p.add_argument("--nemesis", type=nemesis_list, default=NEMESES, metavar="KINDS",
-                   help="comma list of kill,pause,partition,latency,ca,disk, or none "
+                   help="comma list of kill,pause,partition,latency,ca,disk,member, or none "
                         "(default: all but ca, which replaces the CA step by step, as "
                         "`raftdeck init --rotate-ca` does, and needs TLS and a cluster the run "
-                        "starts; and disk, which fills a node's disk until its agent stops, "
+                        "starts; disk, which fills a node's disk until its agent stops, "
                         "then frees it and starts it again, and needs root and a cluster the "
-                        "run starts)")
+                        "run starts; and member, which removes a follower from the membership "
+                        "and stops it, then adds it back, a learner and then a voter)")
     p.add_argument("--seed", type=int, default=None,
                    help="seeds the workload and the fault schedule (default: random, printed)")
     p.add_argument("--clients", type=count(1, 64), default=6, help="concurrent clients (default 6)")

@@ -100,6 +100,20 @@ def test_a_short_run_with_the_disk_nemesis_stops_agents_cleanly_and_passes(tmp_p
 
 
 @pytest.mark.integration
+def test_a_short_run_with_the_member_nemesis_takes_nodes_out_and_back(tmp_path, capsys):
+    """The opt-in `member` kind between leader kills: a follower is removed and stopped,
+    then added back (a learner started with its log, then a voter); the history checks,
+    the replicas converge, and every node taken out is a voter again."""
+    rc = main(["chaos", "--nodes", "3", "--duration", "8", "--nemesis", "member,kill",
+               "--seed", "8", "--clients", "3", "--out", str(tmp_path / "o"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, (report["checks"], report["member_changes"])
+    changes = report["member_changes"]
+    assert changes and all(m["readded"] and m["voter"] for m in changes), changes
+    assert report["checks"]["members_back"] is True
+
+
+@pytest.mark.integration
 def test_attach_runs_against_the_running_agents_of_a_tls_inventory(tmp_path):
     """`--attach` on an inventory with `tls: on` (the default): its clients present the
     admin certificate of the init directory (they once spoke plain TCP to TLS agents, and
