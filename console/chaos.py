@@ -844,6 +844,11 @@ def summary(report: dict[str, Any]) -> str:
         f"{report['liveness']['seconds']:.1f}s after heal (bound {report['liveness']['bound_s']:g}s)",
         f"convergence: {'ok' if report['convergence']['ok'] else report['convergence']}",
     ]
+    if "members_back" in report["checks"]:
+        changes = report["member_changes"]
+        lines.append(f"member: {len(changes)} nodes taken out of the membership and back, "
+                     + ("each a voter again" if report["checks"]["members_back"] else
+                        "NOT ALL BACK: " + json.dumps([m for m in changes if not m["voter"]])))
     if "disk_stops" in report["checks"]:
         stops = report["disk_stops"]
         bad = [d for d in stops if not d["clean"]]
