@@ -784,6 +784,20 @@ async def _rotate_ca(args, inv, d) -> int:
     return EXIT_OK
 
 
+def _members_of(statuses) -> set[str]:
+    """Voters and learners, as the given statuses (anything else: no answer) report them."""
+    out: set[str] = set()
+    for st in statuses:
+        if isinstance(st, dict):
+            out |= set(st.get("voters") or ()) | set(st.get("learners") or ())
+    return out
+
+
+async def _running_members(client, names) -> set[str]:
+    """The membership the answering agents among ``names`` report (empty: none answers)."""
+    return _members_of((await _statuses(client, names, per_agent=1.0)).values())
+
+
 async def _not_members(inv, args, procs) -> set[str]:
     """Local nodes of the inventory that `up` must not start: the cluster already runs
     and they are not in its membership. A new one (no log yet) would write the
@@ -796,11 +810,7 @@ async def _not_members(inv, args, procs) -> set[str]:
     if not running:
         return set()
     async with _client(inv, args, timeout=1.0) as client:
-        sts = await _statuses(client, running, per_agent=1.0)
-    members: set[str] = set()
-    for st in sts.values():
-        if isinstance(st, dict):
-            members |= set(st.get("voters") or ()) | set(st.get("learners") or ())
+        members = await _running_members(client, running)
     if not members:
         return set()  # nobody answers: cannot tell
     return {n.name for n in inv.nodes if is_local(n) and n.name not in members
@@ -1483,7 +1493,7 @@ async def _cmd_add_node(args, inv) -> int:
     loop = asyncio.get_running_loop()
     async with _Cluster(inv, args) as client:
         leader, st = await _membership(client, inv)
-        members = set(st.get("voters") or ()) | set(st.get("learners") or ())
+        members = _members_of([st])
         if node.name not in members:
             try:
                 await client.call(leader, "add_node", node=node.name, host=node.host,
@@ -1547,7 +1557,7 @@ async def _cmd_remove_node(args, inv) -> int:
     loop = asyncio.get_running_loop()
     async with _Cluster(inv, args) as client:
         leader, st = await _membership(client, inv)
-        members = set(st.get("voters") or ()) | set(st.get("learners") or ())
+        members = _members_of([st])
         if node.name not in members:
             raise CliError(f"{node.name} is not a member of the running cluster "
                            f"(voters: {', '.join(st.get('voters') or ())})")

@@ -1393,15 +1393,12 @@ async def _outsiders(inv: Inventory, client_ssl) -> list[str]:
     when no agent answers: a first deploy). Started by deploy, such a node would write the
     inventory's membership as its first entry, which the cluster's own entry 1 matches by
     index and term (docs/OPERATIONS.md, Membership)."""
+    from console.cli import _running_members
     from console.client import ClusterClient
 
     async with ClusterClient({n.name: (n.host, n.port) for n in inv.nodes}, inv.cluster.name,
                              timeout=2.0, op_timeout=3.0, ssl=client_ssl) as client:
-        sts = await client.statuses()
-    members: set[str] = set()
-    for st in sts.values():
-        if isinstance(st, dict):
-            members |= set(st.get("voters") or ()) | set(st.get("learners") or ())
+        members = await _running_members(client, inv.names)
     if not members:
         return []
     return [n.name for n in remote_nodes(inv) if n.name not in members]
