@@ -69,7 +69,9 @@ class Agent:
         """``join``: this node was added to a running cluster; with an empty data
         directory it does not bootstrap the inventory's membership as entry 1 (that entry
         would match the cluster's own entry 1 by index and term, and the node would keep
-        a membership the others never had), but learns it from the leader's log."""
+        a membership the others never had), but learns it from the leader's log. It is
+        remembered in the data directory (DiskStorage.set_joining) until the log begins,
+        so a restart without the flag in between does not bootstrap either."""
         self.cfg = cfg
         self.join = join
         self.node_id = cfg.node.name
@@ -125,6 +127,13 @@ class Agent:
             election_tick=max(2, cfg.cluster.election_timeout_ms // hb),
             heartbeat_tick=1,
         )
+        if persisted.is_empty():
+            if self.join:
+                self.storage.set_joining(True)
+            elif self.storage.joining():
+                self.join = True  # started with --join before, and nothing has come yet
+        elif self.storage.joining():
+            self.storage.set_joining(False)  # the log has begun: the marker has done its job
         node = RaftNode(raft_cfg, persisted, rng=self.rng,
                         bootstrap=None if self.join else initial_conf(cfg))
         if self.join and persisted.is_empty():

@@ -897,6 +897,34 @@ class DiskStorage:
 
     # -- internals: state ---------------------------------------------------------------
 
+    # -- joining ---------------------------------------------------------------------------
+
+    # A node added to a running cluster (``nodeagent run --join``) must not bootstrap the
+    # inventory's membership as entry 1 (agent.py). The flag lives on its command line only
+    # until the leader's first entries land; a restart in that window without the flag (the
+    # console's restart key, `raftdeck restart`, a host's reboot script) would bootstrap.
+    # This file keeps the fact in the directory itself until the log holds something.
+    JOIN_MARKER = "joining"
+
+    def joining(self) -> bool:
+        """Whether this directory was started with ``--join`` and still has no log."""
+        return os.path.exists(os.path.join(self._dir, self.JOIN_MARKER))
+
+    def set_joining(self, on: bool) -> None:
+        """Write (durably) or remove the joining marker."""
+        path = os.path.join(self._dir, self.JOIN_MARKER)
+        with self._lock:
+            self._check_usable()
+            try:
+                if on:
+                    self._write_atomic(path, b"started with --join: the membership comes from "
+                                             b"the leader, not the inventory\n")
+                elif os.path.exists(path):
+                    os.unlink(path)
+                    self._fsync_dir(self._dir)
+            except BaseException as exc:
+                self._fail(exc)
+
     def _last_index(self) -> int:
         return self._base_index + len(self._terms)
 

@@ -163,3 +163,35 @@ def test_deploy_refuses_a_remote_node_the_running_cluster_does_not_have(make_clu
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "\n" not in err, err
     assert "r4: not a member of the running cluster" in err and "--join" in err, err
+
+
+def test_a_joining_node_restarted_without_join_still_does_not_bootstrap(tmp_path):
+    """`--join` is on the command line of the node's first start only; a restart before
+    the leader's first entries arrive (the console's restart key, `raftdeck restart`)
+    runs without it. The data directory remembers it: the node still writes no
+    membership of its own. Here no other agent runs, so nothing ever arrives."""
+    from console.procs import LocalProcesses
+
+    inv_path = write_inventory(tmp_path / "join")
+    inv = load_inventory(str(inv_path))
+    procs = LocalProcesses(inv)
+    node = inv.node("n3")
+    pids: set[int] = set()
+
+    def n3_status():
+        return statuses(inv_path).get("n3")
+
+    try:
+        pids.add(procs.start(node, join=True).pid)
+        st = wait_for(n3_status, 30, "n3 answering")
+        marker = procs.data_dir(node) / "joining"
+        assert marker.exists() and st["last_index"] == 0 and st["voters"] == []
+        procs.kill("n3")
+        pids.add(procs.start(node).pid)  # no --join
+        st = wait_for(n3_status, 30, "n3 answering again")
+        assert st["last_index"] == 0 and st["voters"] == [], st
+        assert marker.exists()
+    finally:
+        with contextlib.suppress(Exception):
+            procs.kill("n3")
+        kill_leftovers(tmp_path / "join", pids)
