@@ -234,21 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
             "adds it as a learner; its agent is started with `nodeagent run --join` (an empty "
             "data directory then learns the membership from the leader instead of writing "
             "the inventory's); once it has caught up, a node whose inventory role is voter "
-            "is made a voter (not with --learner). Local nodes only: a node with ssh: is "
-            "refused. Safe to run again: a step already done is skipped.")
+            "is made a voter (not with --learner). A node with ssh: is deployed to its host "
+            "as `raftdeck deploy` would (the SSH and wheel options below), its agent started "
+            "with --join. Safe to run again: a step already done is skipped.")
     p.add_argument("node", metavar="NODE")
     p.add_argument("--learner", action="store_true",
                    help="leave it a learner (replicated to, never voting) whatever its role")
     p.add_argument("--wait-s", type=positive_float, default=60.0, metavar="S",
                    help="how long to wait for it to catch up (default 60)")
+    _ssh_options(p)
+    _wheel_options(p)
 
     p = cmd("remove-node", _cmd_remove_node, "remove a node from the running cluster",
             "Ask the leader to remove NODE from the membership, wait until every remaining "
-            "member has applied it, then stop its agent (a local one, by its pid file). Its "
+            "member has applied it, then stop its agent (a local one by its pid file; one "
+            "with ssh: over SSH, SIGTERM then SIGKILL). Its "
             "data directory is kept; a removed node must not come back with the same name "
             "and an empty disk (docs/OPERATIONS.md, Membership). Removing the leader hands "
             "leadership on first. Take it out of the inventory afterwards.")
     p.add_argument("node", metavar="NODE")
+    _ssh_options(p)
 
     p = cmd("chaos", _cmd_chaos, "a Jepsen-style run: workload, faults, linearizability check",
             "Start a fresh cluster of --nodes local agents (or, with --attach, use the "
@@ -276,23 +281,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ssh_options(p) -> None:
+    """How to reach hosts over SSH (deploy and its kin; add-node and remove-node)."""
+    p.add_argument("--known-hosts", metavar="PATH", help="known_hosts file (default "
+                   "$RAFTDECK_KNOWN_HOSTS, else ~/.ssh/known_hosts)")
+    p.add_argument("--accept-new-host-keys", action="store_true",
+                   help="learn the key of a host not in known_hosts (a changed key is never accepted)")
+    p.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="S",
+                   help="seconds to wait for a host's SSH connection (default 10)")
+
+
+def _wheel_options(p) -> None:
+    p.add_argument("--wheel", metavar="PATH", help="install this raftdeck wheel (default: "
+                   "build one from this source tree)")
+    p.add_argument("--wheelhouse", metavar="DIR", help="the agent's dependency wheels "
+                   "(default: rebuilt from this machine's installed packages)")
+
+
 def _deploy_parsers(cmd) -> None:
     """deploy / upgrade / undeploy / logs (their code is console/deploy.py)."""
     ssh = _Parser(add_help=False)
     ssh.add_argument("--hosts", metavar="A,B", help="only these nodes (default: every node with ssh:)")
     ssh.add_argument("--parallel", type=int_range(1, 256), default=4, metavar="N",
                      help="hosts worked on at once (default 4)")
-    ssh.add_argument("--known-hosts", metavar="PATH", help="known_hosts file (default "
-                     "$RAFTDECK_KNOWN_HOSTS, else ~/.ssh/known_hosts)")
-    ssh.add_argument("--accept-new-host-keys", action="store_true",
-                     help="learn the key of a host not in known_hosts (a changed key is never accepted)")
-    ssh.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="S",
-                     help="seconds to wait for a host's SSH connection (default 10)")
+    _ssh_options(ssh)
     wheels = _Parser(add_help=False)
-    wheels.add_argument("--wheel", metavar="PATH", help="install this raftdeck wheel (default: "
-                        "build one from this source tree)")
-    wheels.add_argument("--wheelhouse", metavar="DIR", help="the agent's dependency wheels "
-                        "(default: rebuilt from this machine's installed packages)")
+    _wheel_options(wheels)
     p = cmd("deploy", _cmd_deploy, "install and start the agents of the nodes with ssh:",
             "For every inventory node with ssh: (or --hosts): connect over SSH (host keys "
             "checked against known_hosts), check Python >= 3.11, upload this project's wheel "
@@ -1482,10 +1496,7 @@ async def _cmd_add_node(args, inv) -> int:
     from console.procs import LocalProcesses, ProcError, is_local
 
     node = _node(inv, args.node)
-    if not is_local(node):
-        raise CliError(f"{node.name} has ssh: settings; add-node starts local nodes only (for "
-                       "now: on its host, send add_node and start it with `nodeagent run "
-                       "--join`)", EXIT_USAGE)
+    remote = not is_local(node)
     if inv.cluster.tls is not None and inv.cluster.tls.dir is not None:
         _init(inv, inv.cluster.tls.dir)  # its node certificate, if new
     want_voter = node.role == "voter" and not args.learner
@@ -1501,8 +1512,14 @@ async def _cmd_add_node(args, inv) -> int:
             except Exception as e:
                 raise CliError(f"the leader {leader} refused to add {node.name}: {e}") from None
             done.append("added as a learner")
-        procs = LocalProcesses(inv)
-        if not procs.process(node).alive:
+        procs = None if remote else LocalProcesses(inv)
+        if remote:
+            from console.deploy import deploy_joining
+
+            r = await deploy_joining(args, inv, node)
+            if r.action != "unchanged":
+                done.append(f"{r.action} on {node.ssh.host} (--join)")
+        elif not procs.process(node).alive:
             try:
                 procs.start(node, join=True)
             except ProcError as e:
@@ -1517,13 +1534,14 @@ async def _cmd_add_node(args, inv) -> int:
             applied = s.get("applied") if isinstance(s, dict) else None
             if applied is not None and applied >= target:
                 break
-            if not procs.process(node).alive:
+            if procs is not None and not procs.process(node).alive:
                 said = procs.last_words(node)
                 raise CliError(f"{node.name}'s agent exited" + (f": {said}" if said else ""))
             await asyncio.sleep(0.1)
         else:
             raise CliError(f"{node.name} did not catch up within {args.wait_s:g}s "
-                           f"(applied {applied}, the leader's commit was {target})")
+                           f"(applied {applied}, the leader's commit was {target}); see "
+                           f"`raftdeck status` and `raftdeck logs {node.name}`")
         leader, st = await _membership(client, inv)
         if want_voter and node.name not in (st.get("voters") or ()):
             while True:  # refused while it lags (learner_promotion_lag): try again
@@ -1590,6 +1608,14 @@ async def _cmd_remove_node(args, inv) -> int:
             stopped = True
         except NotRunning:
             pass
+    else:
+        from console.deploy import Deployer, HostError, ssh_options_from
+
+        try:
+            stopped = await Deployer(inv, ssh=ssh_options_from(args)).stop(node) is not None
+        except (HostError, OSError) as e:
+            raise CliError(f"{node.name} removed (entry {index}), but its agent was not "
+                           f"stopped: {e}; `raftdeck kill {node.name}` stops it") from None
     if args.json:
         _print_json({"node": node.name, "removed_at": index, "stopped": stopped})
     else:

@@ -724,10 +724,10 @@ class Deployer:
     # -- deploy --
 
     async def deploy(self, names: Iterable[str] | None = None, *,
-                     restart_changed: bool = True) -> dict[str, HostResult]:
+                     restart_changed: bool = True, join: bool = False) -> dict[str, HostResult]:
         nodes = remote_nodes(self.inv, names)
-        return await self._each(nodes, lambda n: self.deploy_one(n, restart=restart_changed),
-                                "deploy")
+        return await self._each(
+            nodes, lambda n: self.deploy_one(n, restart=restart_changed, join=join), "deploy")
 
     def _desired(self, node: NodeConfig, lay: Layout) -> tuple[dict, str, dict[str, Path] | None]:
         tls_src = tls_sources(self.inv, node)
@@ -755,10 +755,13 @@ class Deployer:
         return want, config, tls_src
 
     async def deploy_one(self, node: NodeConfig, *, restart: bool = True,
-                         force_restart: bool = False, check_only: bool = False) -> HostResult:
+                         force_restart: bool = False, check_only: bool = False,
+                         join: bool = False) -> HostResult:
         """Bring one host to the desired state; restart its agent only if its inputs
         changed (or ``force_restart``), or start it if it does not run. ``check_only``:
-        change nothing; the result's action is ``unchanged`` or ``would_change``."""
+        change nothing; the result's action is ``unchanged`` or ``would_change``.
+        ``join``: the node was just added to the running cluster (`raftdeck add-node`);
+        its agent starts with ``--join``."""
         name = node.name
         self._step(name, "connect")
         conn = await ssh_connect(node, self.opts)
@@ -829,7 +832,7 @@ class Deployer:
                 r = await remote_op(conn, node, "stop", pid_file=lay.pid_file, config=lay.config,
                                     grace_s=10)
                 _check_ok(node, "stop", r)
-            pid = await self._start(conn, node, lay, want["release"])
+            pid = await self._start(conn, node, lay, want["release"], join=join)
             # only now: a failed run leaves the old manifest, and the next run tries again
             await self._put_manifest(conn, node, lay, want, version)
             # keep this release and the one before (to go back to); remove older ones
@@ -914,7 +917,8 @@ class Deployer:
                               json.dumps({**inputs, "deployed_at": round(time.time(), 3),
                                           "python": list(version)}, indent=1).encode(), 0o644)
 
-    async def _start(self, conn, node: NodeConfig, lay: Layout, release: str | None = None) -> int:
+    async def _start(self, conn, node: NodeConfig, lay: Layout, release: str | None = None,
+                     *, join: bool = False) -> int:
         self._step(node.name, "start")
         if release is None:  # the deployed one
             probe = await remote_op(conn, node, "probe", manifest=lay.manifest)
@@ -926,7 +930,8 @@ class Deployer:
                             pythonpath=release,
                             pid_file=lay.pid_file, stderr_file=lay.stderr_file,
                             log_file=lay.log_file, data_dir=lay.data_dir, cwd=lay.install_dir,
-                            node=node.name, host=node.host, port=node.port, wait_s=20)
+                            node=node.name, host=node.host, port=node.port, wait_s=20,
+                            join=join)
         if not r.get("ok"):
             raise HostError(f"{who(node)}: start failed: {r.get('error')}; fix it and run "
                             "`raftdeck deploy` again")
@@ -1017,6 +1022,19 @@ class Deployer:
                                      "`raftdeck deploy` starts it")
                 raise HostError(f"{who(node)}: SIG{sig} failed: {r.get('error')}")
             return r["pid"]
+
+        return await self._with_conn(node, go)
+
+    async def stop(self, node: NodeConfig, grace_s: float = 10.0) -> int | None:
+        """Stop the node's agent over SSH (SIGTERM, SIGKILL after ``grace_s``); the pid it
+        had, None if it was not running. Its files and data stay."""
+        self._track([node], "stop")
+
+        async def go(conn, lay):
+            r = await remote_op(conn, node, "stop", pid_file=lay.pid_file, config=lay.config,
+                                grace_s=grace_s)
+            _check_ok(node, "stop", r)
+            return r.get("pid")
 
         return await self._with_conn(node, go)
 
@@ -1300,11 +1318,12 @@ async def run(inv: Inventory, action: str, progress: DeployProgress, *,
               names: Iterable[str] | None = None, ssh: SSHOptions | None = None,
               wheel: Path | None = None, wheelhouse: Path | None = None, parallel: int = 4,
               client_ssl=None, purge_data: bool = False, grace_s: float = 10.0,
-              catch_up_s: float = 60.0) -> tuple[dict[str, HostResult], Deployer]:
+              catch_up_s: float = 60.0, join: bool = False) -> tuple[dict[str, HostResult], Deployer]:
     """One whole ``deploy`` / ``upgrade`` / ``undeploy`` run, reporting into ``progress``
     (what the CLI and the console's deploy screen both start): the wheels are built once,
     in a temporary folder, then every host is worked on. Raises ``DeployError`` if the
-    wheels cannot be built and ``KeyError`` for an unknown node name."""
+    wheels cannot be built and ``KeyError`` for an unknown node name. ``join``: deploy
+    only, for nodes just added to the running cluster (their agents start with --join)."""
     nodes = remote_nodes(inv, names)
     for n in nodes:  # every host is listed from the start, "waiting"
         if n.name not in progress.rows:
@@ -1318,7 +1337,7 @@ async def run(inv: Inventory, action: str, progress: DeployProgress, *,
                      client_ssl=client_ssl)
         names = [n.name for n in nodes]
         if action == "deploy":
-            res = await d.deploy(names)
+            res = await d.deploy(names, join=join)
         elif action == "upgrade":
             res = await d.upgrade(names, catch_up_s=catch_up_s)
         elif action == "undeploy":
@@ -1404,6 +1423,30 @@ async def _outsiders(inv: Inventory, client_ssl) -> list[str]:
     return [n.name for n in remote_nodes(inv) if n.name not in members]
 
 
+async def deploy_joining(args, inv: Inventory, node: NodeConfig) -> HostResult:
+    """`raftdeck add-node` for a node with ssh:, once the leader has added it: deploy it
+    like `raftdeck deploy --hosts NODE` would, its agent started with --join. A host
+    already deployed and running is left alone (``unchanged``). ``CliError`` on failure."""
+    from console.cli import CliError
+
+    progress = DeployProgress("deploy")
+    if not args.json:
+        ProgressPrinter(progress)
+    wheel, wheelhouse = getattr(args, "wheel", None), getattr(args, "wheelhouse", None)
+    try:
+        res, _ = await run(inv, "deploy", progress, names=[node.name],
+                           ssh=ssh_options_from(args), wheel=Path(wheel) if wheel else None,
+                           wheelhouse=Path(wheelhouse) if wheelhouse else None,
+                           client_ssl=_client_ssl(inv, args), join=True)
+    except DeployError as e:
+        raise CliError(str(e)) from None
+    r = res[node.name]
+    if not r.ok:
+        raise CliError(f"{r.message} (it is a learner of the cluster now: fix that, then run "
+                       f"`raftdeck add-node {node.name}` again)")
+    return r
+
+
 async def cmd_deploy(args, inv: Inventory) -> int:
     from console.cli import CliError
 
@@ -1411,8 +1454,8 @@ async def cmd_deploy(args, inv: Inventory) -> int:
     if outsiders:
         raise CliError(f"{', '.join(outsiders)}: not a member of the running cluster; deploy "
                        "would start it with the inventory's membership as its first log entry. "
-                       "Add it first (an add_node request to the leader), then start it with "
-                       "`nodeagent run --join`; or take it out of the inventory")
+                       f"Add it with `raftdeck add-node {outsiders[0]}` (which deploys it and "
+                       "starts it with --join), or take it out of the inventory")
     res, d = await _run_action(args, inv, "deploy")
     extra: dict[str, Any] = {}
     if all(r.ok for r in res.values()):

@@ -292,6 +292,8 @@ def op_start(a):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     argv = [a["python"], "-m", "nodeagent.cli", "run", "--config", a["config"],
             "--log-file", a["log_file"]]
+    if a.get("join"):  # added to a running cluster: learn the membership from the leader
+        argv.append("--join")
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "USER",
                                                          "LOGNAME", "TMPDIR")}
     if a.get("pythonpath"):

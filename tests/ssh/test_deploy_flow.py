@@ -1,6 +1,7 @@
 """The whole life of a deployed cluster on three real hosts (network namespaces with their
 own sshd, or loopback addresses; see conftest.py): deploy, an idempotent second deploy,
-kill / pause / resume / restart over SSH, logs, a rolling upgrade to a changed wheel, and
+a fourth host added and removed (add-node, remove-node), kill / pause / resume / restart
+over SSH, logs, a rolling upgrade to a changed wheel, and
 undeploy. One test, because the steps build on each other and share one deployment."""
 
 from __future__ import annotations
@@ -169,11 +170,11 @@ def console_kill_and_restart(inv, known_hosts: Path) -> None:
 def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     t_start = time.monotonic()
     project, house, upgrade = wheels
-    hs = ssh_hosts(3)
+    hs = ssh_hosts(4)  # the fourth joins the running cluster later (add-node)
     from tests.ssh.conftest import free_port_on
 
     ports = [7101 if hs.mode == "netns" else free_port_on(h.addr) for h in hs.hosts]
-    nodes = "".join(hs.node_yaml(f"n{i + 1}", h, ports[i]) for i, h in enumerate(hs.hosts))
+    nodes = "".join(hs.node_yaml(f"n{i + 1}", h, ports[i]) for i, h in enumerate(hs.hosts[:3]))
     inv_path = hs.tmp / "inventory.yaml"
     # TLS on, as in the default inventory: `raftdeck init` makes the certificates, deploy
     # ships each host its node's files, every client below presents the admin certificate.
@@ -187,6 +188,7 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     wheel_args = ["--wheel", str(project), "--wheelhouse", str(house)]
     env = {"RAFTDECK_KNOWN_HOSTS": str(hs.known_hosts)}
     inst = {n.name: hs.hosts[i].root / "raftdeck" for i, n in enumerate(inv.nodes)}
+    assert len(inst) == 3
     timings = {}
 
     # -- deploy: host keys learnt, three agents installed and started, a leader --
@@ -221,6 +223,8 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     for n in inv.nodes:
         assert re.search(rf"(?m)^{n.name}  \S+  unchanged \(agent pid {pids[n.name]} answers\)", r.stdout)
     assert {n: pid_of(d, n) for n, d in inst.items()} == pids
+
+    add_and_remove_a_fourth_host(hs, inv_path, ports[3], base, wheel_args, env)
 
     # -- a renewed certificate: deploy ships it and the agent rereads it (SIGHUP), no restart --
     tls_dir = inv_path.parent / ".raftdeck" / "tls"
@@ -359,6 +363,76 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
         {k: round(v, 1) for k, v in timings.items()}), file=sys.stderr)
 
 
+def add_and_remove_a_fourth_host(hs, inv_path: Path, port: int, base, wheel_args, env) -> None:
+    """A host with ssh: added to the inventory of the running cluster: deploy refuses it
+    (it would bootstrap the inventory's membership), `raftdeck add-node` deploys it with
+    --join and makes it a voter with the others' state and membership; a restart over SSH
+    (no --join on its command line now) keeps that; `raftdeck remove-node` stops its agent
+    over SSH. The inventory is as before at the end."""
+    three = inv_path.read_text()
+    h4 = hs.hosts[3]
+    inv_path.write_text(three + hs.node_yaml("n4", h4, port))
+    r = raftdeck("deploy", *base, *wheel_args)
+    assert r.returncode == 1, r.stdout
+    assert "n4: not a member of the running cluster" in r.stderr, r.stderr
+    assert "`raftdeck add-node n4`" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (h4.root / "raftdeck").exists()  # refused before touching any host
+
+    # A learner first: a node that wrote its own membership would take itself for a voter
+    # and its digest would differ (a promotion would hide that).
+    r = raftdeck("add-node", "n4", "--learner", *base, *wheel_args, "--accept-new-host-keys",
+                 "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["role"] == "learner" and out["learners"] == ["n4"], out
+    assert out["done"][0] == "added as a learner" and len(out["done"]) == 2, out
+    assert re.fullmatch(r"deployed on \S+ \(--join\)", out["done"][1]), out
+    inst4 = h4.root / "raftdeck"
+    info = json.loads((inst4 / ".raftdeck" / "n4.pid").read_text())
+    assert "--join" in info["argv"], info
+    inv4 = load_inventory(inv_path)
+
+    def agree():
+        st = statuses(inv4)
+        if not all(st.values()):
+            return None
+        seen = {(s["applied"], s["digest"], tuple(s["voters"]), tuple(s["learners"]))
+                for s in st.values()}
+        return st if len(seen) == 1 else None
+
+    def wait(cond, what, timeout=40.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = cond()
+            if got:
+                return got
+            time.sleep(0.2)
+        raise AssertionError(f"{what}: not within {timeout}s: {statuses(inv4)}")
+
+    st = wait(agree, "four replicas agreeing, n4 a learner")
+    assert st["n4"]["voters"] == ["n1", "n2", "n3"] and st["n4"]["learners"] == ["n4"]
+    r = raftdeck("add-node", "n4", *base, *wheel_args, "--json")  # again: only the promotion
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["role"] == "voter" and out["done"] == ["made a voter"], out
+    assert kv(inv4, "put", "with-n4", b"4") > 0
+    r = raftdeck("restart", "n4", "--inventory", str(inv_path), env_extra=env)
+    assert r.returncode == 0, r.stderr
+    pid4 = pid_of(inst4, "n4")
+    assert "--join" not in json.loads((inst4 / ".raftdeck" / "n4.pid").read_text())["argv"]
+    st = wait(agree, "four replicas agreeing after n4's restart")
+    assert st["n4"]["voters"] == ["n1", "n2", "n3", "n4"] and st["n4"]["keys"] == st["n1"]["keys"]
+
+    r = raftdeck("remove-node", "n4", *base, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stopped"] is True
+    assert proc_state(pid4) in (None, "Z")
+    inv_path.write_text(three)
+    wait(lambda: (lambda st: st if all(st.values()) and all(
+        s["voters"] == ["n1", "n2", "n3"] for s in st.values()) else None)(
+        statuses(load_inventory(inv_path))), "three voters again")
+
+
 def broken_wheel(src: Path, out_dir: Path) -> Path:
     """A wheel whose agent cannot start (a syntax error in nodeagent/cli.py)."""
     out_dir.mkdir()
@@ -379,16 +453,17 @@ def test_a_failing_upgrade_stops_at_the_first_node_and_the_cluster_keeps_going(
     first follower before its agent is stopped, touches no other node, and the cluster
     keeps its leader and takes writes; a good upgrade then goes through."""
     project, house, upgrade = wheels
-    hs = ssh_hosts(3)
+    hs = ssh_hosts(4)  # the fourth joins the running cluster later (add-node)
     from tests.ssh.conftest import free_port_on
 
     ports = [7101 if hs.mode == "netns" else free_port_on(h.addr) for h in hs.hosts]
-    nodes = "".join(hs.node_yaml(f"n{i + 1}", h, ports[i]) for i, h in enumerate(hs.hosts))
+    nodes = "".join(hs.node_yaml(f"n{i + 1}", h, ports[i]) for i, h in enumerate(hs.hosts[:3]))
     inv_path = hs.tmp / "inventory.yaml"
     inv_path.write_text("cluster:\n  name: rolltest\nnodes:\n" + nodes)
     inv = load_inventory(inv_path)
     base = ["--inventory", str(inv_path), "--known-hosts", str(hs.known_hosts)]
     inst = {n.name: hs.hosts[i].root / "raftdeck" for i, n in enumerate(inv.nodes)}
+    assert len(inst) == 3
     r = raftdeck("deploy", *base, "--wheel", str(project), "--wheelhouse", str(house),
                  "--accept-new-host-keys")
     assert r.returncode == 0, r.stderr
