@@ -55,6 +55,14 @@ def initial_conf(cfg: AgentConfig) -> ConfState:
     )
 
 
+def _reports_disk_low(report: bytes) -> bool:
+    """A peer's load report (TaskManager.load_report) says its disk is low."""
+    try:
+        return msgpack.unpackb(report, raw=False).get("disk_low") is True
+    except Exception:  # a malformed report says nothing
+        return False
+
+
 class ListenError(Exception):
     """The agent could not listen on one of its addresses (in use, not this host's)."""
 
@@ -295,8 +303,30 @@ class Agent:
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(0.5)
-            self.driver.node.report = self._load_report()
             self._check_disk()
+            self.driver.node.report = self._load_report()
+            self._check_unfit()
+
+    def disk_low(self) -> bool:
+        """Whether this node's disk is about to fill (status ``disk.low``)."""
+        return bool(self.disk and self.disk.get("low"))
+
+    def _check_unfit(self) -> None:
+        """Tell the core which voters should not lead (RaftNode.unfit): this node while
+        its disk is low, and on the leader every peer whose latest load report says the
+        same. A leader whose disk turns low so hands leadership to a fit voter before its
+        disk fills and it stops (a planned handover instead of a failover), and leader
+        priority does not hand leadership back until the disk has room again."""
+        node = self.driver.node
+        unfit = {self.node_id} if self.disk_low() else set()
+        if node.role is Role.LEADER:
+            for peer, pr in node.prs.items():
+                if peer != self.node_id and pr.report and _reports_disk_low(pr.report):
+                    unfit.add(peer)
+        if unfit != node.unfit:
+            log.info("nodes that should not lead (disk space low)", extra={
+                "unfit": sorted(unfit), "role": node.role.value})
+            node.unfit = frozenset(unfit)
 
     def _check_disk(self) -> None:
         """Refresh ``self.disk`` (status ``disk``); log when free space turns low or

@@ -812,6 +812,7 @@ class Driver:
             "learners": st["learners"],
             "priority": st["priority"],
             "transferee": st["transferee"],
+            "unfit": st["unfit"],
             "progress": progress,
             "peer_reports": reports,
             "digest": self.state.digest(),

@@ -106,7 +106,8 @@ class TaskManager:
             load1 = 0.0
         return msgpack.packb({"running": ex.running(), "queued": ex.queued(),
                               "capacity": ex.capacity, "shell": ex.allow_shell,
-                              "load1": round(load1, 2), "seq": self._report_seq})
+                              "load1": round(load1, 2), "seq": self._report_seq,
+                              "disk_low": self.agent.disk_low()})
 
     # == leader: placement and expiry (called by the driver on every tick) ======================
 

@@ -147,6 +147,10 @@ class RaftNode:
         self._pending_reads: list[tuple[bytes, NodeId]] = []  # wait for a commit in our term
         self._need_bcast = False
         self.report = b""  # sent to the leader on each heartbeat response (the agent's load)
+        # Voters that should not lead for now, this node included; the agent says which (a
+        # disk about to fill). A leader in it hands leadership to a fit voter, and leader
+        # priority never hands it to one in it (_maybe_transfer_to_priority).
+        self.unfit: frozenset[NodeId] = frozenset()
         self._step_role: Callable[[Message], None] = self._step_follower
         self._tick: Callable[[], None] = self._tick_election
         self._become_follower(self.term, None)
@@ -410,6 +414,7 @@ class RaftNode:
             "learners": sorted(self.conf.learners),
             "priority": self.conf.priority(self.id),
             "transferee": self.lead_transferee,
+            "unfit": sorted(self.unfit),
             "progress": progress,
         }
 
@@ -792,18 +797,21 @@ class RaftNode:
     def _maybe_transfer_to_priority(self) -> None:
         """Leader priority: hand over to the highest-priority voter that is healthy (heard
         from this round) and fully caught up, if it outranks us. Only once we have led for
-        a full election timeout with our own entry committed, so leadership settles."""
+        a full election timeout with our own entry committed, so leadership settles. A
+        voter in ``unfit`` is never chosen, and an unfit leader is outranked by any fit
+        voter that may lead."""
         if not self.cfg.priority_transfer or self.lead_transferee is not None:
             return
         if self.leader_ticks < self.cfg.election_tick or not self._committed_in_term():
             return
-        mine = self.conf.priority(self.id)
+        unfit = self.unfit
+        mine = -1 if self.id in unfit else self.conf.priority(self.id)
         last = self.log.last_index()
         best, best_prio = None, mine
         for nid in sorted(self.conf.voters):
             pr = self.prs.get(nid)
             p = self.conf.priority(nid)
-            if nid == self.id or pr is None or p <= best_prio:
+            if nid == self.id or pr is None or p <= 0 or p <= best_prio or nid in unfit:
                 continue
             if pr.recent_active and pr.match == last:
                 best, best_prio = nid, p

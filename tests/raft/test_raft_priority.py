@@ -141,3 +141,42 @@ def test_changing_a_priority_moves_leadership():
     net.tick_all(3 * ET)
     assert net.leader() == "b"
     assert all(net[n].status()["priority"] == p for n, p in {"a": 1, "b": 9, "c": 3}.items())
+
+
+def test_an_unfit_leader_hands_over_and_an_unfit_node_is_not_handed_leadership():
+    """``unfit`` (the agent's word: this node's disk is about to fill). The top-priority
+    leader c turns unfit: it hands leadership to the best fit voter (b). b never hands
+    it back while c stays unfit (c's agent says so in its reports), however long it
+    runs; once c is fit again, priority brings leadership back to it."""
+    net = Network("abc", priorities=PRIO)
+    net.campaign("c")
+    net.tick_all(3 * ET)
+    assert net.leader() == "c"
+    net["c"].unfit = frozenset({"c"})
+    net.tick_all(3 * ET)
+    assert net.leader() == "b"
+    assert net["c"].status()["unfit"] == ["c"]
+
+    net["b"].unfit = frozenset({"c"})
+    term = net["b"].term
+    net.tick_all(10 * ET)
+    assert net.leader() == "b" and net["b"].term == term
+
+    net["b"].unfit = frozenset()
+    net.tick_all(3 * ET)
+    assert net.leader() == "c"
+
+
+def test_an_unfit_leader_stays_when_no_fit_voter_may_lead():
+    """Leadership moves only to a fit voter that may lead (priority above 0): with a at
+    priority 0 and b unfit too, the unfit leader c keeps leading rather than leave the
+    cluster without one."""
+    net = Network("abc", priorities={"a": 0, "b": 2, "c": 3})
+    net.campaign("c")
+    net.tick_all(3 * ET)
+    assert net.leader() == "c"
+    term = net["c"].term
+    net["c"].unfit = frozenset({"b", "c"})
+    net.tick_all(10 * ET)
+    assert net.leader() == "c" and net["c"].term == term
+    assert not net.sent(TimeoutNow)[-1:] or net.sent(TimeoutNow)[-1].term < term
