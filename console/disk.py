@@ -26,8 +26,9 @@ def low_disks(statuses: Mapping[str, Any]) -> list[tuple[str, int, int]]:
 def disk_lines(statuses: Mapping[str, Any]) -> list[str]:
     """What `raftdeck status` says: one line per node whose disk is low."""
     return [f"disk: WARNING: {name} has {free} MiB free for its data directory, under twice "
-            f"the {needs} MiB its log needs next; free space there (the agent stops when "
-            "the disk is full)" for name, free, needs in low_disks(statuses)]
+            f"the {needs} MiB its log needs next; free space there (it does not lead "
+            "meanwhile, and its agent stops when the disk is full)"
+            for name, free, needs in low_disks(statuses)]
 
 
 def disk_alerts(statuses: Mapping[str, Any]) -> list[str]:

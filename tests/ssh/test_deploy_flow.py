@@ -25,6 +25,7 @@ import pytest
 from console.client import ClusterClient, tls_context
 from console.deploy import build_artifacts, content_digest
 from nodeagent.config import load_inventory, load_node_config
+from tests.console.test_cli import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -400,14 +401,8 @@ def add_and_remove_a_fourth_host(hs, inv_path: Path, port: int, base, wheel_args
                 for s in st.values()}
         return st if len(seen) == 1 else None
 
-    def wait(cond, what, timeout=40.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = cond()
-            if got:
-                return got
-            time.sleep(0.2)
-        raise AssertionError(f"{what}: not within {timeout}s: {statuses(inv4)}")
+    def wait(cond, what):
+        return wait_for(cond, 40.0, what)
 
     st = wait(agree, "four replicas agreeing, n4 a learner")
     assert st["n4"]["voters"] == ["n1", "n2", "n3"] and st["n4"]["learners"] == ["n4"]
