@@ -53,8 +53,10 @@ NEMESES = ("kill", "pause", "partition", "latency")
 # "disk" fills a node's disk until the agent stops itself, then frees it and starts the
 # agent again; a started cluster, as root (each agent's data directory is a small tmpfs).
 # "member" removes a follower from the membership and stops it, then adds it back (a
-# learner, started with its data directory as it was, then a voter).
-KINDS = NEMESES + ("ca", "disk", "member")
+# learner, started with its data directory as it was, then a voter). "oneway" cuts one
+# node's links in one direction only (half the time the leader's): it hears nobody
+# ("deaf": its own messages still arrive) or nobody hears it ("mute").
+KINDS = NEMESES + ("ca", "disk", "member", "oneway")
 PLANTED = ("stale-reads",)
 CA_NEMESIS_NEEDS = ("the ca nemesis replaces the CA of a cluster the run starts with TLS; "
                     "drop --no-tls and --attach, or the ca kind")
@@ -291,6 +293,7 @@ class _Run:
     paused: set[str] = field(default_factory=set)
     disk_stops: list[dict] = field(default_factory=list)  # agents the disk nemesis stopped
     member_changes: list[dict] = field(default_factory=list)  # the member nemesis' round trips
+    oneway_leaders: list[dict] = field(default_factory=list)  # leaders the oneway nemesis cut
     notes: dict[str, Any] = field(default_factory=dict)  # what a script wants in the report
 
     def record(self, client: int, call: int, op: str, key: str, status: str, *,
@@ -530,6 +533,24 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             await rest(cfg.fault_s)
             await _heal_all(run, admin)
             run.fault_event("end", "partition", shape=shape)
+        elif kind == "oneway":
+            # An asymmetric partition. A deaf leader's heartbeats still reach the others
+            # and keep them from campaigning, so it must step down on its own (it hears
+            # no answers: CheckQuorum); a mute one is replaced as if gone, but still hears
+            # the new leader. A deaf follower's campaigns reach everyone (pre-vote must
+            # keep them from disrupting the leader); a mute one just lags.
+            way = rng.choice(["deaf", "mute"])
+            others = [n for n in names if n != target]
+            rule = ({"action": "partition", "from": others, "to": [target]} if way == "deaf"
+                    else {"action": "partition", "from": [target], "to": others})
+            run.fault_event("start", "oneway", node=target, way=way, leader=target == leader)
+            t0 = time.monotonic()
+            await _fault_all(run, admin, **rule)
+            await rest(cfg.fault_s)
+            if target == leader:  # held until another leads (the oneway_leaders check)
+                await _oneway_replaced(run, admin, target, way, t0)
+            await _heal_all(run, admin)
+            run.fault_event("end", "oneway", node=target, way=way)
         elif kind == "disk":
             await _fill_disk(run, target, leader, rest)
         elif kind == "member":
@@ -547,6 +568,25 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             await _heal_all(run, admin)
             run.fault_event("end", "latency", ms=ms)
         await rest(cfg.rest_s)
+
+
+ONEWAY_REPLACE_S = 20.0  # a leader cut one way must be replaced within this
+
+
+async def _oneway_replaced(run: _Run, admin: ClusterClient, cut: str, way: str,
+                           t0: float) -> None:
+    """Keep the one-way cut until a node other than ``cut`` leads, or the bound passes
+    (even past the run's duration), and record how long that took."""
+    deadline = t0 + ONEWAY_REPLACE_S
+    by = None
+    while time.monotonic() < deadline:
+        by = await _leader(run, admin)
+        if by is not None and by != cut:
+            break
+        by = None
+        await asyncio.sleep(0.1)
+    run.oneway_leaders.append({"node": cut, "way": way, "t": run.t(), "replaced_by": by,
+                               "after_s": round(time.monotonic() - t0, 2)})
 
 
 async def _fill_disk(run: _Run, target: str, leader: str | None, rest) -> None:
@@ -794,6 +834,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     report["final_reads"] = {"ok": not unread, "unread": unread}
     report["disk_stops"] = run.disk_stops
     report["member_changes"] = run.member_changes
+    report["oneway_leaders"] = run.oneway_leaders
     result = lin.check(ops, seconds=cfg.checker_seconds)
     report["linearizability"] = result.to_json()
     if result.verdict == lin.NON_LINEARIZABLE:
@@ -816,6 +857,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         checks["disk_stops"] = all(d["clean"] for d in run.disk_stops)
     if "member" in cfg.nemesis:  # every node taken out came back as a voter
         checks["members_back"] = all(m["voter"] for m in run.member_changes)
+    if "oneway" in cfg.nemesis:  # a leader that hears nobody, or nobody hears, gives way
+        checks["oneway_leaders"] = all(o["replaced_by"] for o in run.oneway_leaders)
     report["checks"] = checks
     report["ok"] = all(checks.values())
     report["verdict"] = ("pass" if report["ok"] else
@@ -849,6 +892,13 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"member: {len(changes)} nodes taken out of the membership and back, "
                      + ("each a voter again" if report["checks"]["members_back"] else
                         "NOT ALL BACK: " + json.dumps([m for m in changes if not m["voter"]])))
+    if "oneway_leaders" in report["checks"]:
+        cut = report["oneway_leaders"]
+        slow = [o for o in cut if not o["replaced_by"]]
+        lines.append(f"oneway: {len(cut)} leaders cut one way, "
+                     + (f"each replaced (within {max((o['after_s'] for o in cut), default=0):g}s)"
+                        if not slow else f"NOT REPLACED within {ONEWAY_REPLACE_S:g}s: "
+                        + json.dumps(slow)))
     if "disk_stops" in report["checks"]:
         stops = report["disk_stops"]
         bad = [d for d in stops if not d["clean"]]
@@ -886,13 +936,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=seconds, default=60.0, metavar="S",
                    help="seconds of workload and faults (default 60)")
     p.add_argument("--nemesis", type=nemesis_list, default=NEMESES, metavar="KINDS",
-                   help="comma list of kill,pause,partition,latency,ca,disk,member, or none "
-                        "(default: all but ca, which replaces the CA step by step, as "
+                   help="comma list of kill,pause,partition,latency,ca,disk,member,oneway, "
+                        "or none (default: all but ca, which replaces the CA step by step, as "
                         "`raftdeck init --rotate-ca` does, and needs TLS and a cluster the run "
                         "starts; disk, which fills a node's disk until its agent stops, "
                         "then frees it and starts it again, and needs root and a cluster the "
-                        "run starts; and member, which removes a follower from the membership "
-                        "and stops it, then adds it back, a learner and then a voter)")
+                        "run starts; member, which removes a follower from the membership "
+                        "and stops it, then adds it back, a learner and then a voter; and "
+                        "oneway, which cuts one node's links in one direction: it hears "
+                        "nobody, or nobody hears it)")
     p.add_argument("--seed", type=int, default=None,
                    help="seeds the workload and the fault schedule (default: random, printed)")
     p.add_argument("--clients", type=count(1, 64), default=6, help="concurrent clients (default 6)")

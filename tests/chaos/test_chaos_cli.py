@@ -132,3 +132,19 @@ def test_attach_runs_against_the_running_agents_of_a_tls_inventory(tmp_path):
         assert report["ops"]["ok"] > 0 and report["nodes"] == 3
     finally:
         down(inv)
+
+
+@pytest.mark.integration
+def test_a_short_run_with_the_oneway_nemesis_replaces_a_leader_cut_one_way(tmp_path, capsys):
+    """The opt-in `oneway` kind: one node's links cut in one direction. A leader that
+    hears nobody keeps reaching the others with heartbeats, so only its own quorum check
+    can make it give way; the run holds the cut until another node leads, and the
+    `oneway_leaders` check requires that to happen."""
+    rc = main(["chaos", "--nodes", "3", "--duration", "6", "--nemesis", "oneway",
+               "--seed", "5", "--clients", "3", "--out", str(tmp_path / "o"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, (report["checks"], report["oneway_leaders"])
+    cut = report["oneway_leaders"]
+    assert cut and all(o["replaced_by"] not in (None, o["node"]) for o in cut), cut
+    assert any(o["way"] == "deaf" for o in cut), cut
+    assert report["checks"]["oneway_leaders"] is True
