@@ -324,8 +324,8 @@ class Agent:
                 if peer != self.node_id and pr.report and _reports_disk_low(pr.report):
                     unfit.add(peer)
         if unfit != node.unfit:
-            log.info("nodes that should not lead (disk space low)", extra={
-                "unfit": sorted(unfit), "role": node.role.value})
+            log.info("nodes unfit to lead (disk space low)", extra={
+                "unfit": sorted(unfit), "was": sorted(node.unfit), "role": node.role.value})
             node.unfit = frozenset(unfit)
 
     def _check_disk(self) -> None:
