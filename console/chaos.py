@@ -546,9 +546,15 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             run.fault_event("start", "oneway", node=target, way=way, leader=target == leader)
             t0 = time.monotonic()
             await _fault_all(run, admin, **rule)
-            await rest(cfg.fault_s)
-            if target == leader:  # held until another leads (the oneway_leaders check)
-                await _oneway_replaced(run, admin, target, way, t0)
+            if target != leader:
+                await rest(cfg.fault_s)
+            else:  # held until another leads, too (the oneway_leaders check)
+                watch = asyncio.ensure_future(_oneway_replaced(run, admin, target, way, t0))
+                try:
+                    await rest(cfg.fault_s)
+                    await watch
+                finally:
+                    watch.cancel()
             await _heal_all(run, admin)
             run.fault_event("end", "oneway", node=target, way=way)
         elif kind == "disk":
@@ -575,7 +581,7 @@ ONEWAY_REPLACE_S = 20.0  # a leader cut one way must be replaced within this
 
 async def _oneway_replaced(run: _Run, admin: ClusterClient, cut: str, way: str,
                            t0: float) -> None:
-    """Keep the one-way cut until a node other than ``cut`` leads, or the bound passes
+    """Watch from the cut on until a node other than ``cut`` leads, or the bound passes
     (even past the run's duration), and record how long that took."""
     deadline = t0 + ONEWAY_REPLACE_S
     by = None

@@ -168,6 +168,7 @@ class Agent:
         self.tasks = TaskManager(self)
         self.driver.on_tick = self.tasks.on_tick
         self.driver.after_apply = self.tasks.reconcile
+        self.driver.on_quorum_lost = self._quorum_lost
         node.report = self._load_report()
         if self.metrics is not None:
             self.metrics.bind(self)
@@ -306,6 +307,14 @@ class Agent:
             self._check_disk()
             self.driver.node.report = self._load_report()
             self._check_unfit()
+
+    def _quorum_lost(self) -> None:
+        """This node stopped leading: no quorum answered it for an election timeout. If it
+        can still send (it only hears nobody), the others still take it for their leader
+        and would wait out their own election timeout; ending our links tells them now."""
+        dropped = self.transport.drop_links()
+        log.warning("stepped down: no quorum answered; links to the peers closed so they "
+                    "elect a leader now", extra={"term": self.driver.node.term, "links": dropped})
 
     def disk_low(self) -> bool:
         """Whether this node's disk is about to fill (status ``disk.low``)."""

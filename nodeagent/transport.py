@@ -400,6 +400,7 @@ class _Link:
         # (or failed), so the peer never sees this link end (no early campaign there).
         self.renewing = False
         self.retiring: trio.abc.Stream | None = None
+        self.redial_after = 0.0  # drop_links: seconds to wait before connecting again
         self.busy = False
         self.partial = b""
         self.flush = False
@@ -816,6 +817,9 @@ class Transport:
                         link.backing_off = False
                 if link.attempt_scope.cancelled_caught:
                     failures = 0  # re-addressed, or the peer reached us: try at once
+                    if link.redial_after:  # dropped: let the peer see the end first
+                        delay, link.redial_after = link.redial_after, 0.0
+                        await trio.sleep(delay)
 
     async def _attempt(self, link: _Link) -> float | None:
         """One connection: returns how long it was up (None: never got hello_ok). Failures
@@ -873,6 +877,20 @@ class Transport:
     def set_ssl_context(self, ctx: ssl.SSLContext | None) -> None:
         """TLS for the links made from now on (a certificate reload); open links keep theirs."""
         self._ssl_context = ctx
+
+    def drop_links(self, redial_after: float = 0.1) -> int:
+        """Close every connected link (each connects again after ``redial_after``
+        seconds), so each peer's listener sees our link end. A leader that stepped down
+        for want of a quorum calls it: peers that still heard it (a leader that could
+        send but not receive) then campaign at once (RaftNode.leader_lost) instead of
+        after a whole election timeout. Returns how many links were closed."""
+        dropped = 0
+        for link in self._links.values():
+            if link.connected and link.attempt_scope is not None and not link.renewing:
+                link.redial_after = redial_after
+                link.attempt_scope.cancel()
+                dropped += 1
+        return dropped
 
     def renew_links(self, streams: Iterable[Any]) -> list[Any]:
         """Reconnect the links whose open stream is one of ``streams`` with the TLS

@@ -45,3 +45,30 @@ def test_followers_campaign_when_the_killed_leaders_connection_ends(make_cluster
             assert st[new]["early_campaigns"] == before[new]
 
     asyncio.run(main())
+
+
+def test_a_leader_that_hears_nobody_steps_down_and_its_followers_campaign_at_once(make_cluster):
+    """A one-way cut: the leader can send but hears nobody (a `fault` partition from the
+    others to it). Its heartbeats still reach the followers, so their timers never fire;
+    its quorum check makes it step down, and then it closes its links, so the followers
+    see their leader's connection end and campaign at once."""
+    lc = make_cluster(3)
+
+    async def main():
+        async with lc.client(timeout=3.0) as c:
+            old = await lc.wait_leader(c)
+            await c.put("before", b"v")
+            others = [n for n in lc.names if n != old]
+            for n in lc.names:
+                await c.call(n, "fault", action="partition", **{"from": others, "to": [old]})
+            new = await lc.wait_leader(c, exclude=(old,), timeout=30)
+            st = await lc.statuses(c)
+            assert st[old]["role"] != "leader" and st[old]["quorum_losses"] == 1, st[old]
+            early = {n: st[n]["early_campaigns"] for n in others}
+            assert new in others and sum(early.values()) >= 1, early
+            for n in lc.names:
+                await c.call(n, "heal")
+            await c.put("after", b"v")
+            await lc.wait_converged(c, timeout=30)
+
+    asyncio.run(main())
