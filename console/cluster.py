@@ -278,7 +278,7 @@ class _Node:
         "running", "queued", "load", "tasks", "exec_fail", "faults", "fault_keys",
         "match", "lag", "view",
         "history", "agree_n", "conflict_n", "digest_ok",
-        "changed_at", "version", "load_hist", "row",
+        "changed_at", "version", "load_hist", "row", "quorum_losses",
     )
 
     def __init__(self, info: NodeInfo, history_len: int) -> None:
@@ -310,6 +310,7 @@ class _Node:
         self.version = 0
         self.load_hist: deque[float | None] = deque(maxlen=history_len)
         self.row: NodeRow | None = None
+        self.quorum_losses: int | None = None  # status quorum_losses, last seen
 
 
 def _int(v: Any) -> int | None:
@@ -508,6 +509,13 @@ class ClusterModel:
             seen = self._voters_seen
             if seen is None or term >= seen[0]:
                 self._voters_seen = (term, tuple(voters))
+
+        losses = _int(status.get("quorum_losses"))
+        if losses is not None:
+            if st.quorum_losses is not None and losses > st.quorum_losses:
+                self._event("quorum_lost", name, f"{name} stopped leading: no quorum answered "
+                            "it for an election timeout (cut off, or it hears nobody)")
+            st.quorum_losses = losses
 
         # -- leader views, claims, terms, elections ----------------------------------------
         if leader is None and role == "leader":

@@ -555,3 +555,17 @@ def test_first_election_of_a_fresh_cluster():
     assert len(kinds(m, "term_changed")) == 1
     assert m.health(2.0).leader == "n2"
     assert [e.node for e in kinds(m, "leader_elected")] == ["n2"]
+
+
+def test_a_leader_that_lost_its_quorum_is_an_event_once():
+    """Status ``quorum_losses`` rising (CheckQuorum made the node step down) is one event;
+    the count the console first sees, or sees again unchanged, is none."""
+    m = model()
+    feed_cluster(m, now=0.0)
+    first = dict(status("n1", role="leader"), quorum_losses=2)  # from before the console
+    m.update("n1", first, 0.5)
+    assert kinds(m, "quorum_lost") == []
+    m.update("n1", dict(status("n1", role="follower", leader=None), quorum_losses=3), 1.0)
+    m.update("n1", dict(status("n1", role="follower", leader=None), quorum_losses=3), 1.5)
+    [ev] = kinds(m, "quorum_lost")
+    assert ev.node == "n1" and ev.ts == 1.0 and "no quorum answered" in ev.text
