@@ -1484,12 +1484,18 @@ async def _cmd_transfer(args, inv) -> int:
 # == membership ==================================================================================
 
 
-async def _membership(client, inv) -> tuple[str, dict]:
+async def _membership(client) -> tuple[str, dict]:
     """The leader and its status (voters, learners, commit)."""
     leader = await client.find_leader()
     if leader is None:
         raise CliError("no leader: a membership change needs one (`raftdeck status`)")
     return leader, await client.call(leader, "status")
+
+
+async def _ask_add(client, leader: str, node, *, learner: bool):
+    """The leader's add_node request for an inventory node: as a learner, or a voter."""
+    return await client.call(leader, "add_node", node=node.name, host=node.host,
+                             port=node.port, priority=node.priority, learner=learner)
 
 
 async def _cmd_add_node(args, inv) -> int:
@@ -1503,12 +1509,11 @@ async def _cmd_add_node(args, inv) -> int:
     done: list[str] = []
     loop = asyncio.get_running_loop()
     async with _Cluster(inv, args) as client:
-        leader, st = await _membership(client, inv)
+        leader, st = await _membership(client)
         members = _members_of([st])
         if node.name not in members:
             try:
-                await client.call(leader, "add_node", node=node.name, host=node.host,
-                                  port=node.port, priority=node.priority, learner=True)
+                await _ask_add(client, leader, node, learner=True)
             except Exception as e:
                 raise CliError(f"the leader {leader} refused to add {node.name}: {e}") from None
             done.append("added as a learner")
@@ -1542,21 +1547,20 @@ async def _cmd_add_node(args, inv) -> int:
             raise CliError(f"{node.name} did not catch up within {args.wait_s:g}s "
                            f"(applied {applied}, the leader's commit was {target}); see "
                            f"`raftdeck status` and `raftdeck logs {node.name}`")
-        leader, st = await _membership(client, inv)
+        leader, st = await _membership(client)
         if want_voter and node.name not in (st.get("voters") or ()):
             while True:  # refused while it lags (learner_promotion_lag): try again
                 try:
-                    await client.call(leader, "add_node", node=node.name, host=node.host,
-                                      port=node.port, priority=node.priority, learner=False)
+                    await _ask_add(client, leader, node, learner=False)
                     break
                 except Exception as e:
                     if loop.time() > deadline:
                         raise CliError(f"the leader {leader} refused to make {node.name} a "
                                        f"voter: {e}") from None
                     await asyncio.sleep(0.2)
-                    leader, _ = await _membership(client, inv)
+                    leader, _ = await _membership(client)
             done.append("made a voter")
-        leader, st = await _membership(client, inv)
+        leader, st = await _membership(client)
     role = "voter" if node.name in (st.get("voters") or ()) else "learner"
     if args.json:
         _print_json({"node": node.name, "role": role, "done": done, "leader": leader,
@@ -1574,7 +1578,7 @@ async def _cmd_remove_node(args, inv) -> int:
     node = _node(inv, args.node)
     loop = asyncio.get_running_loop()
     async with _Cluster(inv, args) as client:
-        leader, st = await _membership(client, inv)
+        leader, st = await _membership(client)
         members = _members_of([st])
         if node.name not in members:
             raise CliError(f"{node.name} is not a member of the running cluster "

@@ -52,7 +52,6 @@ from .raft.messages import (
     NotLeader,
     ProposalDropped,
     RaftError,
-    Role,
     Snapshot,
     SnapshotMeta,
 )
@@ -231,7 +230,7 @@ class Driver:
         self._failure: BaseException | None = None  # from a direct round, raised here
         self.direct_rounds = 0
         self.early_campaigns = 0  # leader_lost notices that made this node campaign early
-        self.quorum_losses = 0  # times this node stopped leading for want of a quorum
+        self._quorum_losses_seen = node.quorum_losses  # RaftNode.quorum_losses, last looked at
         self.dropped_inbox = 0
         self.messages_in = 0
         self.messages_out = 0
@@ -240,8 +239,7 @@ class Driver:
         # tick, and after every round that applied entries.
         self.on_tick: Callable[[], None] | None = None
         self.after_apply: Callable[[], None] | None = None
-        # Called when this node stops leading for want of a quorum (CheckQuorum: leader to
-        # follower in the same term, no leader known).
+        # Called when this node stopped leading for want of a quorum (RaftNode.quorum_losses).
         self.on_quorum_lost: Callable[[], None] | None = None
 
     # == entry points for other tasks =====================================================
@@ -485,9 +483,8 @@ class Driver:
         self._serve_reads()
         if node.role is not prev_role or node.lead != prev_lead or node.term != prev_term:
             self._seen = (node.role, node.lead, node.term)
-            if (prev_role is Role.LEADER and node.role is Role.FOLLOWER and node.lead is None
-                    and node.term == prev_term):
-                self.quorum_losses += 1
+            if node.quorum_losses != self._quorum_losses_seen:
+                self._quorum_losses_seen = node.quorum_losses
                 if self.on_quorum_lost is not None:
                     self.on_quorum_lost()
             if node.lead != prev_lead and node.lead is not None:
@@ -840,7 +837,7 @@ class Driver:
                       "recent_ms": round(self.sync_ewma * 1000, 3)},
             "direct_rounds": self.direct_rounds,
             "early_campaigns": self.early_campaigns,
-            "quorum_losses": self.quorum_losses,
+            "quorum_losses": self.node.quorum_losses,
             "pending_proposals": len(self._proposals),
             "pending_reads": len(self._reads_by_ctx) + len(self._reads_ready),
             "inbox_dropped": self.dropped_inbox,

@@ -895,8 +895,6 @@ class DiskStorage:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- internals: state ---------------------------------------------------------------
-
     # -- joining ---------------------------------------------------------------------------
 
     # A node added to a running cluster (``nodeagent run --join``) must not bootstrap the
@@ -924,6 +922,8 @@ class DiskStorage:
                     self._fsync_dir(self._dir)
             except BaseException as exc:
                 self._fail(exc)
+
+    # -- internals: state ---------------------------------------------------------------
 
     def _last_index(self) -> int:
         return self._base_index + len(self._terms)

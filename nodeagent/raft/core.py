@@ -151,6 +151,7 @@ class RaftNode:
         # disk about to fill). A leader in it hands leadership to a fit voter, and leader
         # priority never hands it to one in it (_maybe_transfer_to_priority).
         self.unfit: frozenset[NodeId] = frozenset()
+        self.quorum_losses = 0  # times this node stopped leading for want of a quorum
         self._step_role: Callable[[Message], None] = self._step_follower
         self._tick: Callable[[], None] = self._tick_election
         self._become_follower(self.term, None)
@@ -546,6 +547,7 @@ class RaftNode:
             if self.cfg.check_quorum:
                 active = [n for n, pr in self.prs.items() if pr.recent_active or n == self.id]
                 if not quorum.has_quorum(self.conf.voters, active):
+                    self.quorum_losses += 1
                     self._become_follower(self.term, None)  # CheckQuorum: step down
                     return
                 for nid, pr in self.prs.items():

@@ -174,3 +174,17 @@ def test_a_node_that_joins_later_learns_membership_from_the_leader(via_snapshot)
     assert net["d"].status()["voters"] == ["a", "b", "c"]
     assert net["d"].status()["learners"] == ["d"]
     assert net.apps["d"].values == [b"x"]
+
+
+def test_quorum_losses_count_checkquorum_step_downs_only():
+    """``quorum_losses`` (status; the agent closes its links on each) counts a leader's
+    CheckQuorum step-down, not a leader stepping down because it removed itself."""
+    net = elected("abc")
+    net.propose_conf_change("a", remove("a"))
+    net.stabilize()
+    assert net["a"].role is not Role.LEADER and net["a"].quorum_losses == 0
+
+    net = elected("abc")
+    net.isolate("a")
+    net.tick_all(3 * ET)
+    assert net["a"].role is not Role.LEADER and net["a"].quorum_losses == 1
