@@ -108,7 +108,8 @@ class LocalCluster:
     def log_path(self, name: str) -> Path:
         return self.tmp / f"{name}.log"
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, join: bool = False) -> None:
+        """Start ``name``'s agent; ``join``: with ``--join`` (added to a running cluster)."""
         assert name not in self.procs or self.procs[name].poll() is not None, f"{name} runs"
         from console.procs import sighup_held
 
@@ -117,7 +118,8 @@ class LocalCluster:
         with sighup_held():
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "nodeagent.cli", "run", "--inventory", str(self.inventory),
-                 "--name", name, "--log-file", str(self.log_path(name))],
+                 "--name", name, "--log-file", str(self.log_path(name)),
+                 *(["--join"] if join else [])],
                 cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=err,
             )
         err.close()

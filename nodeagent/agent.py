@@ -28,7 +28,8 @@ from .raft.core import RaftNode
 from .raft.messages import ConfChange, ConfChangeOp, ConfState, Role
 from .metrics import serve_metrics
 from .statusmap import compact_status, keepalive_s, status_delta
-from .storage import DiskStorage
+from .peerids import PeerIds
+from .storage import DiskStorage, StorageFailed
 from .tasks import TaskManager, now_ms, report_command
 from .telemetry import AgentMetrics, TimedStorage
 from .tlsstream import TLSStream
@@ -147,11 +148,13 @@ class Agent:
         if self.join and persisted.is_empty():
             log.info("joining: waiting for the leader's log", extra={"peers": sorted(self.addresses)})
         self.storage.forget_recovered()  # the core has the entries now
+        self.data_id = self.storage.data_id()
+        self.peer_ids = PeerIds(self.node_id, self.storage.peer_data_ids())
         self.server_ssl, self.client_ssl, self.tls_cert = self._tls_contexts()
         self._adopt_contexts()
         self.transport = Transport(self.node_id, self.cluster_name, dict(self.addresses),
                                    max_frame=max(self.max_frame, 64 << 20), rng=self.rng,
-                                   ssl_context=self.client_ssl)
+                                   ssl_context=self.client_ssl, data_id=self.data_id)
         storage = self.storage
         if self.metrics is not None:
             storage = TimedStorage(self.storage, self.metrics.fsync)
@@ -366,6 +369,24 @@ class Agent:
         else:
             return
         self.transport.set_peers({n: a for n, a in self.addresses.items() if n != self.node_id})
+
+    def admit_peer(self, node: str, data_id: str | None) -> str | None:
+        """None if ``node``'s link, which came with ``data_id``, may be used; else why not
+        (a voter back on another data directory: nodeagent/peerids.py)."""
+        first = node not in self.peer_ids.refused
+        verdict = self.peer_ids.admit(node, data_id, voter=node in self.driver.node.conf.voters)
+        if verdict.changed:
+            # Durable before the link is used: after a crash this node must still know it.
+            try:
+                self.storage.set_peer_data_ids(self.peer_ids.known)
+            except StorageFailed as e:  # the driver's next write stops the agent (exit 3)
+                return f"{self.node_id} cannot write its data directory: {e}"
+        if verdict.ok:
+            return None
+        if first:
+            log.error("peer refused: a voter came back with another data directory", extra={
+                "peer": node, **self.peer_ids.refused[node], "reason": verdict.message})
+        return verdict.message
 
     # == requests ===============================================================================
 
@@ -650,6 +671,8 @@ class Agent:
             "capacity": self.cfg.node.capacity,
             "load": msgpack.unpackb(self.driver.node.report, raw=False),
             "faults": self.transport.faults().to_wire_list(),
+            "data_id": self.data_id,
+            "refused_peers": {n: dict(r) for n, r in sorted(self.peer_ids.refused.items())},
             "transport": self.transport.stats(),
             "storage": {k: v for k, v in storage.items() if k in (
                 "fsync", "segments", "bytes", "first_index", "last_index", "snapshot_index",

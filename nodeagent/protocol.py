@@ -557,6 +557,7 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         req("version", UINT),
         opt("node", NODE),
         opt("client_id", NAME),
+        opt("data_id", Str(8, 64)),
         when=(("role", "peer", ("node",)),),
         doc="first frame of every connection, from the side that connected",
     ),

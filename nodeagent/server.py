@@ -395,6 +395,9 @@ class Server:
                 if identity.name != hello["node"]:
                     raise Refused("forbidden", f"the certificate is node {identity.name!r}'s, but "
                                                f"the hello says {hello['node']!r}")
+            refusal = agent.admit_peer(hello["node"], hello.get("data_id"))
+            if refusal is not None:
+                raise Refused("data_dir_changed", refusal, level=logging.DEBUG)  # the agent logs it
             self.pending -= 1
             self.peers += 1
             conn.kind = "peer"

@@ -5,6 +5,8 @@ One ``DiskStorage`` owns one data directory::
 
     <data_dir>/LOCK                                   flock: one process per data dir
     <data_dir>/hardstate                              term + vote + commit, one record
+    <data_dir>/data_id                                this directory's random id (text)
+    <data_dir>/peer_data_ids.json                     the data id each peer last came with
     <data_dir>/wal/wal-<first index, 20 digits>.log   WAL segments, in write order
     <data_dir>/snap/snap-<index, 20 digits>-<term>.snap   the newest two snapshots
 
@@ -46,9 +48,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
+import secrets
 import struct
 import threading
 import time
@@ -88,6 +92,7 @@ _RECORD_KINDS = _ENTRY_KINDS | {REC_TRUNCATE, REC_RESET}
 _FORMAT_VERSION = 1
 _SEG_RE = re.compile(r"^wal-(\d{20})\.log$")
 _SNAP_RE = re.compile(r"^snap-(\d{20})-(\d+)\.snap$")
+_DATA_ID_RE = re.compile(r"[0-9a-f]{8,64}")
 _NONZERO = re.compile(rb"[^\x00]")
 _KEEP_SNAPSHOTS = 2
 
@@ -920,6 +925,69 @@ class DiskStorage:
                 elif os.path.exists(path):
                     os.unlink(path)
                     self._fsync_dir(self._dir)
+            except BaseException as exc:
+                self._fail(exc)
+
+    # -- identity ---------------------------------------------------------------------------
+
+    # A random id made when the directory is first used (or first opened by a version that
+    # had none) and never changed. A voter started again on an empty directory comes back
+    # with a new one; its peers, which remember the id each peer came with, can tell it lost
+    # its log and votes (nodeagent/peerids.py). Delete the whole directory or nothing: a
+    # directory that keeps this file but lost its log cannot be told apart from a whole one.
+    DATA_ID = "data_id"
+    PEER_DATA_IDS = "peer_data_ids.json"
+
+    def data_id(self) -> str:
+        """This directory's id, written (durably) at the first call if there is none."""
+        path = os.path.join(self._dir, self.DATA_ID)
+        with self._lock:
+            self._check_usable()
+            try:
+                with open(path, "rb") as f:
+                    text = f.read(256).decode("ascii", "replace").strip()
+                if _DATA_ID_RE.fullmatch(text):
+                    return text
+                # A damaged id is treated as none: the peers then refuse this node if it was
+                # a voter they knew, which is the safe side.
+                log.warning("data id file unreadable; making a new one",
+                            extra={"path": path, "content": text[:40]})
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._fail(exc)
+            new = secrets.token_hex(8)
+            try:
+                self._write_atomic(path, new.encode() + b"\n")
+            except BaseException as exc:
+                self._fail(exc)
+            return new
+
+    def peer_data_ids(self) -> dict[str, str]:
+        """The data id each peer last came with (``{}`` if the file is missing or damaged)."""
+        path = os.path.join(self._dir, self.PEER_DATA_IDS)
+        try:
+            with open(path, "rb") as f:
+                raw = json.loads(f.read(1 << 20))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("peer data ids unreadable; starting afresh",
+                        extra={"path": path, "error": str(exc)})
+            return {}
+        if not isinstance(raw, dict):
+            return {}
+        return {k: v for k, v in raw.items()
+                if isinstance(k, str) and isinstance(v, str) and _DATA_ID_RE.fullmatch(v)}
+
+    def set_peer_data_ids(self, ids: dict[str, str]) -> None:
+        """Replace the peer data ids, durably (temp file, fsync, rename, directory fsync)."""
+        path = os.path.join(self._dir, self.PEER_DATA_IDS)
+        data = json.dumps(dict(sorted(ids.items())), indent=1).encode() + b"\n"
+        with self._lock:
+            self._check_usable()
+            try:
+                self._write_atomic(path, data)
             except BaseException as exc:
                 self._fail(exc)
 

@@ -468,6 +468,7 @@ class Transport:
         send_timeout: float = 10.0,
         backoff: tuple[float, float] = (0.05, 1.0),
         clock: Callable[[], float] = trio.current_time,
+        data_id: str | None = None,
     ) -> None:
         if outbox_size < 1 or outbox_bytes < 1:
             raise ValueError("outbox_size and outbox_bytes must be at least 1")
@@ -487,9 +488,11 @@ class Transport:
         self._backoff = (float(backoff[0]), float(backoff[1]))
         self._clock = clock
         # Validates node_id and cluster now, not at the first connection.
-        self._hello = encode(
-            {"type": "hello", "role": "peer", "cluster": cluster, "version": PROTOCOL_VERSION, "node": node_id}
-        )
+        hello = {"type": "hello", "role": "peer", "cluster": cluster, "version": PROTOCOL_VERSION,
+                 "node": node_id}
+        if data_id is not None:  # which data directory this node runs on (nodeagent/peerids.py)
+            hello["data_id"] = data_id
+        self._hello = encode(hello)
         self._faults = FaultRules()
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
