@@ -30,7 +30,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, RichLog, Static
 
 from console.certs import cert_alerts, node_rows
-from console.disk import disk_alerts
+from console.disk import disk_alerts, refused_alerts
 from console.client import AgentConnection, ClusterClient, ConnectionFailed
 from console.cluster import ClusterModel, NodeInfo, NodeRow
 from console.widgets.node_table import Column, NodeTable, TableRow
@@ -322,6 +322,7 @@ class RaftdeckApp(App):
         self._events_seen = 0
         self._cert_alerts: list[str] = []
         self._disk_alerts: list[str] = []
+        self._refused_alerts: list[str] = []
         self._cert_checked = -1.0  # mono time of the last look at the certificates
         self._tasks: list[asyncio.Task] = []
 
@@ -408,10 +409,13 @@ class RaftdeckApp(App):
             sts = {n: m.status(n) for n in m.names}
             self._cert_alerts = cert_alerts(node_rows(sts), self.wall())
             self._disk_alerts = disk_alerts(sts)
+            self._refused_alerts = refused_alerts(sts)
         if self._cert_alerts:
             line2.append(f"   TLS: {'; '.join(self._cert_alerts)}", "bold yellow")
         if self._disk_alerts:
             line2.append(f"   DISK LOW: {'; '.join(self._disk_alerts)}", "bold red")
+        if self._refused_alerts:
+            line2.append(f"   DATA LOST: {'; '.join(self._refused_alerts)}", "bold red")
         self.query_one("#health", Static).update(Text("\n").join([line1, line2]))
         log = self.query_one("#events", RichLog)
         for ev in m.new_events(self._events_seen):

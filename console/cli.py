@@ -22,7 +22,7 @@ from typing import Any
 
 from console.argtypes import int_range, positive_float
 from console.certs import cert_lines
-from console.disk import disk_lines
+from console.disk import disk_lines, refused_lines, refused_voters
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -1025,7 +1025,8 @@ async def _cmd_status(args, inv) -> int:
                        cert=(s.get("security") or {}).get("cert"),
                        ca=[c.get("sha256") for c in (s.get("security") or {}).get("ca") or ()],
                        untrusted_closed=(s.get("security") or {}).get("untrusted_closed"),
-                       disk=s.get("disk"), error=None)
+                       disk=s.get("disk"), refused_peers=s.get("refused_peers") or {},
+                       error=None)
         else:
             row.update(role=None, term=None, leader=None, commit=None, applied=None, lag=None,
                        digest=None, load=None, faults=None, fault_rules=None, cert=None,
@@ -1033,6 +1034,7 @@ async def _cmd_status(args, inv) -> int:
         nodes.append(row)
     tls = "on" if inv.cluster.tls is not None else "off"
     health["tls"] = tls == "on"
+    health["refused_voters"] = refused_voters(sts)
     if args.json:
         _print_json({"nodes": nodes, "health": health})
     else:
@@ -1061,7 +1063,7 @@ async def _cmd_status(args, inv) -> int:
                                " (anyone who reaches a port may run any command)"))
         for ln in cert_lines(nodes, time.time()):
             print(ln)
-        for ln in disk_lines(sts):
+        for ln in disk_lines(sts) + refused_lines(sts):
             print(ln)
     return EXIT_OK if health["quorum"] else EXIT_FAIL
 

@@ -278,7 +278,7 @@ class _Node:
         "running", "queued", "load", "tasks", "exec_fail", "faults", "fault_keys",
         "match", "lag", "view",
         "history", "agree_n", "conflict_n", "digest_ok",
-        "changed_at", "version", "load_hist", "row", "quorum_losses",
+        "changed_at", "version", "load_hist", "row", "quorum_losses", "refusing",
     )
 
     def __init__(self, info: NodeInfo, history_len: int) -> None:
@@ -311,6 +311,7 @@ class _Node:
         self.load_hist: deque[float | None] = deque(maxlen=history_len)
         self.row: NodeRow | None = None
         self.quorum_losses: int | None = None  # status quorum_losses, last seen
+        self.refusing: frozenset = frozenset()  # status refused_peers' names, last seen
 
 
 def _int(v: Any) -> int | None:
@@ -516,6 +517,14 @@ class ClusterModel:
                 self._event("quorum_lost", name, f"{name} stopped leading: no quorum answered "
                             "it for an election timeout (cut off, or it hears nobody)")
             st.quorum_losses = losses
+        refused = status.get("refused_peers")
+        refusing = frozenset(refused) if isinstance(refused, Mapping) else frozenset()
+        if refusing != st.refusing:
+            for peer in sorted(refusing - st.refusing):
+                self._event("peer_refused", name, f"{name} refuses {peer}: a voter back with "
+                            "another data directory (it lost its log and votes); restore it, or "
+                            f"remove-node {peer}, empty its data directory, add-node {peer}")
+            st.refusing = refusing
 
         # -- leader views, claims, terms, elections ----------------------------------------
         if leader is None and role == "leader":

@@ -569,3 +569,18 @@ def test_a_leader_that_lost_its_quorum_is_an_event_once():
     m.update("n1", dict(status("n1", role="follower", leader=None), quorum_losses=3), 1.5)
     [ev] = kinds(m, "quorum_lost")
     assert ev.node == "n1" and ev.ts == 1.0 and "no quorum answered" in ev.text
+
+
+def test_a_voter_refused_for_another_data_directory_is_an_event_per_refusing_node():
+    m = model()
+    feed_cluster(m, now=0.0)
+    refused = {"n2": {"known": "a" * 16, "offered": "b" * 16, "refusals": 1}}
+    for t in (1.0, 1.5):  # seen twice: one event
+        m.update("n1", dict(status("n1", role="leader"), refused_peers=refused), t)
+    m.update("n3", dict(status("n3"), refused_peers=refused), 2.0)
+    evs = kinds(m, "peer_refused")
+    assert [(e.node, e.ts) for e in evs] == [("n1", 1.0), ("n3", 2.0)]
+    assert "n1 refuses n2" in evs[0].text and "remove-node n2" in evs[0].text
+    m.update("n1", dict(status("n1", role="leader"), refused_peers={}), 3.0)  # let in again
+    m.update("n1", dict(status("n1", role="leader"), refused_peers=refused), 4.0)
+    assert len(kinds(m, "peer_refused")) == 3

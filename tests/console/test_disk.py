@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from console.demo import demo_app
-from console.disk import disk_alerts, disk_lines, low_disks
+from console.disk import disk_alerts, disk_lines, low_disks, refused_alerts, refused_lines
 from console.testing import until
 
 MIB = 1 << 20
@@ -49,5 +49,41 @@ def test_the_header_shows_a_low_disk_and_clears_it():
             await until(pilot, lambda: "DISK LOW: n2 90 MiB free" in header(), 10, lambda: header())
             feed({"n2": 4000})
             await until(pilot, lambda: "DISK LOW" not in header(), 10, lambda: header())
+
+    asyncio.run(main())
+
+
+def test_a_refused_voter_is_named_with_who_refuses_it_and_the_way_out():
+    r = {"known": "a" * 16, "offered": "b" * 16, "refusals": 3}
+    sts = {"n1": {"refused_peers": {"n2": r}}, "n3": {"refused_peers": {"n2": r}},
+           "n4": {"refused_peers": {}}, "n5": "no answer", "n6": {}}
+    assert refused_alerts(sts) == ["n2 (refused by n1, n3)"]
+    [line] = refused_lines(sts)
+    assert line.startswith("data: ERROR: n1, n3 refuse n2: it is a voter"), line
+    assert "`raftdeck remove-node n2`" in line and "`raftdeck add-node n2`" in line
+    assert refused_lines({"n1": {"refused_peers": {}}}) == []
+
+
+def test_the_header_shows_a_refused_voter_and_clears_it():
+    app = demo_app()
+    clock = [app.mono()]
+    app.mono = lambda: clock[0]
+    m = app.model
+
+    def feed(refused: dict) -> None:
+        clock[0] += 2.0
+        m.update("n1", {**m.status("n1"), "refused_peers": refused}, clock[0])
+
+    feed({"n2": {"known": "a" * 16, "offered": "b" * 16, "refusals": 1}})
+
+    async def main():
+        async with app.run_test(size=(160, 40)) as pilot:
+            def header() -> str:
+                return str(app.query_one("#health").content)
+
+            await until(pilot, lambda: "DATA LOST: n2 (refused by n1)" in header(), 10,
+                        lambda: header())
+            feed({})
+            await until(pilot, lambda: "DATA LOST" not in header(), 10, lambda: header())
 
     asyncio.run(main())

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -76,6 +78,13 @@ def test_a_voter_that_lost_its_data_cannot_elect_a_leader_without_a_committed_wr
             assert st["data_id"] == r["offered"]
             err = st["transport"]["peers"][stale].get("last_error") or ""
             assert "data_dir_changed" in err and "remove-node" in err, err
+
+            # What the operator reads.
+            out = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "console.cli", "--inventory", str(lc.inventory), "status"],
+                capture_output=True, text=True, timeout=60)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("data: ERROR:")), "")
+            assert f"{stale} refuses {wiped}" in line and f"remove-node {wiped}" in line, out
 
             # Without the check, stale wins wiped's vote within a few election timeouts.
             deadline = time.monotonic() + 6.0
