@@ -810,7 +810,11 @@ class Transport:
                     delay = backoff_delay(failures, *self._backoff, self._rng)
                     fields = self._fields(link, error=link.last_error, attempt=failures, delay_s=round(delay, 3))
                     if up_for is None and failures == 1:  # once per outage, not per retry
-                        log.info("peer unreachable", extra=fields)
+                        if "data_dir_changed" in (link.last_error or ""):
+                            log.error("refused by a peer: it knew this node on another data "
+                                      "directory", extra=fields)
+                        else:
+                            log.info("peer unreachable", extra=fields)
                     else:
                         log.debug("peer link retrying", extra=fields)
                     link.backing_off = True

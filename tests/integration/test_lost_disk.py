@@ -13,6 +13,7 @@ back for n_wiped is the documented one: removed, emptied, added again with ``--j
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,11 @@ def test_a_voter_that_lost_its_data_cannot_elect_a_leader_without_a_committed_wr
             assert st["data_id"] == r["offered"]
             err = st["transport"]["peers"][stale].get("last_error") or ""
             assert "data_dir_changed" in err and "remove-node" in err, err
+            said = [json.loads(ln) for ln in lc.log_path(wiped).read_text().splitlines()]
+            assert any(r["level"] == "error" and r["msg"].startswith("refused by a peer")
+                       and r.get("peer") == stale for r in said), said[-5:]
+            said = [json.loads(ln) for ln in lc.log_path(stale).read_text().splitlines()]
+            assert [r.get("peer") for r in said if r["msg"].startswith("peer refused")] == [wiped]
 
             # What the operator reads.
             out = await asyncio.to_thread(subprocess.run, [
