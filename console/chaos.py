@@ -55,14 +55,22 @@ NEMESES = ("kill", "pause", "partition", "latency")
 # "member" removes a follower from the membership and stops it, then adds it back (a
 # learner, started with its data directory as it was, then a voter). "oneway" cuts one
 # node's links in one direction only (half the time the leader's): it hears nobody
-# ("deaf": its own messages still arrive) or nobody hears it ("mute").
-KINDS = NEMESES + ("ca", "disk", "member", "oneway")
+# ("deaf": its own messages still arrive) or nobody hears it ("mute"). "wipe" kills a
+# voter (half the time the leader), empties its data directory and starts it again: every
+# agent that counts it a voter must refuse it (it lost its log and votes), until it is
+# removed, emptied again and added back with --join; a cluster the run starts.
+KINDS = NEMESES + ("ca", "disk", "member", "oneway", "wipe")
 PLANTED = ("stale-reads",)
 CA_NEMESIS_NEEDS = ("the ca nemesis replaces the CA of a cluster the run starts with TLS; "
                     "drop --no-tls and --attach, or the ca kind")
 # After the nemesis stops and everything is healed, a leader must be elected within this
 # many seconds (docs/OPERATIONS.md "Chaos"): generous for a loaded 2-core machine.
 LIVENESS_BOUND_S = 20.0
+WIPE_NEMESIS_NEEDS = ("the wipe nemesis empties the data directories of a cluster the run "
+                      "starts: drop --attach, or the wipe kind")
+# A voter started on an emptied data directory must be refused by every agent that counts
+# it a voter within this many seconds (the wiped_refused check).
+WIPE_REFUSED_S = 20.0
 DISK_NEMESIS_NEEDS = ("the disk nemesis mounts a small filesystem (tmpfs) under each agent's "
                       "data directory of a cluster the run starts: run it as root, without "
                       "--attach")
@@ -115,7 +123,7 @@ class _Target:
     def address(self, name: str) -> tuple[str, int]: ...
     def rotate_ca(self, down: set[str]) -> str: ...
     def kill(self, name: str) -> None: ...
-    def start(self, name: str) -> None: ...
+    def start(self, name: str, join: bool = False) -> None: ...
     def pause(self, name: str) -> None: ...
     def resume(self, name: str) -> None: ...
     def alive(self, name: str) -> bool: ...
@@ -209,8 +217,19 @@ class _Owned(_Target):
     def kill(self, name):
         self.lc.kill(name)
 
-    def start(self, name):
-        self.lc.start(name)
+    def start(self, name, join=False):
+        self.lc.start(name, join=join)
+
+    def wipe(self, name: str) -> None:
+        """Empty the node's data directory (its contents: it may be a mount point)."""
+        import shutil
+
+        data = self.lc.tmp / "data" / name
+        for p in data.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
     def pause(self, name):
         self.lc.pause(name)
@@ -260,8 +279,8 @@ class _Attached(_Target):
     def kill(self, name):
         self.procs.kill(name)
 
-    def start(self, name):
-        self.procs.start(self.procs.node(name))
+    def start(self, name, join=False):
+        self.procs.start(self.procs.node(name), join=join)
 
     def pause(self, name):
         self.procs.pause(name)
@@ -294,6 +313,7 @@ class _Run:
     disk_stops: list[dict] = field(default_factory=list)  # agents the disk nemesis stopped
     member_changes: list[dict] = field(default_factory=list)  # the member nemesis' round trips
     oneway_leaders: list[dict] = field(default_factory=list)  # leaders the oneway nemesis cut
+    wipes: list[dict] = field(default_factory=list)  # voters the wipe nemesis emptied
     notes: dict[str, Any] = field(default_factory=dict)  # what a script wants in the report
 
     def record(self, client: int, call: int, op: str, key: str, status: str, *,
@@ -561,6 +581,8 @@ async def _nemesis(run: _Run, admin: ClusterClient, stop: asyncio.Event) -> None
             await _fill_disk(run, target, leader, rest)
         elif kind == "member":
             await _member_out_and_in(run, admin, rng, rest)
+        elif kind == "wipe":
+            await _wipe_voter(run, admin, rng, rest)
         elif kind == "ca":
             step = run.target.rotate_ca(run.killed)
             run.fault_event("start", "ca", step=step)
@@ -676,6 +698,91 @@ async def _member_out_and_in(run: _Run, admin: ClusterClient, rng: random.Random
                     action="back as a voter" if voter else "NOT BACK as a voter")
 
 
+async def _wipe_voter(run: _Run, admin: ClusterClient, rng: random.Random, rest) -> None:
+    """Kill a voter (the leader half the time), empty its data directory and start it:
+    it bootstraps as if new. Every other agent that counts it a voter must refuse it (the
+    wiped_refused check). After the fault's time, the documented way back: the leader
+    removes it, it is stopped and emptied again, added as a learner, started with
+    --join, and made a voter once caught up."""
+    cfg = run.cfg
+    loop = asyncio.get_running_loop()
+    leader = await _leader(run, admin)
+    if leader is None:
+        return
+    try:
+        st = await admin.call(leader, "status")
+        voters = [n for n in st.get("voters") or () if n not in run.killed]
+        victim = leader if rng.random() < 0.5 else rng.choice(sorted(voters))
+        priority = int((await admin.call(victim, "status")).get("priority", 1))
+    except Exception:
+        return
+    if len(st.get("voters") or ()) < 3:
+        return  # with one or two voters the rest has no quorum without it
+    host, port = run.target.address(victim)
+    run.fault_event("start", "wipe", node=victim, leader=victim == leader)
+    await loop.run_in_executor(None, run.target.kill, victim)
+    await loop.run_in_executor(None, run.target.wipe, victim)
+    run.target.start(victim)
+    t0 = time.monotonic()
+    others = [n for n in run.target.names if n != victim]
+    refused_by: list[str] = []
+    owed: list[str] = others
+    while time.monotonic() < t0 + WIPE_REFUSED_S:
+        # Each other agent that counts it a voter must refuse it (one that does not, a
+        # lagging one that has not applied its promotion yet, owes nothing): it says so,
+        # and the wiped node's own link to it is down with the reason.
+        owed, refused_by = [], []
+        try:
+            links = (await asyncio.wait_for(admin.call(victim, "status"), 3.0))["transport"]["peers"]
+        except Exception:
+            links = {}
+        for n in others:
+            try:
+                s = await asyncio.wait_for(admin.call(n, "status"), 3.0)
+            except Exception:
+                owed.append(n)  # not answering: not judged yet
+                continue
+            link = links.get(n) or {"connected": True}
+            if (victim in (s.get("refused_peers") or {}) and not link["connected"]
+                    and "data_dir_changed" in (link.get("last_error") or "")):
+                refused_by.append(n)
+            elif victim in (s.get("voters") or ()):
+                owed.append(n)
+        if not owed:
+            break
+        await asyncio.sleep(0.2)
+    entry = {"node": victim, "t": run.t(), "refused_by": refused_by, "owed": owed,
+             "after_s": round(time.monotonic() - t0, 2)}
+    await rest(cfg.fault_s)
+
+    deadline = loop.time() + max(30.0, cfg.fault_s[1] * 10)
+
+    async def leader_call(type_: str, **fields) -> bool:
+        while loop.time() < deadline:
+            ld = await _leader(run, admin)
+            if ld is not None and ld != victim:
+                try:
+                    await admin.call(ld, type_, **fields)
+                    return True
+                except Exception:
+                    pass
+            await asyncio.sleep(0.2)
+        return False
+
+    removed = await leader_call("remove_node", node=victim)
+    await loop.run_in_executor(None, run.target.kill, victim)
+    await loop.run_in_executor(None, run.target.wipe, victim)
+    added = removed and await leader_call("add_node", node=victim, host=host, port=port,
+                                          priority=priority, learner=True)
+    run.target.start(victim, join=True)
+    voter = added and await leader_call("add_node", node=victim, host=host, port=port,
+                                        priority=priority, learner=False)
+    entry["voter"] = voter
+    run.wipes.append(entry)
+    run.fault_event("end", "wipe", node=victim, refused_by=refused_by,
+                    action="back as a voter" if voter else "NOT BACK as a voter")
+
+
 async def _heal_everything(run: _Run, admin: ClusterClient) -> None:
     for n in sorted(run.paused):
         run.target.resume(n)
@@ -773,6 +880,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         raise ValueError(CA_NEMESIS_NEEDS)
     if "disk" in cfg.nemesis and (cfg.inventory or os.geteuid() != 0):
         raise ValueError(DISK_NEMESIS_NEEDS)
+    if "wipe" in cfg.nemesis and cfg.inventory:
+        raise ValueError(WIPE_NEMESIS_NEEDS)
     if cfg.planted is not None and cfg.planted not in PLANTED:
         raise ValueError(f"unknown planted bug {cfg.planted!r}: choose from {', '.join(PLANTED)}")
     out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="raftdeck-chaos-"))
@@ -841,6 +950,7 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     report["disk_stops"] = run.disk_stops
     report["member_changes"] = run.member_changes
     report["oneway_leaders"] = run.oneway_leaders
+    report["wipes"] = run.wipes
     result = lin.check(ops, seconds=cfg.checker_seconds)
     report["linearizability"] = result.to_json()
     if result.verdict == lin.NON_LINEARIZABLE:
@@ -865,6 +975,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         checks["members_back"] = all(m["voter"] for m in run.member_changes)
     if "oneway" in cfg.nemesis:  # a leader that hears nobody, or nobody hears, gives way
         checks["oneway_leaders"] = all(o["replaced_by"] for o in run.oneway_leaders)
+    if "wipe" in cfg.nemesis:  # refused by every agent that counted it a voter; back again
+        checks["wiped_refused"] = all(not w["owed"] and w["voter"] for w in run.wipes)
     report["checks"] = checks
     report["ok"] = all(checks.values())
     report["verdict"] = ("pass" if report["ok"] else
@@ -905,6 +1017,13 @@ def summary(report: dict[str, Any]) -> str:
                      + (f"each replaced (within {max((o['after_s'] for o in cut), default=0):g}s)"
                         if not slow else f"NOT REPLACED within {ONEWAY_REPLACE_S:g}s: "
                         + json.dumps(slow)))
+    if "wiped_refused" in report["checks"]:
+        wipes = report["wipes"]
+        bad = [w for w in wipes if w["owed"] or not w["voter"]]
+        lines.append(f"wipe: {len(wipes)} voters emptied and started, "
+                     + (f"each refused (within {max((w['after_s'] for w in wipes), default=0):g}s)"
+                        " and back as a voter" if not bad else "NOT AS EXPECTED: "
+                        + json.dumps(bad)))
     if "disk_stops" in report["checks"]:
         stops = report["disk_stops"]
         bad = [d for d in stops if not d["clean"]]
@@ -950,7 +1069,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "run starts; member, which removes a follower from the membership "
                         "and stops it, then adds it back, a learner and then a voter; and "
                         "oneway, which cuts one node's links in one direction: it hears "
-                        "nobody, or nobody hears it)")
+                        "nobody, or nobody hears it; and wipe, which kills a voter, empties its "
+                        "data directory and starts it: the others must refuse it until it is "
+                        "removed and added back; a cluster the run starts)")
     p.add_argument("--seed", type=int, default=None,
                    help="seeds the workload and the fault schedule (default: random, printed)")
     p.add_argument("--clients", type=count(1, 64), default=6, help="concurrent clients (default 6)")
@@ -985,6 +1106,10 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
         from console.cli import EXIT_USAGE, CliError
 
         raise CliError(f"chaos: {DISK_NEMESIS_NEEDS}", EXIT_USAGE)
+    if "wipe" in args.nemesis and args.attach:
+        from console.cli import EXIT_USAGE, CliError
+
+        raise CliError(f"chaos: {WIPE_NEMESIS_NEEDS}", EXIT_USAGE)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     return ChaosConfig(nodes=args.nodes, duration=args.duration, nemesis=tuple(args.nemesis),
                        seed=seed, clients=args.clients, keys=args.keys, tasks=not args.no_tasks,

@@ -148,3 +148,17 @@ def test_a_short_run_with_the_oneway_nemesis_replaces_a_leader_cut_one_way(tmp_p
     assert cut and all(o["replaced_by"] not in (None, o["node"]) for o in cut), cut
     assert any(o["way"] == "deaf" for o in cut), cut
     assert report["checks"]["oneway_leaders"] is True
+
+
+@pytest.mark.integration
+def test_a_short_run_with_the_wipe_nemesis_refuses_the_emptied_voter(tmp_path, capsys):
+    """The opt-in `wipe` kind: a voter killed, its data directory emptied, started again.
+    Every agent that counts it a voter refuses it (it lost its log and votes); then it is
+    removed, emptied, added back with --join and made a voter. The history still checks."""
+    rc = main(["chaos", "--nodes", "3", "--duration", "6", "--nemesis", "wipe",
+               "--seed", "3", "--clients", "3", "--out", str(tmp_path / "o"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, (report["checks"], report["wipes"])
+    wipes = report["wipes"]
+    assert wipes and all(len(w["refused_by"]) == 2 and w["voter"] for w in wipes), wipes
+    assert report["checks"]["wiped_refused"] is True
