@@ -362,6 +362,8 @@ class Agent:
     def _on_conf_change(self, cc: ConfChange) -> None:
         if cc.op is ConfChangeOp.REMOVE:
             self.addresses.pop(cc.node, None)
+            self.peer_ids.refused.pop(cc.node, None)  # no longer a voter: nothing to refuse
+            self.transport.set_refused(cc.node, False)
         elif cc.op in (ConfChangeOp.ADD_LEARNER, ConfChangeOp.ADD_VOTER) and cc.context:
             host, _, port = cc.context.rpartition(":")
             if cc.node != self.node_id and host and port.isdigit():
@@ -375,12 +377,14 @@ class Agent:
         (a voter back on another data directory: nodeagent/peerids.py)."""
         first = node not in self.peer_ids.refused
         verdict = self.peer_ids.admit(node, data_id, voter=node in self.driver.node.conf.voters)
-        if verdict.changed:
+        if verdict.record:
             # Durable before the link is used: after a crash this node must still know it.
             try:
-                self.storage.set_peer_data_ids(self.peer_ids.known)
+                self.storage.set_peer_data_ids(self.peer_ids.known_with(node, data_id))
             except StorageFailed as e:  # the driver's next write stops the agent (exit 3)
                 return f"{self.node_id} cannot write its data directory: {e}"
+            self.peer_ids.recorded(node, data_id)
+        self.transport.set_refused(node, not verdict.ok)  # refused both ways
         if verdict.ok:
             return None
         if first:

@@ -17,8 +17,8 @@ id from it is recorded and let in; that is also how a voter that was removed com
 What it cannot catch: a peer that never talked to the voter before it was wiped has no id
 on record for it and takes the new one as the first.
 
-Pure: no I/O and no clock. The caller persists ``known`` when ``admit`` says it changed,
-before it lets the link in.
+Pure: no I/O and no clock. When ``admit`` asks for a new record, the caller makes it
+durable before it lets the link in.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = ["Admission", "PeerIds"]
 @dataclass(frozen=True, slots=True)
 class Admission:
     ok: bool
-    changed: bool  # ``known`` changed: persist it before letting the link in
+    record: bool = False  # a new id to record: ``known_with`` it must be durable first
     message: str = ""  # why it was refused
 
 
@@ -45,23 +45,30 @@ class PeerIds:
 
     def admit(self, node: str, data_id: str | None, *, voter: bool) -> Admission:
         """Whether ``node``'s link, which came with ``data_id``, may be used; ``voter``:
-        whether ``node`` is a voter in this node's membership now."""
+        whether ``node`` is a voter in this node's membership now. With ``record``, the
+        link may be used once ``recorded(node, data_id)`` has been called, after the
+        caller made ``known_with(node, data_id)`` durable."""
         if data_id is None:  # a hello without the field: nothing to check against
-            return Admission(True, False)
+            return Admission(True)
         had = self.known.get(node)
         if had == data_id:
             self.refused.pop(node, None)
-            return Admission(True, False)
+            return Admission(True)
         if had is not None and voter:
             r = self.refused.setdefault(node, {"known": had, "offered": data_id, "refusals": 0})
             r["offered"] = data_id
             r["refusals"] += 1
-            return Admission(False, False, (
+            return Admission(False, message=(
                 f"{self.node_id} refuses {node}: {node} is a voter, and its data directory is "
                 f"not the one {self.node_id} knew (data id {had}, now {data_id}). A voter that "
                 f"lost its log must not vote. Restore its data directory, or take it out and "
                 f"in again: `raftdeck remove-node {node}`, empty its data directory, then "
                 f"`raftdeck add-node {node}`"))
+        return Admission(True, record=True)
+
+    def known_with(self, node: str, data_id: str) -> dict[str, str]:
+        return {**self.known, node: data_id}
+
+    def recorded(self, node: str, data_id: str) -> None:
         self.known[node] = data_id
         self.refused.pop(node, None)
-        return Admission(True, True)

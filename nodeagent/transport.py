@@ -370,6 +370,7 @@ _COUNTERS: Final = (
     "dropped_fault",
     "dropped_error",
     "dropped_too_large",
+    "dropped_refused",
     "received",
     "dropped_incoming",
 )
@@ -411,6 +412,7 @@ class _Link:
         self.last_connected_at: float | None = None
         self.last_received_at: float | None = None
         self.peer_version: int | None = None
+        self.refused = False  # set_refused: nothing is sent to it
 
     @property
     def address(self) -> str:
@@ -602,6 +604,9 @@ class Transport:
         if link is None:
             self._dropped_unknown += 1
             return None
+        if link.refused:
+            link.counts["dropped_refused"] += 1
+            return None
         now = self._clock()
         if self._faults:
             rules = self._rules_at(now)
@@ -762,7 +767,7 @@ class Transport:
 
         Per peer: address, connected, the counters (connects, connect_failures, disconnects,
         sent, batches, bytes_sent, dropped_full, dropped_fault, dropped_error,
-        dropped_too_large, received, dropped_incoming), queued, queued_bytes, last_error
+        dropped_too_large, dropped_refused, received, dropped_incoming), queued, queued_bytes, last_error
         (``"<phase>: <reason>"``, kept after a reconnect; see last_error_at), peer_version,
         and the ``last_*_at`` times on the transport's clock (compare with ``now``). Totals:
         each counter summed, plus peers, connected (how many), queued, queued_bytes,
@@ -880,6 +885,14 @@ class Transport:
     def _record_error(self, link: _Link, failure: _LinkFailure) -> None:
         link.last_error = failure.text
         link.last_error_at = self._clock()
+
+    def set_refused(self, name: str, refused: bool) -> None:
+        """Send nothing to ``name`` while ``refused`` (``dropped_refused``): a voter the
+        listener refuses (nodeagent/peerids.py) would only be sent heartbeats and, once
+        the log is compacted, the whole snapshot again every election timeout."""
+        link = self._links.get(name)
+        if link is not None:
+            link.refused = refused
 
     def set_ssl_context(self, ctx: ssl.SSLContext | None) -> None:
         """TLS for the links made from now on (a certificate reload); open links keep theirs."""

@@ -103,12 +103,23 @@ def test_a_voter_that_lost_its_data_cannot_elect_a_leader_without_a_committed_wr
             new = await lc.wait_leader(c, among=[leader, stale])
             assert new == leader, new
             assert await c.get("committed") == b"on two of three"
-            assert wiped in (await lc.statuses(c, [leader]))[leader]["refused_peers"]
+            async def refused_both_ways():  # nothing is sent to it either
+                st = (await lc.statuses(c, [leader]))[leader]
+                link = st["transport"]["peers"][wiped]
+                return wiped in st["refused_peers"] and link["dropped_refused"] > 0
+
+            await _eventually(f"{leader} to refuse {wiped} both ways", refused_both_ways)
 
             # The way back: remove it, empty its directory, add it as a learner with
             # --join, then make it a voter again.
-            await c.call(leader, "remove_node", node=wiped)
             lc.kill(wiped)
+            await c.call(leader, "remove_node", node=wiped)
+
+            async def nothing_refused():  # not a voter now: nothing to refuse
+                st = await lc.statuses(c, [leader, stale])
+                return len(st) == 2 and all(not s["refused_peers"] for s in st.values())
+
+            await _eventually("the removed node no longer refused", nothing_refused)
             shutil.rmtree(lc.tmp / "data" / wiped)
             port = lc.ports[wiped]
             await c.call(leader, "add_node", node=wiped, host="127.0.0.1", port=port,
