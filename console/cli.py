@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from console.argtypes import int_range, positive_float
@@ -266,6 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     from console import chaos as _chaos
     _chaos.add_arguments(p)
     p.set_defaults(needs_inventory=False)
+
+    p = cmd("backup", _cmd_backup, "save the cluster's whole state to a file",
+            "Take a backup of the leader's state (or --node's) at its applied index: every key, "
+            "task and client session. It is fetched in chunks, checked against its sha256 and "
+            "written to FILE durably. Admin role. Restore it with `raftdeck restore FILE`.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--node", help="take it on this node instead of the leader (its state may lag)")
+
+    p = cmd("restore", _cmd_restore, "start the inventory's nodes from a backup (offline)",
+            "Write the backup in FILE into the data directory of every inventory node, as a "
+            "snapshot the log starts from, with the inventory's membership; then `raftdeck up` "
+            "starts a new cluster holding the backup's keys and tasks. Every agent must be "
+            "stopped and every data directory empty or absent (move the old ones aside); "
+            "local nodes only.")
+    p.add_argument("file", metavar="FILE")
 
     p = cmd("put", _cmd_put, "write a key", "Write KEY = VALUE (UTF-8) through the leader.")
     p.add_argument("key", metavar="KEY")
@@ -679,8 +695,6 @@ def _last_words(inv, names) -> dict[str, str]:
 
 
 def _tls_dir(inv, given: str | None = None):
-    from pathlib import Path
-
     if given:
         return Path(given)
     if inv.cluster.tls is not None and inv.cluster.tls.dir is not None:
@@ -1628,6 +1642,87 @@ async def _cmd_remove_node(args, inv) -> int:
         print(f"{node.name} removed (entry {index})"
               + ("; its agent stopped" if stopped else "")
               + f"; take it out of {inv.path.name}")
+    return EXIT_OK
+
+
+# == backup and restore ==========================================================================
+
+
+async def _cmd_backup(args, inv) -> int:
+    from console import backup
+
+    path = Path(args.file)
+    if not path.parent.is_dir():
+        raise CliError(f"{path.parent} is not a directory: where should {path.name} go?", EXIT_USAGE)
+    async with _Cluster(inv, args) as client:
+        node = _node(inv, args.node).name if args.node else await client.find_leader()
+        if node is None:
+            raise CliError("no leader to take a backup from (`raftdeck status`); or name a "
+                           "replica with --node")
+        try:
+            b = await backup.fetch(client, node)
+        except backup.BackupError as e:
+            raise CliError(str(e)) from None
+    try:
+        backup.write_file(path, backup.encode(b))
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+    if args.json:
+        _print_json({**b.meta(), "file": str(path)})
+    else:
+        print(f"backup of cluster {b.cluster} from {b.node} at index {b.index} (term {b.term}), "
+              f"{b.size:,} bytes, sha256 {b.sha256[:16]}... -> {path}")
+    return EXIT_OK
+
+
+def _cmd_restore(args, inv) -> int:
+    from console import backup
+    from console.procs import LocalProcesses, is_local
+    from nodeagent.agent import initial_conf
+
+    try:
+        blob = Path(args.file).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {args.file}: {e.strerror or e}", EXIT_USAGE) from None
+    try:
+        b = backup.decode(blob, args.file)
+    except backup.BackupError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    remote = [n.name for n in inv.nodes if not is_local(n)]
+    if remote:
+        raise CliError(f"restore writes local data directories; {', '.join(remote)} "
+                       f"{'has' if len(remote) == 1 else 'have'} ssh: (not supported yet)",
+                       EXIT_USAGE)
+    procs = LocalProcesses(inv)
+    dirs = {}
+    for n in inv.nodes:
+        proc = procs.process(n)
+        if proc.alive or procs.port_in_use(n):
+            raise CliError(f"{n.name}'s agent is running (or something answers on "
+                           f"{_addr(n.host, n.port)}): `raftdeck down` first")
+        d = procs.data_dir(n)
+        if d.exists() and any(d.iterdir()):
+            raise CliError(f"{n.name}'s data directory {d} is not empty: move it aside (a "
+                           f"restore starts every node from the backup) and run again")
+        dirs[n.name] = d
+    conf = initial_conf(inv.agent_config(inv.nodes[0].name))
+    try:
+        state = backup.restored_state(b, conf)
+    except backup.BackupError as e:
+        raise CliError(f"{args.file}: {e}") from None
+    for name, d in dirs.items():
+        try:
+            backup.restore_into(d, b, conf, state)
+        except OSError as e:
+            raise CliError(f"{name}: cannot write {d}: {e}") from None
+    if args.json:
+        _print_json({**b.meta(), "nodes": sorted(dirs), "voters": sorted(conf.voters),
+                     "learners": sorted(conf.learners)})
+    else:
+        other = "" if b.cluster == inv.cluster.name else f" (taken from cluster {b.cluster})"
+        print(f"restored index {b.index} (term {b.term}){other} into {len(dirs)} data "
+              f"directories: {', '.join(sorted(dirs))}; voters {', '.join(sorted(conf.voters))}. "
+              "Start them with `raftdeck up`.")
     return EXIT_OK
 
 

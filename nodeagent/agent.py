@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import dataclasses
+import hashlib
 import os
+import secrets
 import random
 import time
 from typing import Any
@@ -38,6 +40,11 @@ from .transport import FaultRules, Transport
 log = logging.getLogger("nodeagent.agent")
 
 VERSION = "0.1.0"
+# A backup (request ``backup``) is taken once and fetched in chunks of this size; the
+# agent keeps it this long after the last chunk was asked for, and at most two at a time.
+BACKUP_CHUNK = 1 << 20
+BACKUP_KEEP_S = 60.0
+BACKUPS_HELD = 2
 
 
 class Relayed(Exception):
@@ -111,6 +118,7 @@ class Agent:
         self.tls_cut = 0
         # The data directory's filesystem (DiskStorage.disk), refreshed by housekeeping.
         self.disk: dict[str, Any] | None = None
+        self._backups: dict[str, dict[str, Any]] = {}  # id -> a backup being fetched
 
     # == start-up =============================================================================
 
@@ -541,6 +549,50 @@ class Agent:
     async def _rq_unsubscribe(self, session, msg):
         session.unsubscribe()
         return None, None
+
+    async def _rq_backup(self, session, msg):
+        """This replica's whole state at its applied index (every key, task and client
+        session, and the membership), for `raftdeck backup`: taken at the first request
+        (no ``backup`` id) and then handed out ``BACKUP_CHUNK`` bytes at a time."""
+        now = time.monotonic()
+        for k in [k for k, b in self._backups.items() if now - b["used"] > BACKUP_KEEP_S]:
+            del self._backups[k]
+        bid = msg.get("backup")
+        if bid is None:
+            if len(self._backups) >= BACKUPS_HELD:
+                raise RequestFailed("busy", f"{len(self._backups)} backups are being fetched "
+                                            f"from {self.node_id}; retry in a minute")
+            b = await self._take_backup()
+            bid = secrets.token_hex(8)
+            self._backups[bid] = b
+        else:
+            b = self._backups.get(bid)
+            if b is None:
+                raise RequestFailed("rejected", f"no backup {bid} on {self.node_id}: it was "
+                                                f"dropped {BACKUP_KEEP_S:g} s after its last "
+                                                "chunk, or the agent restarted; start again")
+        b["used"] = now
+        off = msg.get("offset", 0)
+        data = b["data"]
+        chunk = data[off:off + BACKUP_CHUNK]
+        if off + len(chunk) >= len(data):
+            self._backups.pop(bid, None)  # the last chunk: done with it
+        return {"backup": bid, "offset": off, "data": chunk,
+                **{k: v for k, v in b.items() if k not in ("data", "used")}}, None
+
+    async def _take_backup(self) -> dict[str, Any]:
+        state, node = self.driver.state, self.driver.node
+        view = state.snapshot_view()  # cheap here; serialized in a worker thread
+        try:
+            index = view.applied_index
+            term = node.log.term(index) if index else 0
+            data = await trio.to_thread.run_sync(st.serialize_view, view)
+        finally:
+            state.release_view(view)
+        log.info("backup taken", extra={"index": index, "term": term, "bytes": len(data)})
+        return {"node": self.node_id, "cluster": self.cluster_name, "index": index,
+                "term": term or 0, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "taken_at_ms": int(time.time() * 1000), "data": data}
 
     async def _rq_transfer(self, session, msg):
         await self._wait("transfer", msg["to"])

@@ -658,6 +658,13 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         "viewer", opt("limit", Int(1, 1_000_000), 20_000),
         doc="this replica's key-value pairs (for the divergence view), at most limit keys",
     ),
+    "backup": _request(
+        "admin",
+        opt("backup", Nullable(Str(1, 64)), None),
+        opt("offset", UINT, 0),
+        doc="this replica's whole state for a backup, taken at the first request (no backup "
+            "id) and fetched in chunks by id and offset",
+    ),
     "task_list": _request(
         "viewer",
         opt("state", Nullable(Str(choices=TASK_STATES)), None),

@@ -1351,6 +1351,16 @@ class StateMachine:
             addresses=dict(self._addresses),
         )
 
+    def reset_membership(self, conf: ConfState) -> None:
+        """Start over with ``conf`` as the membership (no addresses: every member's comes
+        from the inventory), as of the applied index. Only for a backup restored into a
+        new cluster (console/backup.py): every restored node gets the same result, and the
+        core starts from a snapshot carrying the same ``conf``."""
+        _check_conf(conf)
+        self._acc.remove(self._conf_item())
+        self._conf, self._conf_index, self._addresses = conf, self._applied, {}
+        self._acc.add(self._conf_item())
+
     def release_view(self, view: "StateView") -> None:
         """Nothing reads ``view`` any more (its snapshot is written, or failed): the
         key-value table takes the changes made since the capture. A view of a table this

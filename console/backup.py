@@ -1,0 +1,157 @@
+"""Backups of a cluster's state, and restoring one into new data directories.
+
+``raftdeck backup FILE`` asks the leader (or ``--node``) for its whole state at its
+applied index (agent request ``backup``: every key, task and client session), fetches it
+in 1 MiB chunks, checks its sha256 and writes FILE durably (temporary file, fsync, rename,
+directory fsync). It is what etcd's ``snapshot save`` is: a point-in-time copy of what the
+cluster had committed, to start again from when a majority of the data directories is
+lost.
+
+``raftdeck restore FILE`` is offline (etcd's ``snapshot restore``): with every local agent
+stopped and their data directories empty or absent, it writes into each inventory node's
+data directory a Raft snapshot at the backup's index and term, with the *inventory's*
+membership (voters, learners, priorities), and a hard state that commits it. Started with
+``raftdeck up``, the nodes find a log, do not bootstrap, elect a leader, and serve the
+restored keys and tasks. Each directory gets a new data id: this is a new cluster.
+
+File: one msgpack map ``{"format": "raftdeck-backup", "version": 1, "cluster", "node",
+"index", "term", "taken_at_ms", "size", "sha256", "state": bin}``. The pure parts
+(``encode``, ``decode``, ``restored_state``) have no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+FORMAT = "raftdeck-backup"
+VERSION = 1
+_META = ("cluster", "node", "index", "term", "taken_at_ms", "size", "sha256")
+
+
+class BackupError(Exception):
+    """A backup file or restore that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Backup:
+    cluster: str
+    node: str
+    index: int
+    term: int
+    taken_at_ms: int
+    size: int
+    sha256: str
+    state: bytes
+
+    def meta(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _META}
+
+
+# -- the file (pure) ------------------------------------------------------------------------
+
+def encode(b: Backup) -> bytes:
+    return msgpack.packb({"format": FORMAT, "version": VERSION, **b.meta(), "state": b.state},
+                         use_bin_type=True)
+
+
+def decode(blob: bytes, where: str) -> Backup:
+    """The backup in ``blob`` (read from ``where``), checked whole: its sha256 and size."""
+    try:
+        m = msgpack.unpackb(blob, raw=False)
+    except Exception as e:
+        raise BackupError(f"{where}: not a raftdeck backup (it does not decode: {e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BackupError(f"{where}: not a raftdeck backup (no format {FORMAT!r})")
+    if m.get("version") != VERSION:
+        raise BackupError(f"{where}: backup format version {m.get('version')!r}; this raftdeck "
+                          f"reads version {VERSION}")
+    types = {"cluster": str, "node": str, "index": int, "term": int, "taken_at_ms": int,
+             "size": int, "sha256": str, "state": bytes}
+    for k, t in types.items():
+        if not isinstance(m.get(k), t):
+            raise BackupError(f"{where}: field {k!r} missing or not {t.__name__}")
+    b = Backup(**{k: m[k] for k in types})
+    if len(b.state) != b.size or hashlib.sha256(b.state).hexdigest() != b.sha256:
+        raise BackupError(f"{where}: damaged: the state's size or sha256 does not match what "
+                          f"the backup recorded ({b.size} bytes, sha256 {b.sha256[:16]}...)")
+    if b.index < 1 or b.term < 1:
+        raise BackupError(f"{where}: a backup of an empty log (index {b.index}): nothing to "
+                          "restore")
+    return b
+
+
+def restored_state(b: Backup, conf) -> bytes:
+    """The backup's state with ``conf`` as its membership: what every restored node's
+    snapshot holds. Raises BackupError if the state does not load."""
+    from nodeagent.state import StateError, StateMachine
+
+    sm = StateMachine()
+    try:
+        sm.restore(b.state)
+    except StateError as e:
+        raise BackupError(f"the backup's state does not load: {e}") from None
+    if sm.applied_index != b.index:
+        raise BackupError(f"the backup's state is at index {sm.applied_index}, but the backup "
+                          f"says {b.index}")
+    sm.reset_membership(conf)
+    return sm.snapshot()
+
+
+# -- taking one -----------------------------------------------------------------------------
+
+async def fetch(client, node: str) -> Backup:
+    """Take a backup on ``node`` and fetch it whole."""
+    r = await client.call(node, "backup")
+    bid, size = r["backup"], r["size"]
+    parts, got = [r["data"]], len(r["data"])
+    while got < size:
+        r = await client.call(node, "backup", backup=bid, offset=got)
+        if not r["data"]:
+            raise BackupError(f"{node} sent an empty chunk at offset {got} of {size}")
+        parts.append(r["data"])
+        got += len(r["data"])
+    state = b"".join(parts)
+    if hashlib.sha256(state).hexdigest() != r["sha256"]:
+        raise BackupError(f"the backup fetched from {node} does not match its sha256; try again")
+    return Backup(cluster=r["cluster"], node=r["node"], index=r["index"], term=r["term"],
+                  taken_at_ms=r["taken_at_ms"], size=size, sha256=r["sha256"], state=state)
+
+
+def write_file(path: Path, blob: bytes) -> None:
+    """Write ``blob`` to ``path`` durably: temporary file, fsync, rename, directory fsync."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# -- restoring one --------------------------------------------------------------------------
+
+def restore_into(data_dir: Path, b: Backup, conf, state: bytes) -> None:
+    """Write the backup into the empty ``data_dir`` as a snapshot the log starts from."""
+    from nodeagent.raft.messages import HardState, Snapshot, SnapshotMeta
+    from nodeagent.storage import DiskStorage
+
+    with DiskStorage.open(data_dir, fsync=True) as storage:
+        storage.save(HardState(term=b.term, vote=None, commit=b.index), [],
+                     Snapshot(SnapshotMeta(b.index, b.term, conf), state))
+        storage.sync()
+        storage.data_id()  # a new one: this is a new cluster
