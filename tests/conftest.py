@@ -13,6 +13,19 @@ def pytest_report_header(config):
     return report_header()  # which mode the deploy tests run in: netns or loopback
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``long(seconds)`` run first, longest first. With two xdist
+    workers handing out tests in collection order, a 90-second test collected last
+    (tests/ssh sorts late) ran on alone after everything else had finished, and the
+    default run took 9 minutes and more. Only session-scoped fixtures are shared by these
+    tests and their neighbours, so moving them sets nothing up twice."""
+    def seconds(item) -> float:
+        m = item.get_closest_marker("long")
+        return -1 if m is None else (m.args[0] if m.args else 30)
+
+    items.sort(key=seconds, reverse=True)  # stable: the others keep their order
+
+
 @pytest.fixture
 def make_cluster(tmp_path):
     """``make_cluster(n, **options)``: a started LocalCluster of real agent processes;

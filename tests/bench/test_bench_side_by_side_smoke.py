@@ -18,6 +18,7 @@ pytest.importorskip("pysyncobj", reason="the bench extra is not installed")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.long(60)  # seconds, roughly: the longest start first
 def test_quick_run_writes_json_with_every_field(tmp_path):
     out = tmp_path / "r.json"
     argv = ["--quick", "--rounds", "2", "--only", "raftdeck_fsync,pysyncobj_nobatch",

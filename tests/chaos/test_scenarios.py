@@ -205,6 +205,7 @@ def test_tasks_exactly_once_through_kills_and_partitions(tmp_path):
     assert r["tasks"]["final"] == r["tasks"]["acknowledged"]
 
 
+@pytest.mark.long(55)  # seconds, roughly: the longest start first
 def test_short_chaos_run_with_every_nemesis_kind(tmp_path):
     """The issue's "short chaos run in pytest": about a minute, 3 nodes, every kind."""
     r = passed(chaos(tmp_path, None, nemesis=("kill", "pause", "partition", "latency"),

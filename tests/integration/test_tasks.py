@@ -111,6 +111,7 @@ def test_tasks_survive_the_death_of_their_node_or_of_the_leader(make_cluster, vi
     run(main())
 
 
+@pytest.mark.long(37)  # seconds, roughly: the longest start first
 def test_cpu_heavy_tasks_cause_no_election(make_cluster):
     lc = make_cluster(3, capacities={"n1": 2, "n2": 2, "n3": 2})
 

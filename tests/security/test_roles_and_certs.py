@@ -17,7 +17,7 @@ from nodeagent.protocol import MESSAGE_SCHEMAS
 VIEWER_OK = {"status", "subscribe", "unsubscribe", "whoami", "get", "dump", "task_get",
              "task_list", "task_wait"}
 OPERATOR_OK = VIEWER_OK | {"put", "delete", "cas", "register", "submit", "task_cancel"}
-ADMIN_OK = OPERATOR_OK | {"transfer", "add_node", "remove_node", "fault", "heal"}
+ADMIN_OK = OPERATOR_OK | {"transfer", "add_node", "remove_node", "fault", "heal", "backup"}
 REQUESTS = {t for t, s in MESSAGE_SCHEMAS.items() if s.category == "request"}
 
 

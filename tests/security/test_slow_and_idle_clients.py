@@ -61,6 +61,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+@pytest.mark.long(25)  # seconds, roughly: the longest start first
 def test_slow_idle_and_too_many_clients_cannot_starve_the_cluster(tmp_path):
     lc = LocalCluster(tmp_path, 3, election_ms=2000, cluster_extra={
         "max_connections": LIMIT, "handshake_timeout_ms": int(HANDSHAKE_S * 1000),

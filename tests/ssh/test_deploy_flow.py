@@ -168,6 +168,7 @@ def console_kill_and_restart(inv, known_hosts: Path) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.long(85)  # seconds, roughly: the longest start first
 def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     t_start = time.monotonic()
     project, house, upgrade = wheels
