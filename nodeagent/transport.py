@@ -413,6 +413,7 @@ class _Link:
         self.last_received_at: float | None = None
         self.peer_version: int | None = None
         self.refused = False  # set_refused: nothing is sent to it
+        self.plain_hello = False  # the peer just refused data_id: an older agent (Transport._connect)
 
     @property
     def address(self) -> str:
@@ -492,6 +493,7 @@ class Transport:
         # Validates node_id and cluster now, not at the first connection.
         hello = {"type": "hello", "role": "peer", "cluster": cluster, "version": PROTOCOL_VERSION,
                  "node": node_id}
+        self._hello_plain = encode(hello)  # for an agent built before data_id (see _connect)
         if data_id is not None:  # which data directory this node runs on (nodeagent/peerids.py)
             hello["data_id"] = data_id
         self._hello = encode(hello)
@@ -941,10 +943,19 @@ class Transport:
                 with trio.fail_after(self._connect_timeout):
                     await stream.do_handshake()
             phase = "hello"
+            # Without data_id only right after the peer refused it: every other attempt
+            # offers it first (the peer may have been upgraded since).
+            plain, link.plain_hello = link.plain_hello, False
             with trio.fail_after(self._connect_timeout):
-                await stream.send_all(self._hello)
+                await stream.send_all(self._hello_plain if plain else self._hello)
                 reply = await self._receive(stream, decoder)
             if reply["type"] == "error":
+                if reply["code"] == "bad_field" and "data_id" in reply["message"] and not plain:
+                    # An agent built before hello.data_id (its decoder is strict): during a
+                    # rolling upgrade, greet it as it expects on the next attempt; it checks
+                    # no ids anyway.
+                    link.plain_hello = True
+                    log.info("peer predates hello.data_id; greeting it without", extra=self._fields(link))
                 raise _PeerError(reply["code"], reply["message"])
             if reply["type"] != "hello_ok":
                 raise _PeerError("bad_reply", f"expected hello_ok, got {reply['type']}")

@@ -64,8 +64,10 @@ class PeerServer:
 
     def __init__(self, name: str, *, hello_error: tuple[str, str] | None = None, silent: bool = False,
                  reply_node: str | None = None, error_after: int | None = None,
-                 ssl_context: ssl.SSLContext | None = None, hold: trio.Event | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, hold: trio.Event | None = None,
+                 before_data_id: bool = False) -> None:
         self.name = name
+        self.before_data_id = before_data_id  # refuses hello.data_id as agents built before it did
         self.hold = hold  # if given: after hello_ok, read nothing until it is set
         self.hello_error = hello_error
         self.silent = silent
@@ -139,6 +141,11 @@ class PeerServer:
             if hello is None:
                 return
             self.hellos.append(hello)
+            if self.before_data_id and "data_id" in hello:  # the error such an agent sent
+                await stream.send_all(encode({"type": "error", "code": "bad_field", "message": (
+                    "hello: unknown field str 'data_id' (the protocol is strict; known fields: "
+                    "role, cluster, version, node, client_id)")}))
+                return
             if self.silent:
                 await trio.sleep_forever()
             if self.hello_error is not None:
@@ -814,3 +821,29 @@ def test_tls_to_a_plain_server_fails_cleanly(tmp_path):
         assert peer_stats(t, "p1")["connects"] == 0
 
     run(body)
+
+
+def test_an_agent_built_before_data_id_is_greeted_without_it_after_it_refuses_it():
+    """A rolling upgrade: the peer's strict decoder refuses the unknown hello field; the
+    next attempt leaves it out and connects. Every later attempt offers data_id first
+    again (the peer may have been upgraded meanwhile)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            old = PeerServer("n2", before_data_id=True)
+            await old.start(nursery)
+            t = Transport("n1", "c", {"n2": old.addr()}, backoff=(0.01, 0.05), data_id="ab" * 8)
+            await nursery.start(t.run)
+            with trio.fail_after(10):
+                while not peer_stats(t, "n2")["connected"]:
+                    await trio.sleep(0.01)
+            assert [("data_id" in h) for h in old.hellos] == [True, False]
+            await old.stop()
+            new = PeerServer("n2")  # upgraded, same address
+            await new.start(nursery, old.port)
+            with trio.fail_after(10):
+                while not new.hellos:
+                    await trio.sleep(0.01)
+            assert new.hellos[0]["data_id"] == "ab" * 8
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
