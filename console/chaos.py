@@ -643,6 +643,28 @@ async def _fill_disk(run: _Run, target: str, leader: str | None, rest) -> None:
                     exit_code=how["exit_code"])
 
 
+def _leader_caller(run: _Run, admin: ClusterClient, avoid: str | None = None):
+    """``await call(type_, **fields) -> bool``: the request sent to whoever leads at the
+    time (never ``avoid``), again until it is taken or the membership nemeses' deadline
+    (30 s, or ten fault times) passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(30.0, run.cfg.fault_s[1] * 10)
+
+    async def call(type_: str, **fields) -> bool:
+        while loop.time() < deadline:
+            ld = await _leader(run, admin)
+            if ld is not None and ld != avoid:
+                try:
+                    await admin.call(ld, type_, **fields)
+                    return True
+                except Exception:
+                    pass
+            await asyncio.sleep(0.2)
+        return False
+
+    return call
+
+
 async def _member_out_and_in(run: _Run, admin: ClusterClient, rng: random.Random, rest) -> None:
     """Remove a follower (a voter) from the membership and stop its agent; after the
     fault's time add it back as a learner, start it with its data directory as it was, and
@@ -666,20 +688,7 @@ async def _member_out_and_in(run: _Run, admin: ClusterClient, rng: random.Random
     except Exception:
         priority = 1
     host, port = run.target.address(victim)
-    deadline = loop.time() + max(30.0, cfg.fault_s[1] * 10)
-
-    async def leader_call(type_: str, **fields) -> bool:
-        while loop.time() < deadline:
-            ld = await _leader(run, admin)
-            if ld is not None:
-                try:
-                    await admin.call(ld, type_, **fields)
-                    return True
-                except Exception:
-                    pass
-            await asyncio.sleep(0.2)
-        return False
-
+    leader_call = _leader_caller(run, admin)
     run.fault_event("start", "member", node=victim)
     if not await leader_call("remove_node", node=victim):
         run.fault_event("end", "member", node=victim, action="removal refused")
@@ -755,20 +764,7 @@ async def _wipe_voter(run: _Run, admin: ClusterClient, rng: random.Random, rest)
              "after_s": round(time.monotonic() - t0, 2)}
     await rest(cfg.fault_s)
 
-    deadline = loop.time() + max(30.0, cfg.fault_s[1] * 10)
-
-    async def leader_call(type_: str, **fields) -> bool:
-        while loop.time() < deadline:
-            ld = await _leader(run, admin)
-            if ld is not None and ld != victim:
-                try:
-                    await admin.call(ld, type_, **fields)
-                    return True
-                except Exception:
-                    pass
-            await asyncio.sleep(0.2)
-        return False
-
+    leader_call = _leader_caller(run, admin, avoid=victim)
     removed = await leader_call("remove_node", node=victim)
     await loop.run_in_executor(None, run.target.kill, victim)
     await loop.run_in_executor(None, run.target.wipe, victim)
