@@ -249,10 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("remove-node", _cmd_remove_node, "remove a node from the running cluster",
             "Ask the leader to remove NODE from the membership, wait until every remaining "
             "member has applied it, then stop its agent (a local one by its pid file; one "
-            "with ssh: over SSH, SIGTERM then SIGKILL). Its "
-            "data directory is kept; a removed node must not come back with the same name "
-            "and an empty disk (docs/OPERATIONS.md, Membership). Removing the leader hands "
-            "leadership on first. Take it out of the inventory afterwards.")
+            "with ssh: over SSH, SIGTERM then SIGKILL). Its data directory is kept. Removing "
+            "the leader hands leadership on first. Take it out of the inventory afterwards, "
+            "or bring it back with `raftdeck add-node NODE` after emptying its data directory "
+            "(the way back for a voter that lost its data: docs/OPERATIONS.md).")
     p.add_argument("node", metavar="NODE")
     _ssh_options(p)
 
@@ -1641,7 +1641,8 @@ async def _cmd_remove_node(args, inv) -> int:
     else:
         print(f"{node.name} removed (entry {index})"
               + ("; its agent stopped" if stopped else "")
-              + f"; take it out of {inv.path.name}")
+              + f"; take it out of {inv.path.name}, or empty its data directory and "
+                f"`raftdeck add-node {node.name}` to bring it back")
     return EXIT_OK
 
 
