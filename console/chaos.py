@@ -643,6 +643,17 @@ async def _fill_disk(run: _Run, target: str, leader: str | None, rest) -> None:
                     exit_code=how["exit_code"])
 
 
+async def _leader_status(run: _Run, admin: ClusterClient) -> tuple[str | None, dict | None]:
+    """The leader and its status, or (leader or None, None) when either is not to be had."""
+    leader = await _leader(run, admin)
+    if leader is None:
+        return None, None
+    try:
+        return leader, await admin.call(leader, "status")
+    except Exception:
+        return leader, None
+
+
 def _leader_caller(run: _Run, admin: ClusterClient, avoid: str | None = None):
     """``await call(type_, **fields) -> bool``: the request sent to whoever leads at the
     time (never ``avoid``), again until it is taken or the membership nemeses' deadline
@@ -672,12 +683,8 @@ async def _member_out_and_in(run: _Run, admin: ClusterClient, rng: random.Random
     goes to whoever leads at the time, and is tried again until the deadline."""
     cfg = run.cfg
     loop = asyncio.get_running_loop()
-    leader = await _leader(run, admin)
-    if leader is None:
-        return
-    try:
-        st = await admin.call(leader, "status")
-    except Exception:
+    leader, st = await _leader_status(run, admin)
+    if st is None:
         return
     voters = [n for n in st.get("voters") or () if n != leader and n not in run.killed]
     if not voters:
@@ -715,11 +722,10 @@ async def _wipe_voter(run: _Run, admin: ClusterClient, rng: random.Random, rest)
     --join, and made a voter once caught up."""
     cfg = run.cfg
     loop = asyncio.get_running_loop()
-    leader = await _leader(run, admin)
-    if leader is None:
+    leader, st = await _leader_status(run, admin)
+    if st is None:
         return
     try:
-        st = await admin.call(leader, "status")
         voters = [n for n in st.get("voters") or () if n not in run.killed]
         victim = leader if rng.random() < 0.5 else rng.choice(sorted(voters))
         priority = int((await admin.call(victim, "status")).get("priority", 1))
