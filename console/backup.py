@@ -22,7 +22,6 @@ File: one msgpack map ``{"format": "raftdeck-backup", "version": 1, "cluster", "
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,23 +123,10 @@ async def fetch(client, node: str) -> Backup:
 
 
 def write_file(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to ``path`` durably: temporary file, fsync, rename, directory fsync."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(blob)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write the backup file durably, readable by its owner only."""
+    from nodeagent.storage import write_file_durably
+
+    write_file_durably(path, blob, 0o600)
 
 
 # -- restoring one --------------------------------------------------------------------------

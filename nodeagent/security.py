@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .protocol import MESSAGE_SCHEMAS
+from .storage import write_file_durably
 
 ROLES = ("viewer", "operator", "admin")
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -226,15 +227,7 @@ def _mkdir(path: Path) -> None:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_file_durably(path, data, mode)
 
 
 def _new_key():

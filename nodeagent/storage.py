@@ -368,6 +368,27 @@ def _write_all(fd: int, data) -> None:
         mv = mv[n:]
 
 
+def write_file_durably(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one:
+    a temporary file (``mode``, whatever the umask), fsync, rename, directory fsync. For
+    files outside a log (certificates, backups); the log's own go through DiskStorage."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 # -- data directory lock (one process per data dir) -----------------------------------------
 
 # realpath -> [fd, holders]. Within one process several instances may hold the same
