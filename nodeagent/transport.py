@@ -357,6 +357,7 @@ class _LinkFailure(Exception):
         super().__init__(phase, exc)
         self.phase = phase
         self.text = f"{phase}: {_describe(exc)}"
+        self.code = exc.code if isinstance(exc, _PeerError) else None  # the peer's error code
 
 
 _COUNTERS: Final = (
@@ -407,6 +408,7 @@ class _Link:
         self.flush = False
         self.counts = dict.fromkeys(_COUNTERS, 0)
         self.last_error: str | None = None
+        self.last_error_code: str | None = None  # the code of the peer's error frame, if one
         self.last_error_at: float | None = None
         self.last_sent_at: float | None = None
         self.last_connected_at: float | None = None
@@ -817,7 +819,7 @@ class Transport:
                     delay = backoff_delay(failures, *self._backoff, self._rng)
                     fields = self._fields(link, error=link.last_error, attempt=failures, delay_s=round(delay, 3))
                     if up_for is None and failures == 1:  # once per outage, not per retry
-                        if "data_dir_changed" in (link.last_error or ""):
+                        if link.last_error_code == "data_dir_changed":
                             log.error("refused by a peer: it knew this node on another data "
                                       "directory", extra=fields)
                         else:
@@ -886,6 +888,7 @@ class Transport:
 
     def _record_error(self, link: _Link, failure: _LinkFailure) -> None:
         link.last_error = failure.text
+        link.last_error_code = failure.code
         link.last_error_at = self._clock()
 
     def set_refused(self, name: str, refused: bool) -> None:
