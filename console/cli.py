@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -278,10 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("restore", _cmd_restore, "start the inventory's nodes from a backup (offline)",
             "Write the backup in FILE into the data directory of every inventory node, as a "
             "snapshot the log starts from, with the inventory's membership; then `raftdeck up` "
-            "starts a new cluster holding the backup's keys and tasks. Every agent must be "
-            "stopped and every data directory empty or absent (move the old ones aside); "
-            "local nodes only.")
+            "starts a new cluster holding the backup's keys and tasks (`raftdeck deploy` for "
+            "nodes with ssh:, whose directories are uploaded over SSH, checked file by file "
+            "and fsynced on the host). Every agent must be stopped and every data directory "
+            "empty or absent (move the old ones aside); nothing is written until every node "
+            "has been checked.")
     p.add_argument("file", metavar="FILE")
+    _ssh_options(p)
 
     p = cmd("put", _cmd_put, "write a key", "Write KEY = VALUE (UTF-8) through the leader.")
     p.add_argument("key", metavar="KEY")
@@ -1676,7 +1680,7 @@ async def _cmd_backup(args, inv) -> int:
     return EXIT_OK
 
 
-def _cmd_restore(args, inv) -> int:
+async def _cmd_restore(args, inv) -> int:
     from console import backup
     from console.procs import LocalProcesses, is_local
     from nodeagent.agent import initial_conf
@@ -1689,41 +1693,79 @@ def _cmd_restore(args, inv) -> int:
         b = backup.decode(blob, args.file)
     except backup.BackupError as e:
         raise CliError(str(e), EXIT_USAGE) from None
-    remote = [n.name for n in inv.nodes if not is_local(n)]
-    if remote:
-        raise CliError(f"restore writes local data directories; {', '.join(remote)} "
-                       f"{'has' if len(remote) == 1 else 'have'} ssh: (not supported yet)",
-                       EXIT_USAGE)
-    procs = LocalProcesses(inv)
-    dirs = {}
-    for n in inv.nodes:
-        proc = procs.process(n)
-        if proc.alive or procs.port_in_use(n):
-            raise CliError(f"{n.name}'s agent is running (or something answers on "
-                           f"{_addr(n.host, n.port)}): `raftdeck down` first")
-        d = procs.data_dir(n)
-        if d.exists() and any(d.iterdir()):
-            raise CliError(f"{n.name}'s data directory {d} is not empty: move it aside (a "
-                           f"restore starts every node from the backup) and run again")
-        dirs[n.name] = d
     conf = initial_conf(inv.agent_config(inv.nodes[0].name))
     try:
         state = backup.restored_state(b, conf)
     except backup.BackupError as e:
         raise CliError(f"{args.file}: {e}") from None
-    for name, d in dirs.items():
+    # Every node is checked before anything is written anywhere.
+    procs = LocalProcesses(inv)
+    local = {n.name: procs.data_dir(n) for n in inv.nodes if is_local(n)}
+    remote = [n for n in inv.nodes if not is_local(n)]
+    problems = []
+    for n in inv.nodes:
+        if n.name not in local:
+            continue
+        proc, d = procs.process(n), local[n.name]
+        if proc.alive or procs.port_in_use(n):
+            problems.append(f"{n.name}'s agent is running (or something answers on "
+                            f"{_addr(n.host, n.port)}): `raftdeck down` first")
+        elif d.exists() and any(d.iterdir()):
+            problems.append(f"{n.name}'s data directory {d} is not empty: move it aside (a "
+                            "restore starts every node from the backup) and run again")
+    deployer = None
+    if remote:
+        from console.deploy import Deployer, HostError, ssh_options_from
+
+        deployer = Deployer(inv, ssh=ssh_options_from(args))
+
+        async def check(n):
+            try:
+                r = await deployer.data_dir_state(n)
+            except HostError as e:
+                return str(e)
+            if r["state"] in ("running", "paused"):
+                return (f"{n.name}'s agent is running on {n.ssh.host} (pid {r['pid']}): "
+                        f"`raftdeck kill {n.name}` first")
+            if r["data"] not in ("absent", "empty"):
+                return (f"{n.name}'s data directory {r['where']} is not empty: move it aside "
+                        "on the host (a restore starts every node from the backup) and run again")
+            return None
+
+        problems += [p for p in await asyncio.gather(*(check(n) for n in remote)) if p]
+    if problems:
+        raise CliError("; ".join(problems))
+    for name, d in local.items():
         try:
             backup.restore_into(d, b, conf, state)
         except OSError as e:
             raise CliError(f"{name}: cannot write {d}: {e}") from None
+    results = {}
+    if remote:
+        with tempfile.TemporaryDirectory(prefix="raftdeck-restore-") as tmp:
+            prepared = {n.name: Path(tmp) / n.name for n in remote}
+            for d in prepared.values():
+                backup.restore_into(d, b, conf, state)  # each its own data id
+            results = await deployer.restore(prepared)
+    failed = sorted(name for name, r in results.items() if not r.ok)
+    done = sorted([*local, *(name for name, r in results.items() if r.ok)])
     if args.json:
-        _print_json({**b.meta(), "nodes": sorted(dirs), "voters": sorted(conf.voters),
-                     "learners": sorted(conf.learners)})
+        _print_json({**b.meta(), "nodes": done, "failed": {name: results[name].message
+                                                           for name in failed},
+                     "voters": sorted(conf.voters), "learners": sorted(conf.learners)})
     else:
         other = "" if b.cluster == inv.cluster.name else f" (taken from cluster {b.cluster})"
-        print(f"restored index {b.index} (term {b.term}){other} into {len(dirs)} data "
-              f"directories: {', '.join(sorted(dirs))}; voters {', '.join(sorted(conf.voters))}. "
-              "Start them with `raftdeck up`.")
+        start = " and ".join(x for x in ("`raftdeck up`" if local else "",
+                                          "`raftdeck deploy`" if remote else "") if x)
+        if done:
+            print(f"restored index {b.index} (term {b.term}){other} into {len(done)} data "
+                  f"directories: {', '.join(done)}; voters {', '.join(sorted(conf.voters))}."
+                  + ("" if failed else f" Start them with {start}."))
+    if failed:
+        raise CliError(f"restore failed on {', '.join(failed)}: "
+                       + "; ".join(results[name].message for name in failed)
+                       + (f". Move the restored directories of {', '.join(done)} aside too "
+                          "(nothing was started from them) and run again" if done else ""))
     return EXIT_OK
 
 

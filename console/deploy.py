@@ -1063,6 +1063,57 @@ class Deployer:
 
         return await self._with_conn(node, go)
 
+    # -- restore (console/backup.py prepares the directories) --
+
+    async def data_dir_state(self, node: NodeConfig) -> dict:
+        """Whether the node's agent runs and its data directory is absent, empty or used:
+        ``{"state", "pid", "data", "where"}`` (``where``: host:path, for messages)."""
+
+        async def go(conn, lay):
+            r = await remote_op(conn, node, "datadir", pid_file=lay.pid_file, config=lay.config,
+                                data_dir=lay.data_dir)
+            _check_ok(node, "datadir", r)
+            return {**r, "where": f"{node.ssh.host}:{lay.data_dir}"}
+
+        return await self._with_conn(node, go)
+
+    async def restore(self, prepared: dict[str, Path]) -> dict[str, HostResult]:
+        """Upload each node's prepared data directory (``prepared``: name -> local folder)
+        beside its data directory on the host, and have the host check it file by file,
+        fsync it and rename it into place (remote op ``adopt``). Each host is all or
+        nothing: its data directory is either what was prepared or as it was."""
+        nodes = remote_nodes(self.inv, prepared)
+        return await self._each(nodes, lambda n: self._restore_one(n, prepared[n.name]),
+                                "restore")
+
+    async def _restore_one(self, node: NodeConfig, local: Path) -> HostResult:
+        files = {p.relative_to(local).as_posix(): [p.stat().st_size, _file_sha256(p)]
+                 for p in sorted(local.rglob("*")) if p.is_file()}
+
+        async def go(conn, lay):
+            staging = lay.data_dir.with_name(lay.data_dir.name + ".restoring")
+            self._step(node.name, "upload")
+            r = await remote_op(conn, node, "remove", paths=[str(staging)])  # a failed try's
+            _check_ok(node, "remove", r)
+            async with conn.start_sftp_client() as sftp:
+                await _makedirs(sftp, staging)
+                try:
+                    await sftp.put([str(p) for p in sorted(local.iterdir())], str(staging),
+                                   recurse=True)
+                except Exception as e:
+                    raise HostError(_describe_io(node, e, f"uploading to {staging}")) from None
+            self._step(node.name, "adopt")
+            r = await remote_op(conn, node, "adopt", pid_file=lay.pid_file, config=lay.config,
+                                data_dir=lay.data_dir, staging=staging, files=files)
+            if not r.get("ok") and r.get("kind") in ("running", "not_empty"):
+                await remote_op(conn, node, "remove", paths=[str(staging)])
+                raise HostError(f"{who(node)}: {r.get('error')}; nothing was written there")
+            _check_ok(node, "adopt", r)
+            return HostResult(node.name, True, "restored",
+                              f"{len(files)} files in {node.ssh.host}:{lay.data_dir}")
+
+        return await self._with_conn(node, go)
+
     # -- undeploy --
 
     async def undeploy(self, names: Iterable[str] | None = None, *, purge_data: bool = False,
@@ -1206,6 +1257,14 @@ async def _best_follower(client, names: list[str], inv: Inventory) -> str | None
         if best is None or key > best[0]:
             best = (key, n)
     return best and best[1]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 async def _makedirs(sftp, path: PurePosixPath) -> None:

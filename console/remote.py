@@ -23,6 +23,11 @@ Operations:
 * ``signal`` (KILL, STOP, CONT), ``stop`` (TERM, KILL after a grace time), ``status``,
   ``logs`` (the last lines of the agent's log and stderr files), ``remove`` (files and
   directories deploy made).
+* ``datadir``: the agent's process state and whether its data directory is absent, empty
+  or in use (`raftdeck restore` checks every host before it writes to any).
+* ``adopt``: make an uploaded directory the node's data directory (`raftdeck restore`):
+  every file checked against the console's list of sizes and sha256s and fsynced, then
+  renamed into place while the agent is stopped and the data directory absent or empty.
 
 The pid file has the format of the local one (console/procs.py): one JSON line with
 ``pid`` and ``start_ticks`` (field 22 of /proc/PID/stat), so a pid that now belongs to
@@ -421,7 +426,64 @@ def op_remove(a):
     _out(ok=True, removed=removed)
 
 
-OPS = {"probe": op_probe, "install": op_install, "prune": op_prune, "start": op_start, "status": op_status,
+def _dir_state(path):
+    """absent | empty | used | not_a_directory."""
+    try:
+        return "used" if os.listdir(path) else "empty"
+    except FileNotFoundError:
+        return "absent"
+    except NotADirectoryError:
+        return "not_a_directory"
+
+
+def op_datadir(a):
+    state, info = _process(a)
+    _out(ok=True, state=state, pid=info and info.get("pid"), data=_dir_state(a["data_dir"]))
+
+
+def _fsync_path(path, flags=os.O_RDONLY):
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def op_adopt(a):
+    staging, data_dir, files = a["staging"], a["data_dir"], a["files"]
+    state, info = _process(a)
+    if state in ("running", "paused"):
+        return _out(ok=False, kind="running", pid=info["pid"],
+                    error="the agent runs (pid %d)" % info["pid"])
+    data = _dir_state(data_dir)
+    if data not in ("absent", "empty"):
+        return _out(ok=False, kind="not_empty", error="%s is not empty" % data_dir)
+    found = set()
+    for root, _dirs, names in os.walk(staging):
+        for name in names:
+            found.add(os.path.relpath(os.path.join(root, name), staging))
+    if found != set(files):
+        missing, extra = sorted(set(files) - found), sorted(found - set(files))
+        return _out(ok=False, kind="damaged", error="the upload is not what was sent "
+                    "(missing %s, unexpected %s)" % (missing or "none", extra or "none"))
+    for rel, (size, digest) in sorted(files.items()):
+        path = os.path.join(staging, rel)
+        if os.path.getsize(path) != size or _sha256(path) != digest:
+            return _out(ok=False, kind="damaged", error="%s arrived damaged (size or sha256 "
+                        "differs from what was sent)" % rel)
+        os.chmod(path, 0o600)
+        _fsync_path(path)
+    for root, _dirs, _names in os.walk(staging, topdown=False):
+        os.chmod(root, 0o700)
+        _fsync_path(root)
+    if data == "empty":
+        os.rmdir(data_dir)
+    os.rename(staging, data_dir)
+    _fsync_path(os.path.dirname(data_dir))
+    _out(ok=True, files=len(files))
+
+
+OPS = {"datadir": op_datadir, "adopt": op_adopt, "probe": op_probe, "install": op_install, "prune": op_prune, "start": op_start, "status": op_status,
        "signal": op_signal, "stop": op_stop, "logs": op_logs, "remove": op_remove}
 
 

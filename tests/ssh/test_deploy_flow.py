@@ -1,8 +1,8 @@
 """The whole life of a deployed cluster on three real hosts (network namespaces with their
 own sshd, or loopback addresses; see conftest.py): deploy, an idempotent second deploy,
 a fourth host added and removed (add-node, remove-node), kill / pause / resume / restart
-over SSH, logs, a rolling upgrade to a changed wheel, and
-undeploy. One test, because the steps build on each other and share one deployment."""
+over SSH, logs, a rolling upgrade to a changed wheel, a restore from a backup after every
+data directory is lost, and undeploy. One test, because the steps build on each other and share one deployment."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def console_kill_and_restart(inv, known_hosts: Path) -> None:
     asyncio.run(main())
 
 
-@pytest.mark.long(85)  # seconds, roughly: the longest start first
+@pytest.mark.long(95)  # seconds, roughly: the longest start first
 def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     t_start = time.monotonic()
     project, house, upgrade = wheels
@@ -350,6 +350,13 @@ def test_deploy_kill_upgrade_undeploy(ssh_hosts, wheels, ssh_mode_name):
     assert {n: pid_of(d, n) for n, d in inst.items()} == upids
     assert wait_leader(inv) == lead
 
+    # -- every data directory lost: restore from a backup over SSH, deploy starts them --
+    t = time.monotonic()
+    restore_from_a_backup(inv, inv_path, inst, base,
+                          ["--wheel", str(upgrade), "--wheelhouse", str(house)], env)
+    timings["restore"] = time.monotonic() - t
+    upids = {n: pid_of(d, n) for n, d in inst.items()}
+
     # -- undeploy: agents stopped, installed files gone, data kept --
     r = raftdeck("undeploy", *base)
     assert r.returncode == 0, r.stderr
@@ -427,6 +434,53 @@ def add_and_remove_a_fourth_host(hs, inv_path: Path, port: int, base, wheel_args
     wait(lambda: (lambda st: st if all(st.values()) and all(
         s["voters"] == ["n1", "n2", "n3"] for s in st.values()) else None)(
         statuses(load_inventory(inv_path))), "three voters again")
+
+
+def restore_from_a_backup(inv, inv_path: Path, inst: dict[str, Path], base, wheel_args,
+                          env) -> None:
+    """`raftdeck backup`, then all three agents killed and their data directories lost: a
+    restore is refused while an agent runs or a directory holds anything, then writes each
+    host's directory over SSH; `raftdeck deploy` starts the agents on it, and the cluster
+    serves what the backup held and takes new writes."""
+    wait_leader(inv)
+    assert kv(inv, "put", "in-backup", b"b") > 0
+    file = inv_path.parent / "cluster.backup"
+    r = raftdeck("backup", str(file), "--inventory", str(inv_path))
+    assert r.returncode == 0, r.stderr
+    r = raftdeck("restore", str(file), *base)
+    assert r.returncode == 1 and "agent is running on" in r.stderr, r.stderr
+    assert len(re.findall(r"`raftdeck kill n\d` first", r.stderr)) == 3, r.stderr
+    for name in inst:
+        r = raftdeck("kill", name, "--inventory", str(inv_path), env_extra=env)
+        assert r.returncode == 0, r.stderr
+    r = raftdeck("restore", str(file), *base)
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"n1's data directory \S+:\S+/n1 is not empty: move it aside on the host",
+                     r.stderr), r.stderr
+    lost = {}
+    for name, d in inst.items():  # the disks are lost: what was there is moved away
+        lost[name] = d / ".raftdeck" / f"{name}.lost"
+        (d / ".raftdeck" / name).rename(lost[name])
+    r = raftdeck("restore", str(file), *base, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["nodes"] == ["n1", "n2", "n3"] and out["failed"] == {}, out
+    ids = set()
+    for name, d in inst.items():
+        data = d / ".raftdeck" / name
+        assert not (d / ".raftdeck" / f"{name}.restoring").exists()
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        ids.add((data / "data_id").read_text())
+        assert (data / "data_id").read_text() != (lost[name] / "data_id").read_text()
+    assert len(ids) == 3  # a new cluster: each directory its own id
+    r = raftdeck("deploy", *base, *wheel_args)  # the installed wheel: only starts them
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"(?m)^deploy: 3 hosts: 3 started$", r.stdout), r.stdout
+    assert re.search(r"(?m)^leader: n\d \(term \d+\)$", r.stdout), r.stdout
+    wait_leader(inv)
+    assert kv(inv, "get", "in-backup") == b"b" and kv(inv, "get", "before") == b"1"
+    assert kv(inv, "put", "after-restore", b"r") > 0
+    assert kv(inv, "get", "after-restore") == b"r"
 
 
 def broken_wheel(src: Path, out_dir: Path) -> Path:
