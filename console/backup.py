@@ -14,6 +14,9 @@ membership (voters, learners, priorities), and a hard state that commits it. Sta
 ``raftdeck up``, the nodes find a log, do not bootstrap, elect a leader, and serve the
 restored keys and tasks. Each directory gets a new data id: this is a new cluster.
 
+``raftdeck restore FILE --check`` writes nothing: it says what the file holds
+(``describe``) and whether every node is ready for the restore.
+
 File: one msgpack map ``{"format": "raftdeck-backup", "version": 1, "cluster", "node",
 "index", "term", "taken_at_ms", "size", "sha256", "state": bin}``. The pure parts
 (``encode``, ``decode``, ``restored_state``) have no I/O.
@@ -100,6 +103,25 @@ def restored_state(b: Backup, conf) -> bytes:
                           f"says {b.index}")
     sm.reset_membership(conf)
     return sm.snapshot()
+
+
+def describe(b: Backup) -> dict[str, Any]:
+    """What a backup holds (etcd's ``snapshot status``): its metadata, and from its state
+    the number of keys, tasks in each state (those with any) and client sessions, the
+    membership it was taken under and the state's digest. Raises BackupError if the state
+    does not load."""
+    from nodeagent.state import StateError, StateMachine
+
+    sm = StateMachine()
+    try:
+        sm.restore(b.state)
+    except StateError as e:
+        raise BackupError(f"the backup's state does not load: {e}") from None
+    st = sm.statistics()
+    return {**b.meta(), "keys": st.keys, "sessions": st.sessions,
+            "tasks": {k: v for k, v in sm.task_counts().items() if v},
+            "voters": sorted(sm.conf.voters), "learners": sorted(sm.conf.learners),
+            "digest": sm.digest()}
 
 
 # -- taking one -----------------------------------------------------------------------------

@@ -283,8 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
             "nodes with ssh:, whose directories are uploaded over SSH, checked file by file "
             "and fsynced on the host). Every agent must be stopped and every data directory "
             "empty or absent (move the old ones aside); nothing is written until every node "
-            "has been checked.")
+            "has been checked. --check writes nothing: it shows what the backup holds and "
+            "whether every node is ready.")
     p.add_argument("file", metavar="FILE")
+    p.add_argument("--check", action="store_true", help="write nothing: show what FILE holds "
+                   "(keys, tasks, sessions, index, membership) and whether the restore would go "
+                   "ahead (exit 1 if not)")
     _ssh_options(p)
 
     p = cmd("put", _cmd_put, "write a key", "Write KEY = VALUE (UTF-8) through the leader.")
@@ -1733,6 +1737,8 @@ async def _cmd_restore(args, inv) -> int:
             return None
 
         problems += [p for p in await asyncio.gather(*(check(n) for n in remote)) if p]
+    if args.check:
+        return _restore_check(args, inv, b, problems)
     if problems:
         raise CliError("; ".join(problems))
     for name, d in local.items():
@@ -1766,6 +1772,36 @@ async def _cmd_restore(args, inv) -> int:
                        + "; ".join(results[name].message for name in failed)
                        + (f". Move the restored directories of {', '.join(done)} aside too "
                           "(nothing was started from them) and run again" if done else ""))
+    return EXIT_OK
+
+
+def _restore_check(args, inv, b, problems: list[str]) -> int:
+    """`raftdeck restore FILE --check`: what the backup holds, and whether the restore
+    would go ahead; nothing is written."""
+    from console import backup
+
+    try:
+        info = backup.describe(b)
+    except backup.BackupError as e:
+        raise CliError(f"{args.file}: {e}") from None
+    if args.json:
+        _print_json({**info, "file": args.file, "ready": not problems, "problems": problems})
+    else:
+        taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["taken_at_ms"] / 1000))
+        tasks = ", ".join(f"{v:,} {k}" for k, v in info["tasks"].items()) or "none"
+        print(f"{args.file}: backup of cluster {info['cluster']} from {info['node']} at index "
+              f"{info['index']} (term {info['term']}), taken {taken}")
+        print(f"  {info['size']:,} bytes, sha256 {info['sha256']} (checked)")
+        print(f"  {info['keys']:,} keys, {info['sessions']:,} client sessions, tasks: {tasks}; "
+              f"digest {info['digest'][:12]}")
+        print(f"  taken under voters {', '.join(info['voters'])}"
+              + (f", learners {', '.join(info['learners'])}" if info["learners"] else "")
+              + f"; a restore gives {', '.join(n.name for n in inv.nodes)} the inventory's "
+              "membership")
+        print("ready: every node is stopped with an empty or absent data directory"
+              if not problems else "not ready: " + "; ".join(problems))
+    if problems:
+        raise CliError("a restore would be refused now (see above); nothing was written")
     return EXIT_OK
 
 

@@ -62,6 +62,14 @@ def test_a_cluster_restored_from_a_backup_serves_what_was_committed(make_cluster
     assert held.get("k399") == keys["k399"] and held.get("k000") is None
     was_running = held.task("slow")["state"] == "running"  # almost always: a 4 s sleep
 
+    # What the file holds, from --check: the counts of the state that was backed up.
+    rc, info, err = run_json(inv, "restore", str(file), "--check")
+    assert rc == 1 and info["ready"] is False and len(info["problems"]) == 3, (info, err)
+    assert info["keys"] == len(keys) and info["index"] == b.index, info
+    assert info["voters"] == ["n1", "n2", "n3"] and info["digest"] == held.digest(), info
+    assert info["tasks"] == {st: n for st, n in held.task_counts().items() if n}, info
+    assert info["tasks"].get("succeeded") == 5 and info["sessions"] >= 1, info
+
     # Refused while the agents run; then every data directory is lost.
     rc, _, err = run(inv, "restore", str(file))
     assert rc == 1 and "is running" in err and "raftdeck down" in err, err
@@ -70,6 +78,9 @@ def test_a_cluster_restored_from_a_backup_serves_what_was_committed(make_cluster
     rc, _, err = run(inv, "restore", str(file))
     assert rc == 1 and "is not empty: move it aside" in err, err
     shutil.move(data, lc.tmp / "data.lost")
+    rc, out, err = run(inv, "restore", str(file), "--check")
+    assert rc == 0 and out.splitlines()[-1].startswith("ready: "), (out, err)
+    assert f"{len(keys)} keys" in out and not data.exists()  # --check wrote nothing
     rc, out, err = run(inv, "restore", str(file))
     assert rc == 0 and f"restored index {b.index}" in out and "raftdeck up" in out, err
     lc.start_all()
