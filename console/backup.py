@@ -1,8 +1,9 @@
 """Backups of a cluster's state, and restoring one into new data directories.
 
 ``raftdeck backup FILE`` asks the leader (or ``--node``) for its whole state at its
-applied index (agent request ``backup``: every key, task and client session), fetches it
-in 1 MiB chunks, checks its sha256 and writes FILE durably (temporary file, fsync, rename,
+applied index (agent request ``backup``: every key, task and client session), after a
+read barrier, so that it holds every write acknowledged before it was asked for
+(``--stale``: without one, for when no quorum is left), fetches it in 1 MiB chunks, checks its sha256 and writes FILE durably (temporary file, fsync, rename,
 directory fsync). It is what etcd's ``snapshot save`` is: a point-in-time copy of what the
 cluster had committed, to start again from when a majority of the data directories is
 lost.
@@ -126,9 +127,29 @@ def describe(b: Backup) -> dict[str, Any]:
 
 # -- taking one -----------------------------------------------------------------------------
 
-async def fetch(client, node: str) -> Backup:
-    """Take a backup on ``node`` and fetch it whole."""
-    r = await client.call(node, "backup")
+async def fetch(client, node: str, *, stale: bool = False) -> Backup:
+    """Take a backup on ``node`` and fetch it whole. Linearizable unless ``stale``: the
+    agent first confirms, with a quorum, that it has applied every acknowledged write.
+    A node that answers ``not_leader`` naming a leader is followed there, twice at most
+    (the leader found a moment ago may have been deposed since)."""
+    from console.client import RequestError
+
+    for _ in range(3):
+        try:
+            r = await client.call(node, "backup",
+                                  consistency="stale" if stale else "linearizable")
+            break
+        except RequestError as e:
+            if e.code not in ("not_leader", "timeout"):
+                raise
+            if e.code == "timeout" or not e.leader or e.leader == node:
+                raise BackupError(f"{node} cannot take a linearizable backup now ({e.message}); "
+                                  "`raftdeck status` shows whether there is a leader. With no "
+                                  "quorum left, `--node N --stale` saves what N has applied"
+                                  ) from None
+            node = e.leader
+    else:
+        raise BackupError("the leader kept changing; try again")
     bid, size = r["backup"], r["size"]
     parts, got = [r["data"]], len(r["data"])
     while got < size:

@@ -271,10 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("backup", _cmd_backup, "save the cluster's whole state to a file",
             "Take a backup of the leader's state (or --node's) at its applied index: every key, "
-            "task and client session. It is fetched in chunks, checked against its sha256 and "
-            "written to FILE durably. Admin role. Restore it with `raftdeck restore FILE`.")
+            "task and client session. The node first confirms with a quorum that it has "
+            "applied every write acknowledged so far, so the backup holds all of them. It is "
+            "fetched in chunks, checked against its sha256 and written to FILE durably. Admin "
+            "role. Restore it with `raftdeck restore FILE`.")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--node", help="take it on this node instead of the leader (its state may lag)")
+    p.add_argument("--node", help="take it on this node instead of the leader (it serializes "
+                   "the state; the backup is as complete)")
+    p.add_argument("--stale", action="store_true", help="with --node: save what that replica "
+                   "has applied without asking a quorum (the way to salvage state when a "
+                   "majority is gone; it may lack the last acknowledged writes)")
 
     p = cmd("restore", _cmd_restore, "start the inventory's nodes from a backup (offline)",
             "Write the backup in FILE into the data directory of every inventory node, as a "
@@ -1663,13 +1669,15 @@ async def _cmd_backup(args, inv) -> int:
     path = Path(args.file)
     if not path.parent.is_dir():
         raise CliError(f"{path.parent} is not a directory: where should {path.name} go?", EXIT_USAGE)
+    if args.stale and not args.node:
+        raise CliError("--stale needs --node: the replica whose applied state to save", EXIT_USAGE)
     async with _Cluster(inv, args) as client:
         node = _node(inv, args.node).name if args.node else await client.find_leader()
         if node is None:
-            raise CliError("no leader to take a backup from (`raftdeck status`); or name a "
-                           "replica with --node")
+            raise CliError("no leader to take a backup from (`raftdeck status`); with no "
+                           "quorum left, `--node N --stale` saves what replica N has applied")
         try:
-            b = await backup.fetch(client, node)
+            b = await backup.fetch(client, node, stale=args.stale)
         except backup.BackupError as e:
             raise CliError(str(e)) from None
     try:

@@ -553,7 +553,11 @@ class Agent:
     async def _rq_backup(self, session, msg):
         """This replica's whole state at its applied index (every key, task and client
         session, and the membership), for `raftdeck backup`: taken at the first request
-        (no ``backup`` id) and then handed out ``BACKUP_CHUNK`` bytes at a time."""
+        (no ``backup`` id) and then handed out ``BACKUP_CHUNK`` bytes at a time. With
+        ``consistency: linearizable`` (the default) it is taken after a read barrier, so
+        it holds every write acknowledged before the request, even on a follower; a
+        deposed leader answers ``not_leader``. ``stale``: what this replica has applied
+        (the only way when no quorum is left)."""
         now = time.monotonic()
         for k in [k for k, b in self._backups.items() if now - b["used"] > BACKUP_KEEP_S]:
             del self._backups[k]
@@ -562,6 +566,8 @@ class Agent:
             if len(self._backups) >= BACKUPS_HELD:
                 raise RequestFailed("busy", f"{len(self._backups)} backups are being fetched "
                                             f"from {self.node_id}; retry in a minute")
+            if msg.get("consistency", "linearizable") == "linearizable":
+                await self._wait("read", None)  # every acknowledged write applied here
             b = await self._take_backup()
             bid = secrets.token_hex(8)
             self._backups[bid] = b

@@ -188,7 +188,7 @@ class Driver:
         self.snapshot_log_percent = snapshot_log_percent
         self._inbox_send, self._inbox_recv = trio.open_memory_channel(inbox_size)
         self._proposals: dict[int, _Proposal] = {}
-        self._reads_by_ctx: dict[bytes, tuple[str, Pending]] = {}
+        self._reads_by_ctx: dict[bytes, tuple] = {}  # ctx -> (key, pending, term, leader)
         self._reads_ready: list[_Read] = []  # heap by index: confirmed, waiting for apply
         self._ctx = itertools.count(1)
         self._read_seq = itertools.count()
@@ -435,10 +435,12 @@ class Driver:
         index = self.node.propose_conf_change(cc)
         self._proposals[index] = _Proposal(self.node.term, pending, time.monotonic())
 
-    def _req_read(self, pending: Pending, key: str) -> None:
+    def _req_read(self, pending: Pending, key: str | None) -> None:
+        """A linearizable read of ``key``; of None, a read barrier: answered with the
+        applied index once this node has applied every write acknowledged before."""
         ctx = next(self._ctx).to_bytes(8, "big")
         self.node.read_index(ctx)
-        self._reads_by_ctx[ctx] = (key, pending)
+        self._reads_by_ctx[ctx] = (key, pending, self.node.term, self.node.lead)
 
     def _req_transfer(self, pending: Pending, to: str) -> None:
         self.node.transfer_leadership(to)
@@ -478,11 +480,12 @@ class Driver:
             for rs in rd.read_states:
                 entry = self._reads_by_ctx.pop(rs.ctx, None)
                 if entry is not None:
-                    key, pending = entry
+                    key, pending = entry[:2]
                     heapq.heappush(self._reads_ready, _Read(rs.index, next(self._read_seq), key, pending))
         self._serve_reads()
         if node.role is not prev_role or node.lead != prev_lead or node.term != prev_term:
             self._seen = (node.role, node.lead, node.term)
+            self._fail_orphaned_reads()
             if node.quorum_losses != self._quorum_losses_seen:
                 self._quorum_losses_seen = node.quorum_losses
                 if self.on_quorum_lost is not None:
@@ -546,7 +549,19 @@ class Driver:
         heap = self._reads_ready
         while heap and heap[0].index <= applied:
             r = heapq.heappop(heap)
-            r.pending.set(self.state.get(r.key))
+            r.pending.set(applied if r.key is None else self.state.get(r.key))
+
+    def _fail_orphaned_reads(self) -> None:
+        """Reads asked under another term or leader cannot be confirmed any more: a
+        deposed leader's heartbeats go unanswered, a follower's request went to a node
+        that no longer leads. Answer them ``not_leader`` now, so the client tries the
+        leader at once instead of waiting out the request's timeout."""
+        node = self.node
+        for ctx in [ctx for ctx, r in self._reads_by_ctx.items()
+                    if r[2] != node.term or r[3] != node.lead]:
+            pending = self._reads_by_ctx.pop(ctx)[1]
+            pending.fail("not_leader", "leadership changed before the read was confirmed; "
+                         "retry at the leader", node.lead)
 
     def _maybe_snapshot(self) -> None:
         applied = self.state.applied_index

@@ -662,8 +662,10 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
         "admin",
         opt("backup", Nullable(Str(1, 64)), None),
         opt("offset", UINT, 0),
+        opt("consistency", Str(choices=("linearizable", "stale")), "linearizable"),
         doc="this replica's whole state for a backup, taken at the first request (no backup "
-            "id) and fetched in chunks by id and offset",
+            "id) and fetched in chunks by id and offset; linearizable: after a read barrier, "
+            "so it holds every write acknowledged before the request",
     ),
     "task_list": _request(
         "viewer",

@@ -55,6 +55,13 @@ def test_a_cluster_restored_from_a_backup_serves_what_was_committed(make_cluster
     assert meta["size"] > 1 << 20  # more than one chunk
     b = backup.decode(file.read_bytes(), str(file))
     assert b.index == meta["index"] and b.sha256 == meta["sha256"]
+    # On a follower: it serializes the state, after the same barrier (so nothing is
+    # missing); --stale names the replica whose applied state to save.
+    follower = next(n for n in lc.names if n != meta["node"])
+    rc, fmeta, err = run_json(inv, "backup", str(tmp_path / "f.backup"), "--node", follower)
+    assert rc == 0 and fmeta["node"] == follower and fmeta["index"] >= meta["index"], err
+    rc, _, err = run(inv, "backup", str(tmp_path / "s.backup"), "--stale")
+    assert rc == 2 and "--stale needs --node" in err, err
     from nodeagent.state import StateMachine
 
     held = StateMachine()

@@ -786,7 +786,7 @@ SAMPLES: list[dict[str, Any]] = [
                 "max_attempts": 3, "policy": "hash", "key": "k"}]},
     {"type": "task_get", "id": 1, "task": "t1"},
     {"type": "dump", "id": 1, "limit": 10},
-    {"type": "backup", "id": 1, "backup": "a1b2", "offset": 1048576},
+    {"type": "backup", "id": 1, "backup": "a1b2", "offset": 1048576, "consistency": "linearizable"},
     {"type": "task_list", "id": 1, "state": "running", "node": "n1", "limit": 10, "after": "t0"},
     {"type": "task_wait", "id": 1, "ids": ["t1", "t2"], "timeout_ms": 500},
     {"type": "task_cancel", "id": 1, "task": "t1", "client_id": "c", "seq": 3, "forward": True},
