@@ -22,10 +22,19 @@ convergence and liveness. The history (``history.jsonl``) and a JSON report
 (``report.json``: verdict, fault timeline, latencies, and on failure the smallest failing
 sub-history) go to ``--out``. Exit 0 only if every check passed.
 
+With ``backup_every_s`` (``--backup-every S``) a backup reader takes a backup of the
+cluster every S seconds while the clients and the nemesis run (``raftdeck backup``'s
+code) and records what it holds as reads (client -1): one ``get`` per shared key, and one
+per key written once whose put was acknowledged before the backup was asked for, all
+spanning the backup's call and return. The linearizability check then holds a backup to
+what a linearizable read of every key at one moment would have returned.
+
 ``planted`` (tests and demos only) makes the *harness* lie: ``stale-reads`` serves each
 get from a random replica's local state (``consistency: stale``) while recording it as a
-linearizable read, so a correct cluster produces a history the checker must reject. No
-agent code changes; nothing of it is reachable without asking for it explicitly.
+linearizable read, so a correct cluster produces a history the checker must reject;
+``stale-backups`` takes each backup from a random follower without its read barrier
+(``--stale``). No agent code changes; nothing of it is reachable without asking for it
+explicitly.
 """
 
 from __future__ import annotations
@@ -60,7 +69,8 @@ NEMESES = ("kill", "pause", "partition", "latency")
 # agent that counts it a voter must refuse it (it lost its log and votes), until it is
 # removed, emptied again and added back with --join; a cluster the run starts.
 KINDS = NEMESES + ("ca", "disk", "member", "oneway", "wipe")
-PLANTED = ("stale-reads",)
+PLANTED = ("stale-reads", "stale-backups")
+BACKUP_CLIENT = -1  # the history's client id of the backups' reads (0: the final reads)
 CA_NEMESIS_NEEDS = ("the ca nemesis replaces the CA of a cluster the run starts with TLS; "
                     "drop --no-tls and --attach, or the ca kind")
 # After the nemesis stops and everything is healed, a leader must be elected within this
@@ -105,6 +115,7 @@ class ChaosConfig:
     unique_writes: float = 0.1   # share of puts that write a fresh key (lost-write detection)
     tls: bool = True  # a started cluster: mutual TLS (the default) or plain TCP
     task_share: float = 0.05     # share of operations that submit a task
+    backup_every_s: float = 0.0  # a backup every this many seconds, read back as gets (0: none)
     # A fault script to run instead of the random nemesis (scenario tests):
     # ``async def script(run, admin, stop)``; see the tests/chaos scenarios.
     nemesis_script: Callable[..., Awaitable[None]] | None = None
@@ -314,6 +325,7 @@ class _Run:
     member_changes: list[dict] = field(default_factory=list)  # the member nemesis' round trips
     oneway_leaders: list[dict] = field(default_factory=list)  # leaders the oneway nemesis cut
     wipes: list[dict] = field(default_factory=list)  # voters the wipe nemesis emptied
+    backups: dict[str, int] = field(default_factory=lambda: {"taken": 0, "failed": 0, "reads": 0})
     notes: dict[str, Any] = field(default_factory=dict)  # what a script wants in the report
 
     def record(self, client: int, call: int, op: str, key: str, status: str, *,
@@ -434,6 +446,58 @@ async def _client_loop(run: _Run, idx: int, stop: asyncio.Event) -> None:
                 out = res
                 seen[key] = value
             run.record(idx, call, op, key, "ok", value=value, expected=expected, output=out)
+
+
+async def _backup_loop(run: _Run, stop: asyncio.Event) -> None:
+    """Every ``backup_every_s``: a backup of the cluster, recorded as reads (client -1) of
+    every shared key and of every key written once whose put was acknowledged before the
+    backup was asked for. A backup that fails observes nothing and is only counted."""
+    from console import backup
+    from nodeagent.state import StateMachine
+
+    cfg = run.cfg
+    rng = random.Random(f"{cfg.seed}-backups")
+    shared = [f"{run.prefix}k{i}" for i in range(cfg.keys)]
+    unique: list[str] = []  # acknowledged puts of keys written once, in the order recorded
+    seen_ops = 0
+    loop = asyncio.get_running_loop()
+    async with run.target.client(timeout=cfg.request_timeout * 3, op_timeout=cfg.op_timeout,
+                                 client_id=f"{run.prefix}backups", rng=rng) as c:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), cfg.backup_every_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            call = time.monotonic_ns()
+            for o in run.ops[seen_ops:]:
+                if (o.op == "put" and o.status == "ok" and o.client > 0
+                        and o.key.startswith(f"{run.prefix}u")):
+                    unique.append(o.key)
+            seen_ops = len(run.ops)
+            keys = shared + unique
+            try:
+                # Any node that says it leads (a deposed one may not know yet): a backup
+                # from it must still hold every acknowledged write.
+                st = await c.statuses()
+                leaders = [n for n, v in st.items() if isinstance(v, dict) and v.get("role") == "leader"]
+                if cfg.planted == "stale-backups":
+                    node = rng.choice([n for n in run.target.names if n not in leaders])
+                    b = await asyncio.wait_for(backup.fetch(c, node, stale=True), cfg.op_timeout)
+                else:
+                    if not leaders:
+                        raise backup.BackupError("no leader")
+                    b = await asyncio.wait_for(backup.fetch(c, rng.choice(leaders)),
+                                               cfg.op_timeout)
+                sm = StateMachine()
+                await loop.run_in_executor(None, sm.restore, b.state)
+            except Exception:  # no backup now (no leader, a fault): nothing observed
+                run.backups["failed"] += 1
+                continue
+            run.backups["taken"] += 1
+            for key in keys:
+                run.record(BACKUP_CLIENT, call, "get", key, "ok", output=_s(sm.get(key)))
+            run.backups["reads"] += len(keys)
 
 
 async def _submit_one(run: _Run, c: ClusterClient, idx: int, n: int) -> None:
@@ -910,6 +974,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
             stop, clients_stop = asyncio.Event(), asyncio.Event()
             workers = [asyncio.create_task(_client_loop(run, i + 1, clients_stop))
                        for i in range(cfg.clients)]
+            if cfg.backup_every_s > 0:
+                workers.append(asyncio.create_task(_backup_loop(run, clients_stop)))
             script = cfg.nemesis_script or (_nemesis if cfg.nemesis else None)
             nem = asyncio.create_task(script(run, admin, stop)) if script else None
             await asyncio.sleep(cfg.duration)
@@ -947,12 +1013,14 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
     report["ops"] = {"total": len(ops), **counts}
     report["faults"] = run.faults
     report["notes"] = run.notes
-    report["latency"] = latency_stats(ops)
+    report["latency"] = latency_stats([o for o in ops if o.client != BACKUP_CLIENT])
     report["final_reads"] = {"ok": not unread, "unread": unread}
     report["disk_stops"] = run.disk_stops
     report["member_changes"] = run.member_changes
     report["oneway_leaders"] = run.oneway_leaders
     report["wipes"] = run.wipes
+    if cfg.backup_every_s > 0:
+        report["backups"] = dict(run.backups, every_s=cfg.backup_every_s)
     result = lin.check(ops, seconds=cfg.checker_seconds)
     report["linearizability"] = result.to_json()
     if result.verdict == lin.NON_LINEARIZABLE:
@@ -979,6 +1047,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         checks["oneway_leaders"] = all(o["replaced_by"] for o in run.oneway_leaders)
     if "wipe" in cfg.nemesis:  # refused by every agent that counted it a voter; back again
         checks["wiped_refused"] = all(not w["owed"] and w["voter"] for w in run.wipes)
+    if cfg.backup_every_s > 0:  # the backups' reads are in the linearizability check
+        checks["backups_taken"] = run.backups["taken"] > 0
     report["checks"] = checks
     report["ok"] = all(checks.values())
     report["verdict"] = ("pass" if report["ok"] else
@@ -1026,6 +1096,10 @@ def summary(report: dict[str, Any]) -> str:
                      + (f"each refused (within {max((w['after_s'] for w in wipes), default=0):g}s)"
                         " and back as a voter" if not bad else "NOT AS EXPECTED: "
                         + json.dumps(bad)))
+    if "backups_taken" in report["checks"]:
+        b = report["backups"]
+        lines.append(f"backups: {b['taken']} taken every {b['every_s']:g}s ({b['failed']} "
+                     f"failed), read back as {b['reads']} gets, in the linearizability check")
     if "disk_stops" in report["checks"]:
         stops = report["disk_stops"]
         bad = [d for d in stops if not d["clean"]]
@@ -1079,6 +1153,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=count(1, 64), default=6, help="concurrent clients (default 6)")
     p.add_argument("--keys", type=count(1, 1000), default=5, help="keys they share (default 5)")
     p.add_argument("--no-tasks", action="store_true", help="do not submit tasks")
+    p.add_argument("--backup-every", type=seconds, default=None, metavar="S",
+                   help="take a backup every S seconds during the run and check what it holds "
+                        "as linearizable reads of every key (default: no backups)")
     p.add_argument("--no-tls", action="store_true",
                    help="start the cluster with plain TCP instead of mutual TLS (its agents "
                         "then write frames on the socket without a writer task: test that path)")
@@ -1118,6 +1195,7 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
                        out=Path(args.out) if args.out else None,
                        inventory=args.inventory if args.attach else None,
                        checker_seconds=args.checker_s, planted=args.planted_bug,
+                       backup_every_s=args.backup_every or 0.0,
                        tls=not args.no_tls,
                        log=lambda line: print(line, flush=True,
                                               file=sys.stderr if args.json else sys.stdout))
