@@ -278,18 +278,20 @@ def test_the_ca_is_replaced_under_load_through_a_kill_and_a_pause(tmp_path):
     assert len(issuers) == 1, issuers
 
 
+async def _one_follower_cut_off(run, admin, stop):
+    """A fault script: one follower isolated for the whole run (its state goes stale)."""
+    ld = await leader_now(run, admin)
+    follower = [n for n in run.target.names if n != ld][0]
+    await run.isolate(admin, [follower])
+    await stop.wait()
+    await run.heal(admin)
+
+
 def test_planted_stale_reads_are_caught_by_a_chaos_run(tmp_path):
     """The harness reads a replica's local state and calls it linearizable; with one
     follower cut off, the checker must say non-linearizable and show a small witness."""
 
-    async def script(run, admin, stop):
-        ld = await leader_now(run, admin)
-        follower = [n for n in run.target.names if n != ld][0]
-        await run.isolate(admin, [follower])
-        await stop.wait()
-        await run.heal(admin)
-
-    r = chaos(tmp_path, script, planted="stale-reads", duration=5.0, tasks=False)
+    r = chaos(tmp_path, _one_follower_cut_off, planted="stale-reads", duration=5.0, tasks=False)
     assert r["linearizability"]["verdict"] == NON_LINEARIZABLE, summary(r)
     assert not r["ok"] and r["verdict"] == "fail"
     small = r["failure"]["smallest"]
@@ -337,15 +339,8 @@ def test_planted_stale_backups_are_caught_by_a_chaos_run(tmp_path):
     """Backups taken from a follower without the read barrier, one follower cut off: the
     checker must reject the history, with a backup's read in the witness."""
 
-    async def script(run, admin, stop):
-        ld = await leader_now(run, admin)
-        follower = [n for n in run.target.names if n != ld][0]
-        await run.isolate(admin, [follower])
-        await stop.wait()
-        await run.heal(admin)
-
-    r = chaos(tmp_path, script, planted="stale-backups", backup_every_s=0.3, duration=5.0,
-              tasks=False)
+    r = chaos(tmp_path, _one_follower_cut_off, planted="stale-backups", backup_every_s=0.3,
+              duration=5.0, tasks=False)
     assert r["linearizability"]["verdict"] == NON_LINEARIZABLE, summary(r)
     assert not r["ok"] and r["backups"]["taken"] >= 1
     assert any(o["client"] == -1 for o in r["failure"]["smallest"]), r["failure"]
