@@ -32,7 +32,7 @@ from .metrics import serve_metrics
 from .statusmap import compact_status, keepalive_s, status_delta
 from .peerids import PeerIds
 from .storage import DiskStorage, StorageFailed
-from .tasks import TaskManager, now_ms, report_command
+from .tasks import TaskManager, now_ms, read_report, report_command
 from .telemetry import AgentMetrics, TimedStorage
 from .tlsstream import TLSStream
 from .transport import FaultRules, Transport
@@ -65,10 +65,7 @@ def initial_conf(cfg: AgentConfig) -> ConfState:
 
 def _reports_disk_low(report: bytes) -> bool:
     """A peer's load report (TaskManager.load_report) says its disk is low."""
-    try:
-        return msgpack.unpackb(report, raw=False).get("disk_low") is True
-    except Exception:  # a malformed report says nothing
-        return False
+    return read_report(report).get("disk_low") is True
 
 
 class ListenError(Exception):

@@ -60,6 +60,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+
+def read_report(raw: bytes) -> dict:
+    """A peer's load report (``TaskManager.load_report``) as a map; empty when it is not
+    one (a malformed report says nothing)."""
+    try:
+        r = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        return {}
+    return r if isinstance(r, dict) else {}
+
 class TaskManager:
     def __init__(self, agent: "Agent"):
         self.agent = agent
@@ -167,11 +177,11 @@ class TaskManager:
             if self._raw_reports.get(peer) == pr.report:
                 continue  # unchanged: no sign of life (a live node bumps its seq)
             self._raw_reports[peer] = pr.report
+            r = read_report(pr.report)
             try:
-                r = msgpack.unpackb(pr.report, raw=False)
                 self.loads.report(peer, now, int(r["running"]), int(r["queued"]),
                                   max(1, int(r["capacity"])), float(r.get("load1", 0.0)))
-            except Exception:
+            except (KeyError, TypeError, ValueError):
                 continue
 
     def _alive(self, now: float) -> set[str]:
@@ -261,12 +271,7 @@ class TaskManager:
         if node == self.node_id:
             return self.executor.allow_shell
         raw = self._raw_reports.get(node)
-        if not raw:
-            return False
-        try:
-            return bool(msgpack.unpackb(raw, raw=False).get("shell"))
-        except Exception:
-            return False
+        return bool(raw) and read_report(raw).get("shell") is True
 
     def any_shell(self) -> bool:
         members = self.agent.driver.node.conf.members
