@@ -558,6 +558,13 @@ class DiskStorage:
         self._lock_key = os.path.realpath(self._dir)
         _lock_dir(self._lock_key)
         try:
+            if os.path.exists(self._hs_path) and not os.path.lexists(self._wal_dir):
+                # Made at the first open, before any hard state, and never removed: the
+                # log this node acknowledged is gone (e.g. wal/ deleted by hand).
+                raise StorageCorruption(
+                    f"{self._wal_dir} is missing, but {self._hs_path} records term and vote: "
+                    "the log this node acknowledged is gone, and it must not vote or lead "
+                    "without it. " + self._fix_hint(), path=self._wal_dir)
             self._ensure_dir(self._wal_dir)
             self._ensure_dir(self._snap_dir)
             self._recover()

@@ -387,6 +387,21 @@ def test_corrupt_hardstate_raises(tmp_path):
         DiskStorage.open(d)
 
 
+def test_a_missing_wal_directory_is_refused_not_made_again(tmp_path):
+    """wal/ deleted by hand while the hard state remains: opening it again would give a
+    node that kept its term and vote but forgot the entries it acknowledged."""
+    d = tmp_path / "n1"
+    _build_log(d)
+    shutil.rmtree(d / "wal")
+    with pytest.raises(StorageCorruption, match=r"wal is missing, but .*hardstate records term "
+                                                  r"and vote: the log this node acknowledged is gone"):
+        DiskStorage.open(d)
+    assert not (d / "wal").exists()  # nothing made again: the next open refuses too
+    with DiskStorage.open(tmp_path / "fresh") as s:  # a first start makes it
+        assert s.recovered().hard_state.term == 0
+    assert (tmp_path / "fresh" / "wal").is_dir()
+
+
 # -- snapshots ----------------------------------------------------------------------------
 
 
