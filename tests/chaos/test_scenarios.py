@@ -299,6 +299,7 @@ def test_planted_stale_reads_are_caught_by_a_chaos_run(tmp_path):
     assert len(small) < r["failure"]["ops"] / 4
 
 
+@pytest.mark.long(15)  # seconds, roughly: the longest start first
 def test_backups_taken_through_a_pause_and_a_kill_hold_every_acknowledged_write(tmp_path):
     """A backup every 0.3 s while the leader is paused, then resumed cut off from the
     others (it believes it leads until its quorum check: a backup asked of it then must

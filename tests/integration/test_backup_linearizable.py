@@ -22,6 +22,7 @@ from nodeagent.state import StateMachine
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.long(13)  # seconds, roughly: the longest start first
 def test_a_deposed_leader_gives_no_stale_backup(make_cluster):
     # A long election timeout: the deposed leader believes it leads for up to 3 s after
     # it is resumed, so the backup below reaches it inside that window.
