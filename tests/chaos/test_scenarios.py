@@ -341,7 +341,7 @@ def test_planted_stale_backups_are_caught_by_a_chaos_run(tmp_path):
     checker must reject the history, with a backup's read in the witness."""
 
     r = chaos(tmp_path, _one_follower_cut_off, planted="stale-backups", backup_every_s=0.3,
-              duration=5.0, tasks=False)
+              duration=3.0, tasks=False)
     assert r["linearizability"]["verdict"] == NON_LINEARIZABLE, summary(r)
     assert not r["ok"] and r["backups"]["taken"] >= 1
     assert any(o["client"] == -1 for o in r["failure"]["smallest"]), r["failure"]

@@ -22,11 +22,11 @@ from nodeagent.state import StateMachine
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.long(13)  # seconds, roughly: the longest start first
+@pytest.mark.long(11)  # seconds, roughly: the longest start first
 def test_a_deposed_leader_gives_no_stale_backup(make_cluster):
-    # A long election timeout: the deposed leader believes it leads for up to 3 s after
+    # A long election timeout: the deposed leader believes it leads for up to 2 s after
     # it is resumed, so the backup below reaches it inside that window.
-    lc = make_cluster(3, election_ms=3000, heartbeat_ms=100)
+    lc = make_cluster(3, election_ms=2000, heartbeat_ms=100)
 
     async def main():
         async with lc.client(timeout=8.0) as c:
