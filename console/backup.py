@@ -3,8 +3,9 @@
 ``raftdeck backup FILE`` asks the leader (or ``--node``) for its whole state at its
 applied index (agent request ``backup``: every key, task and client session), after a
 read barrier, so that it holds every write acknowledged before it was asked for
-(``--stale``: without one, for when no quorum is left), fetches it in 1 MiB chunks, checks its sha256 and writes FILE durably (temporary file, fsync, rename,
-directory fsync). It is what etcd's ``snapshot save`` is: a point-in-time copy of what the
+(``--stale``: without one, for when no quorum is left), fetches it in 1 MiB chunks,
+checks its sha256 and writes FILE durably (temporary file, fsync, rename, directory
+fsync). It is what etcd's ``snapshot save`` is: a point-in-time copy of what the
 cluster had committed, to start again from when a majority of the data directories is
 lost.
 
@@ -20,7 +21,7 @@ restored keys and tasks. Each directory gets a new data id: this is a new cluste
 
 File: one msgpack map ``{"format": "raftdeck-backup", "version": 1, "cluster", "node",
 "index", "term", "taken_at_ms", "size", "sha256", "state": bin}``. The pure parts
-(``encode``, ``decode``, ``restored_state``) have no I/O.
+(``encode``, ``decode``, ``load``, ``restored_state``, ``describe``) have no I/O.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def decode(blob: bytes, where: str) -> Backup:
     return b
 
 
-def restored_state(b: Backup, conf) -> bytes:
-    """The backup's state with ``conf`` as its membership: what every restored node's
-    snapshot holds. Raises BackupError if the state does not load."""
+def load(b: Backup):
+    """The backup's state as a StateMachine, checked: it loads, and it is at the index the
+    backup records. Raises BackupError otherwise."""
     from nodeagent.state import StateError, StateMachine
 
     sm = StateMachine()
@@ -102,22 +103,24 @@ def restored_state(b: Backup, conf) -> bytes:
     if sm.applied_index != b.index:
         raise BackupError(f"the backup's state is at index {sm.applied_index}, but the backup "
                           f"says {b.index}")
+    return sm
+
+
+def restored_state(b: Backup, conf, sm=None) -> bytes:
+    """The backup's state with ``conf`` as its membership: what every restored node's
+    snapshot holds. ``sm``: the backup already loaded (``load``; its membership is
+    replaced). Raises BackupError if the state does not load."""
+    sm = sm if sm is not None else load(b)
     sm.reset_membership(conf)
     return sm.snapshot()
 
 
-def describe(b: Backup) -> dict[str, Any]:
+def describe(b: Backup, sm=None) -> dict[str, Any]:
     """What a backup holds (etcd's ``snapshot status``): its metadata, and from its state
     the number of keys, tasks in each state (those with any) and client sessions, the
-    membership it was taken under and the state's digest. Raises BackupError if the state
-    does not load."""
-    from nodeagent.state import StateError, StateMachine
-
-    sm = StateMachine()
-    try:
-        sm.restore(b.state)
-    except StateError as e:
-        raise BackupError(f"the backup's state does not load: {e}") from None
+    membership it was taken under and the state's digest. ``sm``: the backup already
+    loaded (``load``). Raises BackupError if the state does not load."""
+    sm = sm if sm is not None else load(b)
     st = sm.statistics()
     return {**b.meta(), "keys": st.keys, "sessions": st.sessions,
             "tasks": {k: v for k, v in sm.task_counts().items() if v},

@@ -453,7 +453,6 @@ async def _backup_loop(run: _Run, stop: asyncio.Event) -> None:
     every shared key and of every key written once whose put was acknowledged before the
     backup was asked for. A backup that fails observes nothing and is only counted."""
     from console import backup
-    from nodeagent.state import StateMachine
 
     cfg = run.cfg
     rng = random.Random(f"{cfg.seed}-backups")
@@ -489,8 +488,7 @@ async def _backup_loop(run: _Run, stop: asyncio.Event) -> None:
                         raise backup.BackupError("no leader")
                     b = await asyncio.wait_for(backup.fetch(c, rng.choice(leaders)),
                                                cfg.op_timeout)
-                sm = StateMachine()
-                await loop.run_in_executor(None, sm.restore, b.state)
+                sm = await loop.run_in_executor(None, backup.load, b)
             except Exception:  # no backup now (no leader, a fault): nothing observed
                 run.backups["failed"] += 1
                 continue

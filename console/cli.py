@@ -1707,7 +1707,9 @@ async def _cmd_restore(args, inv) -> int:
         raise CliError(str(e), EXIT_USAGE) from None
     conf = initial_conf(inv.agent_config(inv.nodes[0].name))
     try:
-        state = backup.restored_state(b, conf)
+        sm = backup.load(b)
+        info = backup.describe(b, sm) if args.check else None  # before the membership changes
+        state = backup.restored_state(b, conf, sm)
     except backup.BackupError as e:
         raise CliError(f"{args.file}: {e}") from None
     # Every node is checked before anything is written anywhere.
@@ -1715,9 +1717,7 @@ async def _cmd_restore(args, inv) -> int:
     local = {n.name: procs.data_dir(n) for n in inv.nodes if is_local(n)}
     remote = [n for n in inv.nodes if not is_local(n)]
     problems = []
-    for n in inv.nodes:
-        if n.name not in local:
-            continue
+    for n in (n for n in inv.nodes if n.name in local):
         proc, d = procs.process(n), local[n.name]
         if proc.alive or procs.port_in_use(n):
             problems.append(f"{n.name}'s agent is running (or something answers on "
@@ -1746,7 +1746,7 @@ async def _cmd_restore(args, inv) -> int:
 
         problems += [p for p in await asyncio.gather(*(check(n) for n in remote)) if p]
     if args.check:
-        return _restore_check(args, inv, b, problems)
+        return _restore_check(args, inv, info, problems)
     if problems:
         raise CliError("; ".join(problems))
     for name, d in local.items():
@@ -1783,15 +1783,9 @@ async def _cmd_restore(args, inv) -> int:
     return EXIT_OK
 
 
-def _restore_check(args, inv, b, problems: list[str]) -> int:
-    """`raftdeck restore FILE --check`: what the backup holds, and whether the restore
-    would go ahead; nothing is written."""
-    from console import backup
-
-    try:
-        info = backup.describe(b)
-    except backup.BackupError as e:
-        raise CliError(f"{args.file}: {e}") from None
+def _restore_check(args, inv, info: dict, problems: list[str]) -> int:
+    """`raftdeck restore FILE --check`: what the backup holds (``backup.describe``), and
+    whether the restore would go ahead; nothing is written."""
     if args.json:
         _print_json({**info, "file": args.file, "ready": not problems, "problems": problems})
     else:

@@ -1087,7 +1087,9 @@ class Deployer:
                                 "restore")
 
     async def _restore_one(self, node: NodeConfig, local: Path) -> HostResult:
-        files = {p.relative_to(local).as_posix(): [p.stat().st_size, _file_sha256(p)]
+        from console.remote import file_sha256
+
+        files = {p.relative_to(local).as_posix(): [p.stat().st_size, file_sha256(p)]
                  for p in sorted(local.rglob("*")) if p.is_file()}
 
         async def go(conn, lay):
@@ -1257,14 +1259,6 @@ async def _best_follower(client, names: list[str], inv: Inventory) -> str | None
         if best is None or key > best[0]:
             best = (key, n)
     return best and best[1]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 async def _makedirs(sftp, path: PurePosixPath) -> None:

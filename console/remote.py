@@ -54,7 +54,9 @@ def _out(**fields):
     sys.stdout.flush()
 
 
-def _sha256(path):
+def file_sha256(path):
+    """A file's sha256, read 1 MiB at a time (the console hashes what it uploads with
+    this same function)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -196,7 +198,7 @@ def op_probe(a):
     if wd and os.path.isdir(wd):
         for name in sorted(os.listdir(wd)):
             if name.endswith(".whl"):
-                wheels[name] = _sha256(os.path.join(wd, name))
+                wheels[name] = file_sha256(os.path.join(wd, name))
     out["wheels"] = wheels
     manifest = None
     mf = a.get("manifest")
@@ -210,7 +212,7 @@ def op_probe(a):
     files = {}
     for path in a.get("hash_files") or ():
         try:
-            files[path] = _sha256(path)
+            files[path] = file_sha256(path)
         except OSError:
             files[path] = None
     out["files"] = files
@@ -468,7 +470,7 @@ def op_adopt(a):
                     "(missing %s, unexpected %s)" % (missing or "none", extra or "none"))
     for rel, (size, digest) in sorted(files.items()):
         path = os.path.join(staging, rel)
-        if os.path.getsize(path) != size or _sha256(path) != digest:
+        if os.path.getsize(path) != size or file_sha256(path) != digest:
             return _out(ok=False, kind="damaged", error="%s arrived damaged (size or sha256 "
                         "differs from what was sent)" % rel)
         os.chmod(path, 0o600)

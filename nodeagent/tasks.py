@@ -60,7 +60,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-
 def read_report(raw: bytes) -> dict:
     """A peer's load report (``TaskManager.load_report``) as a map; empty when it is not
     one (a malformed report says nothing)."""
@@ -69,6 +68,7 @@ def read_report(raw: bytes) -> dict:
     except Exception:
         return {}
     return r if isinstance(r, dict) else {}
+
 
 class TaskManager:
     def __init__(self, agent: "Agent"):
