@@ -4,7 +4,7 @@ Plain synchronous file I/O (no trio): the driver calls it directly or from a wor
 One ``DiskStorage`` owns one data directory::
 
     <data_dir>/LOCK                                   flock: one process per data dir
-    <data_dir>/hardstate                              term + vote + commit, one record
+    <data_dir>/hardstate                              term + vote + commit + WAL head, one record
     <data_dir>/data_id                                this directory's random id (text)
     <data_dir>/peer_data_ids.json                     the data id each peer last came with
     <data_dir>/wal/wal-<first index, 20 digits>.log   WAL segments, in write order
@@ -22,9 +22,13 @@ WAL records are ``[kind, term, index, data]``:
 * kind 17 (RESET): "the whole log was replaced by snapshot (``index``, ``term``)": written
   when a snapshot from the leader does not match our log (Raft Figure 13, step 7).
 
-The hard state file holds ``[1, term, vote, commit]``; a snapshot file holds ``[1, index,
-term, voters, learners, [[node, priority], ...], data]``. Both are replaced atomically
-(temp file, fsync, rename, directory fsync).
+The hard state file holds ``[1, term, vote, commit, wal_head]``; a snapshot file holds
+``[1, index, term, voters, learners, [[node, priority], ...], data]``. Both are replaced
+atomically (temp file, fsync, rename, directory fsync). ``wal_head`` is the name of the
+newest WAL segment when the record was written (0: unknown; records written before it
+existed have four fields). The record is rewritten when a new segment is made, so a
+directory whose newest segments were deleted is refused at open instead of starting on a
+log shorter than what it acknowledged.
 
 A snapshot the application made is stored by ``compact()``, or in two halves so that the
 slow one can run in a worker thread while the driver goes on: ``write_snapshot_file()``
@@ -328,14 +332,17 @@ class SnapshotFile:
             pass
 
 
-def _decode_hardstate(payload) -> HardState:
+def _decode_hardstate(payload) -> tuple[HardState, int]:
+    """(hard state, WAL head): the head is 0 in records written before it was kept."""
     obj = msgpack.unpackb(payload, raw=False, use_list=True)
-    if not isinstance(obj, list) or len(obj) != 4 or obj[0] != _FORMAT_VERSION:
+    if not isinstance(obj, list) or len(obj) not in (4, 5) or obj[0] != _FORMAT_VERSION:
         raise ValueError("not a version 1 hard state record")
-    _, term, vote, commit = obj
-    if type(term) is not int or type(commit) is not int or not (vote is None or isinstance(vote, str)):
+    _, term, vote, commit = obj[:4]
+    head = obj[4] if len(obj) == 5 else 0
+    if (type(term) is not int or type(commit) is not int or type(head) is not int
+            or not (vote is None or isinstance(vote, str))):
         raise ValueError("bad field types")
-    return HardState(term, vote, commit)
+    return HardState(term, vote, commit), head
 
 
 def _read_single_record(path: str, decode):
@@ -1121,10 +1128,14 @@ class DiskStorage:
     # -- internals: hard state and snapshots --------------------------------------------
 
     def _write_hardstate(self, hs: HardState) -> None:
-        payload = msgpack.packb([_FORMAT_VERSION, hs.term, hs.vote, hs.commit], use_bin_type=True)
-        self._write_atomic(self._hs_path, _frame(payload))
+        self._write_hs_record(hs)
         self._durable_hs = hs
         self._pending_hs = None
+
+    def _write_hs_record(self, hs: HardState) -> None:
+        head = self._segments[-1].name_index if self._segments else 0
+        payload = msgpack.packb([_FORMAT_VERSION, hs.term, hs.vote, hs.commit, head], use_bin_type=True)
+        self._write_atomic(self._hs_path, _frame(payload))
 
     def _snap_path(self, index: int, term: int) -> str:
         return os.path.join(self._snap_dir, f"snap-{index:020d}-{term}.snap")
@@ -1200,6 +1211,10 @@ class DiskStorage:
         self._fsync_dir(self._wal_dir)
         seg = _Segment(path, first_index, 0, 0)
         self._segments.append(seg)
+        if os.path.exists(self._hs_path):
+            # Record the new head (the term and vote already durable; a pending change
+            # still waits for its sync): from now on, losing this segment is detected.
+            self._write_hs_record(self._durable_hs)
         return seg
 
     # -- internals: recovery ------------------------------------------------------------
@@ -1230,7 +1245,7 @@ class DiskStorage:
                 if name.endswith(".tmp"):
                     os.unlink(os.path.join(d, name))
 
-        hs = self._load_hardstate()
+        hs, wal_head = self._load_hardstate()
         snapshot = self._load_newest_snapshot()
         if snapshot is not None:
             self._base_index, self._base_term = snapshot.meta.index, snapshot.meta.term
@@ -1238,6 +1253,14 @@ class DiskStorage:
         replay = _Replay(self._base_index, self._base_term, self._record_corruption)
         torn: tuple[_Segment, int, int, str] | None = None  # segment, offset, file size, reason
         names = sorted((int(m.group(1)), n) for n in os.listdir(self._wal_dir) if (m := _SEG_RE.match(n)))
+        if wal_head and (not names or names[-1][0] < wal_head):
+            # Segments are made in index order and only the oldest are ever deleted.
+            newest = f"wal-{names[-1][0]:020d}.log" if names else "none"
+            raise StorageCorruption(
+                f"{self._wal_dir}: WAL segment wal-{wal_head:020d}.log is missing (the newest "
+                f"segment there is {newest}), but {self._hs_path} records that it was made: "
+                "entries this node acknowledged are gone, and it must not vote or lead "
+                "without them. " + self._fix_hint(), path=self._wal_dir)
         for k, (name_index, name) in enumerate(names):
             path = os.path.join(self._wal_dir, name)
             with open(path, "rb") as f:
@@ -1328,11 +1351,12 @@ class DiskStorage:
             self._dirty = False
         self._recovered = PersistentState(hs, snapshot, tuple(entries))
 
-    def _load_hardstate(self) -> HardState:
+    def _load_hardstate(self) -> tuple[HardState, int]:
+        """(hard state, WAL head) from the file; (empty, 0) before the first term."""
         if not os.path.exists(self._hs_path):
-            return HardState()
-        hs, err = _read_single_record(self._hs_path, _decode_hardstate)
-        if hs is None:
+            return HardState(), 0
+        got, err = _read_single_record(self._hs_path, _decode_hardstate)
+        if got is None:
             offset, reason = err
             raise StorageCorruption(
                 f"{self._hs_path}: corrupt hard state record at byte offset {offset} ({reason}). "
@@ -1341,7 +1365,7 @@ class DiskStorage:
                 path=self._hs_path,
                 offset=offset,
             )
-        return hs
+        return got
 
     def _load_newest_snapshot(self) -> Snapshot | None:
         found = sorted(

@@ -402,6 +402,63 @@ def test_a_missing_wal_directory_is_refused_not_made_again(tmp_path):
     assert (tmp_path / "fresh" / "wal").is_dir()
 
 
+def test_losing_the_newest_wal_segments_is_refused(tmp_path):
+    """Segments deleted from the new end leave a log that reads back whole but is shorter
+    than what the node acknowledged. The hard state names the newest segment each time one
+    is made (not only when the term or vote changes), so the open refuses."""
+    d = tmp_path / "n1"
+    _build_log(d, n=20, segment_bytes=300)
+    with DiskStorage.open(d, segment_bytes=300) as s:  # rolls with no term or vote change
+        s.save(None, ents(21, 80, 1), None)
+        s.sync()
+    segs = segments(d)
+    assert len(segs) >= 4
+    for lost in (1, 2, len(segs)):
+        c = tmp_path / f"lost{lost}"
+        shutil.copytree(d, c)
+        for path in segments(c)[-lost:]:
+            os.unlink(path)
+        newest = os.path.basename(segments(c)[-1]) if lost < len(segs) else "none"
+        with pytest.raises(StorageCorruption, match=rf"WAL segment {os.path.basename(segs[-1])} is missing "
+                                                     rf"\(the newest segment there is {newest}\)"):
+            DiskStorage.open(c, segment_bytes=300)
+    assert [e.index for e in reopen(d, segment_bytes=300).entries] == list(range(1, 81))
+
+
+def test_a_segment_newer_than_the_recorded_head_opens(tmp_path):
+    """A crash after a segment was made but before the hard state named it: the record
+    names the one before, which is there; nothing is lost."""
+    d = tmp_path / "n1"
+    _build_log(d, n=20, segment_bytes=300)
+    old_hs = (d / "hardstate").read_bytes()
+    with DiskStorage.open(d, segment_bytes=300) as s:
+        s.save(None, ents(21, 40, 1), None)
+        s.sync()
+    (d / "hardstate").write_bytes(old_hs)
+    assert [e.index for e in reopen(d, segment_bytes=300).entries] == list(range(1, 41))
+
+
+def test_a_hard_state_written_before_the_wal_head_was_kept_still_opens(tmp_path):
+    """Directories written by earlier agents hold four fields; from their next new
+    segment on, the head is kept."""
+    import msgpack
+
+    from nodeagent.storage import _frame
+
+    d = tmp_path / "n1"
+    _build_log(d, n=20, segment_bytes=300)
+    (d / "hardstate").write_bytes(_frame(msgpack.packb([1, 1, "a", 0])))
+    os.unlink(segments(d)[-1])  # not detectable yet: the old record names no segment
+    with DiskStorage.open(d, segment_bytes=300) as s:
+        assert s.recovered().hard_state == HardState(1, "a", 0)
+        last = s.recovered().entries[-1].index
+        s.save(None, ents(last + 1, last + 40, 1), None)
+        s.sync()
+    os.unlink(segments(d)[-1])
+    with pytest.raises(StorageCorruption, match=r"WAL segment wal-\d+\.log is missing"):
+        DiskStorage.open(d, segment_bytes=300)
+
+
 # -- snapshots ----------------------------------------------------------------------------
 
 
