@@ -25,8 +25,10 @@ sub-history) go to ``--out``. Exit 0 only if every check passed.
 With ``backup_every_s`` (``--backup-every S``) a backup reader takes a backup of the
 cluster every S seconds while the clients and the nemesis run (``raftdeck backup``'s
 code) and records what it holds as reads (client -1): one ``get`` per shared key, and one
-per key written once whose put was acknowledged before the backup was asked for, all
-spanning the backup's call and return. The linearizability check then holds a backup to
+per key written once whose put was acknowledged before the backup was asked for (the
+newest ``BACKUP_NEWEST`` of them, which a stale backup would lack, and ``BACKUP_SAMPLE``
+older ones at random, so a long run's checks do not grow with the square of its length),
+all spanning the backup's call and return. The linearizability check then holds a backup to
 what a linearizable read of every key at one moment would have returned.
 
 ``planted`` (tests and demos only) makes the *harness* lie: ``stale-reads`` serves each
@@ -71,6 +73,8 @@ NEMESES = ("kill", "pause", "partition", "latency")
 KINDS = NEMESES + ("ca", "disk", "member", "oneway", "wipe")
 PLANTED = ("stale-reads", "stale-backups")
 BACKUP_CLIENT = -1  # the history's client id of the backups' reads (0: the final reads)
+BACKUP_NEWEST = 256  # per backup: the newest keys written once that it must hold ...
+BACKUP_SAMPLE = 256  # ... and this many older ones, at random
 CA_NEMESIS_NEEDS = ("the ca nemesis replaces the CA of a cluster the run starts with TLS; "
                     "drop --no-tls and --attach, or the ca kind")
 # After the nemesis stops and everything is healed, a leader must be elected within this
@@ -450,8 +454,9 @@ async def _client_loop(run: _Run, idx: int, stop: asyncio.Event) -> None:
 
 async def _backup_loop(run: _Run, stop: asyncio.Event) -> None:
     """Every ``backup_every_s``: a backup of the cluster, recorded as reads (client -1) of
-    every shared key and of every key written once whose put was acknowledged before the
-    backup was asked for. A backup that fails observes nothing and is only counted."""
+    every shared key and of keys written once whose puts were acknowledged before the
+    backup was asked for (the newest, and a sample of the rest). A backup that fails
+    observes nothing and is only counted."""
     from console import backup
 
     cfg = run.cfg
@@ -474,7 +479,9 @@ async def _backup_loop(run: _Run, stop: asyncio.Event) -> None:
                         and o.key.startswith(f"{run.prefix}u")):
                     unique.append(o.key)
             seen_ops = len(run.ops)
-            keys = shared + unique
+            older = unique[:-BACKUP_NEWEST]
+            keys = (shared + unique[-BACKUP_NEWEST:]
+                    + rng.sample(older, min(BACKUP_SAMPLE, len(older))))
             try:
                 # Any node that says it leads (a deposed one may not know yet): a backup
                 # from it must still hold every acknowledged write.
@@ -1153,7 +1160,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tasks", action="store_true", help="do not submit tasks")
     p.add_argument("--backup-every", type=seconds, default=None, metavar="S",
                    help="take a backup every S seconds during the run and check what it holds "
-                        "as linearizable reads of every key (default: no backups)")
+                        "as linearizable reads: every shared key, and the newest 256 and 256 "
+                        "older keys written once (default: no backups)")
     p.add_argument("--no-tls", action="store_true",
                    help="start the cluster with plain TCP instead of mutual TLS (its agents "
                         "then write frames on the socket without a writer task: test that path)")
