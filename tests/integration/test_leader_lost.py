@@ -31,7 +31,11 @@ def test_followers_campaign_when_the_killed_leaders_connection_ends(make_cluster
             early = {n: st[n]["early_campaigns"] for n in survivors}
             assert new != old and sum(early.values()) >= 1, early
             # One election (with pre-vote, a lost pre-vote round does not bump the term).
-            assert st[new]["term"] == term + 1, (term, {n: st[n]["term"] for n in survivors})
+            # Both survivors campaign at once when the connection ends, so on a starved
+            # machine their two campaigns can pass pre-vote together and split the vote:
+            # one more term then, never more than that in a quiet cluster of two.
+            new_term = st[new]["term"]
+            assert term + 1 <= new_term <= term + 2, (term, {n: st[n]["term"] for n in survivors})
             await c.put("after", b"v")
 
             # A follower that goes away and comes back is not anybody's leader.
@@ -41,7 +45,7 @@ def test_followers_campaign_when_the_killed_leaders_connection_ends(make_cluster
             lc.start(follower)
             await lc.wait_converged(c, timeout=30)
             st = await lc.statuses(c)
-            assert st[new]["role"] == "leader" and st[new]["term"] == term + 1
+            assert st[new]["role"] == "leader" and st[new]["term"] == new_term
             assert st[new]["early_campaigns"] == before[new]
 
     asyncio.run(main())
