@@ -1142,7 +1142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=seconds, default=60.0, metavar="S",
                    help="seconds of workload and faults (default 60)")
     p.add_argument("--nemesis", type=nemesis_list, default=NEMESES, metavar="KINDS",
-                   help="comma list of kill,pause,partition,latency,ca,disk,member,oneway, "
+                   help="comma list of kill,pause,partition,latency,ca,disk,member,oneway,wipe, "
                         "or none (default: all but ca, which replaces the CA step by step, as "
                         "`raftdeck init --rotate-ca` does, and needs TLS and a cluster the run "
                         "starts; disk, which fills a node's disk until its agent stops, "

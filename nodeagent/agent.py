@@ -735,7 +735,8 @@ class Agent:
             "transport": self.transport.stats(),
             "storage": {k: v for k, v in storage.items() if k in (
                 "fsync", "segments", "bytes", "first_index", "last_index", "snapshot_index",
-                "syncs", "fsyncs", "fsync_latency_ms_sum", "fsync_latency_ms_max", "repaired")},
+                "syncs", "fsyncs", "fsync_latency_ms_sum", "fsync_latency_ms_max", "repaired",
+                "reserved_segments", "reservations_skipped")},
             "disk": self.disk,
             "connections": self.server.connections if self.server else 0,
             "security": {**(self.server.stats() if self.server else {"tls": self.server_ssl is not None}),

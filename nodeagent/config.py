@@ -190,7 +190,7 @@ class NodeConfig:
     name: str
     host: str
     port: int
-    priority: int = 1  # 0: never leader
+    priority: int = 1  # 0: leads only as a caretaker (docs/ARCHITECTURE.md, "Leader priority")
     capacity: int = 1
     data_dir: PurePath = None  # type: ignore[assignment]  # default: .raftdeck/<name>
     role: str = "voter"

@@ -223,7 +223,7 @@ class RaftNode:
         self.election_elapsed = max(self.election_elapsed, et)
         # One tick apart in an order every follower agrees on (priority, then id), so
         # they do not split the vote: the first usually wins before the next one's tick
-        # (an election takes milliseconds here, a tick 25 ms by default).
+        # (an election takes milliseconds here, a tick 50 ms by default).
         prio = self.conf.priority
         order = sorted((v for v in self.conf.voters if v != peer), key=lambda v: (-prio(v), v))
         rank = order.index(self.id) if self.id in order else len(order)

@@ -91,6 +91,9 @@ async def _scenario(lc: LocalCluster, data) -> None:
         await _led_by(lc, c, "n2")
         st = (await lc.statuses(c, ["n2"]))["n2"]
         assert st["disk"]["low"] is False and st["unfit"] == [], st["disk"]  # 180 MiB free
+        # Under four segments' worth free, its reopened segment's blocks were not reserved
+        # up front, and the status says so (OPERATIONS, "Disk full").
+        assert st["storage"]["reservations_skipped"] >= 1 and st["storage"]["reserved_segments"] == 0, st["storage"]
         missing = [k for k, v in acked.items() if await c.get(k, node="n2") != v]
         assert not missing, missing[:5]
 

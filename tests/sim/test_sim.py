@@ -1,6 +1,6 @@
 """The simulator's seeds, run by pytest.
 
-The default run covers SIM_SEEDS seeds (300) of SIM_STEPS events (3,000) each; every seed
+The default run covers SIM_SEEDS seeds (300) of SIM_STEPS events (10,000) each; every seed
 draws its own mix of faults. A failure message ends with the one command that replays
 the seed. The long run is opt-in:
 
