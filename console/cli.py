@@ -307,6 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", metavar="KEY")
     p.add_argument("--stale", action="store_true", help="read a replica's local state (may lag)")
     p.add_argument("--node", help="with --stale: the replica to read")
+
+    p = cmd("delete", _cmd_delete, "delete a key",
+            "Delete KEY through the leader. Deleting a key that is absent is not an error.")
+    p.add_argument("key", metavar="KEY")
+
+    p = cmd("cas", _cmd_cas, "compare-and-swap a key",
+            "Write KEY = VALUE only if KEY now holds EXPECTED (--expect) or is absent "
+            "(--absent), in one replicated step. Exits 1 if it did not swap, printing "
+            "what KEY holds.")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--expect", metavar="EXPECTED", help="the value KEY must hold now")
+    g.add_argument("--absent", action="store_true", help="swap only if KEY is absent")
+
+    p = cmd("keys", _cmd_keys, "list keys (and values) of one replica",
+            "List the keys of the leader's replica (or --node's), in key order: what it has "
+            "applied, which may lag the latest acknowledged write by a moment. With --json, "
+            "also the node and its applied index.")
+    p.add_argument("--prefix", default="", help="only keys that start with this")
+    p.add_argument("--values", action="store_true", help="print KEY = VALUE")
+    p.add_argument("--node", help="the replica to list (default: the leader)")
+    p.add_argument("--limit", type=int, default=20000,
+                   help="at most this many keys are fetched (default 20000)")
     _deploy_parsers(cmd)
     return parser
 
@@ -1834,6 +1858,54 @@ async def _cmd_get(args, inv) -> int:
         print(_jsonable(value))
     if value is None:
         raise CliError(f"key {args.key!r} not found")
+    return EXIT_OK
+
+
+async def _cmd_delete(args, inv) -> int:
+    async with _Cluster(inv, args) as client:
+        index = await client.delete(args.key)
+    if args.json:
+        _print_json({"key": args.key, "index": index})
+    else:
+        print(f"{args.key}: deleted at index {index}")
+    return EXIT_OK
+
+
+async def _cmd_cas(args, inv) -> int:
+    expected = None if args.absent else args.expect.encode()
+    async with _Cluster(inv, args) as client:
+        swapped, value = await client.cas(args.key, expected, args.value.encode())
+    now = None if value is None else _jsonable(value)
+    if args.json:
+        _print_json({"key": args.key, "swapped": swapped, "value": now})
+    elif swapped:
+        print(f"{args.key}: swapped")
+    if not swapped:
+        held = "is absent" if value is None else f"holds {now!r}"
+        raise CliError(f"{args.key}: not swapped; it {held}")
+    return EXIT_OK
+
+
+async def _cmd_keys(args, inv) -> int:
+    if not 1 <= args.limit <= 1_000_000:
+        raise CliError("--limit must be between 1 and 1000000", EXIT_USAGE)
+    node = _node(inv, args.node).name if args.node else None
+    async with _Cluster(inv, args) as client:
+        if node is None:
+            node = await client.find_leader()
+            if node is None:
+                raise CliError("no node says it leads now; list one replica's keys with --node N")
+        r = await client.dump(node, limit=args.limit)
+    pairs = [(k, v) for k, v in r["kv"].items() if k.startswith(args.prefix)]
+    if args.json:
+        _print_json({"node": node, "applied": r["applied"], "truncated": r["truncated"],
+                     "keys": {k: _jsonable(v) for k, v in pairs} if args.values else [k for k, _ in pairs]})
+        return EXIT_OK
+    for k, v in pairs:
+        print(f"{k} = {_jsonable(v)}" if args.values else k)
+    if r["truncated"]:
+        print(f"raftdeck: the listing stopped early (--limit {args.limit}, or about 3 MiB); "
+              "narrow it with --prefix or raise --limit", file=sys.stderr)
     return EXIT_OK
 
 

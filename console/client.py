@@ -563,6 +563,11 @@ class ClusterClient:
             return await self.call(node, "get", key=key, consistency=consistency)
         return await self._leader_call("get", changes_state=False, key=key, consistency=consistency)
 
+    async def dump(self, node: str, limit: int = 20000) -> dict:
+        """``node``'s pairs in key order: ``{"applied", "kv", "truncated"}`` (what it
+        has applied; compare replicas at equal ``applied``)."""
+        return await self.call(node, "dump", limit=limit)
+
     # -- tasks --
 
     async def submit(self, tasks: list[dict]) -> dict:

@@ -189,6 +189,38 @@ def test_put_get_round_trip(inv):
     assert rc == 1 and data == {"key": "no-such-key", "found": False, "value": None}
 
 
+def test_delete_cas_and_keys(inv):
+    for k, v in (("ls/a", "1"), ("ls/b", "2"), ("other", "3")):
+        assert run(inv, "put", k, v)[0] == 0
+    assert run(inv, "keys", "--prefix", "ls/") == (0, "ls/a\nls/b\n", "")
+    assert run(inv, "keys", "--prefix", "ls/", "--values") == (0, "ls/a = 1\nls/b = 2\n", "")
+    rc, data, _ = run_json(inv, "keys", "--prefix", "ls/")
+    assert rc == 0 and data["keys"] == ["ls/a", "ls/b"] and data["applied"] > 0, data
+    wait_for(lambda: run(inv, "keys", "--node", "n3", "--prefix", "ls/")[1] == "ls/a\nls/b\n",
+             what="n3 to apply the puts")
+
+    assert run(inv, "cas", "ls/a", "10", "--expect", "1") == (0, "ls/a: swapped\n", "")
+    assert run(inv, "get", "ls/a")[1] == "10\n"
+    rc, out, err = run(inv, "cas", "ls/a", "11", "--expect", "1")
+    assert (rc, out, err) == (1, "", "raftdeck: ls/a: not swapped; it holds '10'\n")
+    rc, data, _ = run_json(inv, "cas", "ls/a", "11", "--expect", "1")
+    assert rc == 1 and data == {"key": "ls/a", "swapped": False, "value": "10"}
+    assert run(inv, "get", "ls/a")[1] == "10\n"
+
+    rc, out, err = run(inv, "delete", "ls/b")
+    assert rc == 0 and out.startswith("ls/b: deleted at index "), (out, err)
+    assert run(inv, "get", "ls/b")[0] == 1
+    assert run(inv, "delete", "ls/b")[0] == 0  # absent: not an error
+    assert run(inv, "cas", "ls/b", "new", "--absent") == (0, "ls/b: swapped\n", "")
+    assert run(inv, "cas", "ls/b", "newer", "--absent")[2] == "raftdeck: ls/b: not swapped; it holds 'new'\n"
+    assert run(inv, "keys", "--prefix", "ls/", "--values")[1] == "ls/a = 10\nls/b = new\n"
+
+    rc, _, err = run(inv, "cas", "ls/a", "v")  # neither --expect nor --absent
+    assert rc == 2 and "--expect" in err
+    rc, _, err = run(inv, "keys", "--limit", "0")
+    assert rc == 2 and err == "raftdeck: --limit must be between 1 and 1000000\n"
+
+
 def test_submit_count_wait_then_list_show_and_cancel(inv):
     rc, data, err = run_json(inv, "submit", "--kind", "echo", "--arg", "data=hi", "--count", "5",
                              "--id-prefix", "cli-", "--wait")
@@ -455,7 +487,8 @@ def test_every_command_has_help():
     rc, out, _ = run(None, "--help")
     assert rc == 0
     cmds = ["up", "down", "status", "submit", "tasks", "task", "cancel", "kill", "pause",
-            "resume", "restart", "partition", "heal", "transfer", "put", "get"]
+            "resume", "restart", "partition", "heal", "transfer", "put", "get", "delete",
+            "cas", "keys"]
     for c in cmds:
         assert c in out
         rc, text, _ = run(None, c, "--help")
