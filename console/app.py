@@ -479,7 +479,7 @@ class RaftdeckApp(App):
         """Every reachable replica's key-value pairs, for the key-level diff."""
         async def one(name: str):
             try:
-                return name, (await self.client.call(name, "dump"))["kv"]
+                return name, (await self.client.dump(name))["kv"]
             except Exception:
                 return name, None
 
