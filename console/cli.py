@@ -1835,12 +1835,17 @@ def _restore_check(args, inv, info: dict, problems: list[str]) -> int:
 
 
 async def _cmd_put(args, inv) -> int:
+    return await _kv_write(args, inv, "written", lambda c: c.put(args.key, args.value.encode()))
+
+
+async def _kv_write(args, inv, done: str, write) -> int:
+    """A write through the leader that answers with its log index."""
     async with _Cluster(inv, args) as client:
-        index = await client.put(args.key, args.value.encode())
+        index = await write(client)
     if args.json:
         _print_json({"key": args.key, "index": index})
     else:
-        print(f"{args.key}: written at index {index}")
+        print(f"{args.key}: {done} at index {index}")
     return EXIT_OK
 
 
@@ -1862,13 +1867,7 @@ async def _cmd_get(args, inv) -> int:
 
 
 async def _cmd_delete(args, inv) -> int:
-    async with _Cluster(inv, args) as client:
-        index = await client.delete(args.key)
-    if args.json:
-        _print_json({"key": args.key, "index": index})
-    else:
-        print(f"{args.key}: deleted at index {index}")
-    return EXIT_OK
+    return await _kv_write(args, inv, "deleted", lambda c: c.delete(args.key))
 
 
 async def _cmd_cas(args, inv) -> int:
