@@ -504,6 +504,12 @@ class ClusterClient:
             delay = min(delay * 2, cap)
         if unknown is not None and changes_state:
             raise OutcomeUnknown(f"{type_}: {unknown}")
+        if isinstance(last, RequestError) and last.code == "not_leader":
+            # What the operator needs is not which node said so last, but that none leads.
+            asked = f" (the last asked: {last.node})" if last.node else ""
+            raise RequestError("not_leader", f"no node led within {self.op_timeout:g}s{asked}; is "
+                               "a majority of the voters down or cut off? `raftdeck status` "
+                               "shows who answers") from last
         raise last or unknown or ConnectionFailed("no agent reachable")
 
     # -- sessions --

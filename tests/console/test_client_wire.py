@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from console.client import AgentConnection, ConnectionFailed, OutcomeUnknown, RequestError
+from console.client import AgentConnection, ClusterClient, ConnectionFailed, OutcomeUnknown, RequestError
 from nodeagent.protocol import NEED_DATA, PROTOCOL_VERSION, FrameDecoder, encode
 
 HELLO_OK = encode({"type": "hello_ok", "node": "n1", "version": PROTOCOL_VERSION, "leader": "n1"})
@@ -173,3 +173,27 @@ def test_an_error_reply_and_status_pushes_with_deltas(caplog):
     asyncio.run(main())
     # Ended by the client's own decision, not by asyncio catching an exception.
     assert not [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
+
+
+def test_no_leader_until_the_deadline_says_so_not_who_answered_last():
+    """Every node answers not_leader with no hint (a majority is down): the operator is
+    told that no node led within the operation's time, and what to look at."""
+    async def script(reader, writer, next_msg):
+        while True:
+            req = await next_msg()
+            writer.write(encode({"type": "reply", "id": req["id"], "ok": False,
+                                 "error": {"code": "not_leader", "message": "this node is not the leader"}}))
+            await writer.drain()
+
+    async def main():
+        hello = encode({"type": "hello_ok", "node": "n1", "version": PROTOCOL_VERSION, "leader": None})
+        async with ScriptedAgent(script, hello=hello) as agent:
+            async with ClusterClient({"n1": ("127.0.0.1", agent.port)}, "test", op_timeout=0.5) as c:
+                with pytest.raises(RequestError) as info:
+                    await c.get("k")
+        assert info.value.code == "not_leader"
+        assert str(info.value) == ("not_leader: no node led within 0.5s (the last asked: n1); is a "
+                                   "majority of the voters down or cut off? `raftdeck status` shows "
+                                   "who answers")
+
+    asyncio.run(main())
