@@ -572,8 +572,9 @@ class Agent:
             b = self._backups.get(bid)
             if b is None:
                 raise RequestFailed("rejected", f"no backup {bid} on {self.node_id}: it was "
-                                                f"dropped {BACKUP_KEEP_S:g} s after its last "
-                                                "chunk, or the agent restarted; start again")
+                                                "dropped once its final chunk was served or "
+                                                f"{BACKUP_KEEP_S:g} s after the last request for "
+                                                "it, or the agent restarted; start again")
         b["used"] = now
         off = msg.get("offset", 0)
         data = b["data"]
