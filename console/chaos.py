@@ -1090,10 +1090,13 @@ def summary(report: dict[str, Any]) -> str:
     if "oneway_leaders" in report["checks"]:
         cut = report["oneway_leaders"]
         slow = [o for o in cut if not o["replaced_by"]]
-        lines.append(f"oneway: {len(cut)} leaders cut one way, "
-                     + (f"each replaced (within {max((o['after_s'] for o in cut), default=0):g}s)"
-                        if not slow else f"NOT REPLACED within {ONEWAY_REPLACE_S:g}s: "
-                        + json.dumps(slow)))
+        if not cut:
+            lines.append("oneway: only followers were cut one way (no leader to replace)")
+        else:
+            lines.append(f"oneway: {len(cut)} leaders cut one way, "
+                         + (f"each replaced (within {max(o['after_s'] for o in cut):g}s)"
+                            if not slow else f"NOT REPLACED within {ONEWAY_REPLACE_S:g}s: "
+                            + json.dumps(slow)))
     if "wiped_refused" in report["checks"]:
         wipes = report["wipes"]
         bad = [w for w in wipes if w["owed"] or not w["voter"]]
