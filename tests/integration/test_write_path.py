@@ -224,7 +224,11 @@ def test_the_driver_fsyncs_in_its_task_while_the_disk_is_fast_and_in_a_thread_wh
                 async with trio.open_nursery() as nursery:
                     await start_leading(nursery, driver, node, poll=0.025)
                     await writes(20, "fast")
-                    assert driver.syncs_threaded == 0 and driver.syncs_inline >= 20
+                    # Inline, all but a few: on a starved machine a fast sync that the
+                    # scheduler preempted measures slow, and the next one or two go to
+                    # the thread until the average decays (seen in a loaded full run).
+                    assert driver.syncs_inline >= 15 and driver.syncs_threaded <= 5, (
+                        driver.syncs_inline, driver.syncs_threaded)
                     slow["s"] = 0.02
                     await writes(20, "slow")
                     inline_when_slow = driver.syncs_inline
