@@ -1256,11 +1256,16 @@ class DiskStorage:
         if wal_head and (not names or names[-1][0] < wal_head):
             # Segments are made in index order and only the oldest are ever deleted.
             newest = f"wal-{names[-1][0]:020d}.log" if names else "none"
-            raise StorageCorruption(
-                f"{self._wal_dir}: WAL segment wal-{wal_head:020d}.log is missing (the newest "
-                f"segment there is {newest}), but {self._hs_path} records that it was made: "
-                "entries this node acknowledged are gone, and it must not vote or lead "
-                "without them. " + self._fix_hint(), path=self._wal_dir)
+            if self._fsync_enabled:
+                raise StorageCorruption(
+                    f"{self._wal_dir}: WAL segment wal-{wal_head:020d}.log is missing (the newest "
+                    f"segment there is {newest}), but {self._hs_path} records that it was made: "
+                    "entries this node acknowledged are gone, and it must not vote or lead "
+                    "without them. " + self._fix_hint(), path=self._wal_dir)
+            # Without fsync a power loss may keep the record and lose the segment's
+            # directory entry: expected there, as with the commit index below.
+            log.warning("%s: WAL segment wal-%020d.log is missing (the newest there is %s; fsync "
+                        "is off: writes were lost)", self._wal_dir, wal_head, newest)
         for k, (name_index, name) in enumerate(names):
             path = os.path.join(self._wal_dir, name)
             with open(path, "rb") as f:
