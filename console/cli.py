@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="only keys that start with this")
     p.add_argument("--values", action="store_true", help="print KEY = VALUE")
     p.add_argument("--node", help="the replica to list (default: the leader)")
+    p.add_argument("--after", metavar="KEY", help="only keys after KEY (the next page)")
     p.add_argument("--limit", type=int, default=20000,
                    help="at most this many keys are fetched (default 20000)")
     _deploy_parsers(cmd)
@@ -1894,17 +1896,20 @@ async def _cmd_keys(args, inv) -> int:
             node = await client.find_leader()
             if node is None:
                 raise CliError("no node says it leads now; list one replica's keys with --node N")
-        r = await client.dump(node, limit=args.limit)
-    pairs = [(k, v) for k, v in r["kv"].items() if k.startswith(args.prefix)]
+        r = await client.dump(node, limit=args.limit, prefix=args.prefix, after=args.after)
+    pairs = list(r["kv"].items())
     if args.json:
         _print_json({"node": node, "applied": r["applied"], "truncated": r["truncated"],
                      "keys": {k: _jsonable(v) for k, v in pairs} if args.values else [k for k, _ in pairs]})
         return EXIT_OK
     for k, v in pairs:
         print(f"{k} = {_jsonable(v)}" if args.values else k)
-    if r["truncated"]:
+    if r["truncated"] and not pairs:
+        print("raftdeck: the next key's value is over 3 MiB, too large to list; read it with "
+              "`raftdeck get`", file=sys.stderr)
+    elif r["truncated"]:
         print(f"raftdeck: the listing stopped early (--limit {args.limit}, or about 3 MiB); "
-              "narrow it with --prefix or raise --limit", file=sys.stderr)
+              f"the next page: --after {shlex.quote(pairs[-1][0])}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -569,10 +569,17 @@ class ClusterClient:
             return await self.call(node, "get", key=key, consistency=consistency)
         return await self._leader_call("get", changes_state=False, key=key, consistency=consistency)
 
-    async def dump(self, node: str, limit: int = 20000) -> dict:
+    async def dump(self, node: str, limit: int = 20000, prefix: str = "",
+                   after: str | None = None) -> dict:
         """``node``'s pairs in key order: ``{"applied", "kv", "truncated"}`` (what it
-        has applied; compare replicas at equal ``applied``)."""
-        return await self.call(node, "dump", limit=limit)
+        has applied; compare replicas at equal ``applied``): only keys starting with
+        ``prefix``, and after ``after`` (paging: the last key of the page before)."""
+        fields: dict[str, Any] = {"limit": limit}
+        if prefix:
+            fields["prefix"] = prefix  # sent only when used: agents before it refuse it
+        if after is not None:
+            fields["after"] = after
+        return await self.call(node, "dump", **fields)
 
     # -- tasks --
 

@@ -8,6 +8,8 @@ requests and back; the rules live in the driver, the core and the state machine.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import dataclasses
 import hashlib
@@ -670,8 +672,15 @@ class Agent:
 
     async def _rq_dump(self, session, msg):
         state = self.driver.state
+        prefix, after = msg.get("prefix", ""), msg.get("after")
+        keys = state.keys()  # sorted
+        start = bisect.bisect_left(keys, prefix)
+        if after is not None:
+            start = max(start, bisect.bisect_right(keys, after))
         kv, size, truncated = {}, 0, False
-        for key in state.keys():
+        for key in itertools.islice(keys, start, None):
+            if not key.startswith(prefix):
+                break
             value = state.get(key)
             size += len(key) + len(value) + 8
             if len(kv) >= msg.get("limit", 20_000) or size > 3 << 20:

@@ -656,7 +656,9 @@ MESSAGE_SCHEMAS: Final[Mapping[str, MessageSpec]] = {
     "task_get": _request("viewer", req("task", TASK_ID), doc="one task's record"),
     "dump": _request(
         "viewer", opt("limit", Int(1, 1_000_000), 20_000),
-        doc="this replica's key-value pairs (for the divergence view), at most limit keys",
+        opt("prefix", Str(0, 1024), ""), opt("after", Nullable(KEY), None),
+        doc="this replica's key-value pairs in key order (the divergence view, `raftdeck "
+            "keys`): at most limit keys, only those starting with prefix, after a key",
     ),
     "backup": _request(
         "admin",

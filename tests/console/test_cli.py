@@ -194,6 +194,14 @@ def test_delete_cas_and_keys(inv):
         assert run(inv, "put", k, v)[0] == 0
     assert run(inv, "keys", "--prefix", "ls/") == (0, "ls/a\nls/b\n", "")
     assert run(inv, "keys", "--prefix", "ls/", "--values") == (0, "ls/a = 1\nls/b = 2\n", "")
+    # Pages: the agent filters and pages, so a prefix late in key order is reached however
+    # many keys come before it.
+    rc, out, err = run(inv, "keys", "--prefix", "ls/", "--limit", "1")
+    assert (rc, out, err) == (0, "ls/a\n", "raftdeck: the listing stopped early (--limit 1, or "
+                                          "about 3 MiB); the next page: --after ls/a\n")
+    assert run(inv, "keys", "--prefix", "ls/", "--after", "ls/a") == (0, "ls/b\n", "")
+    assert run(inv, "keys", "--prefix", "ls/", "--after", "ls/b") == (0, "", "")
+    assert run(inv, "keys", "--prefix", "other", "--limit", "1")[1:] == ("other\n", "")
     rc, data, _ = run_json(inv, "keys", "--prefix", "ls/")
     assert rc == 0 and data["keys"] == ["ls/a", "ls/b"] and data["applied"] > 0, data
     wait_for(lambda: run(inv, "keys", "--node", "n3", "--prefix", "ls/")[1] == "ls/a\nls/b\n",

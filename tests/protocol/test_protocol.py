@@ -785,7 +785,7 @@ SAMPLES: list[dict[str, Any]] = [
      "tasks": [{"id": "t1", "kind": "sleep", "args": {"ms": 5}, "timeout_ms": 1000,
                 "max_attempts": 3, "policy": "hash", "key": "k"}]},
     {"type": "task_get", "id": 1, "task": "t1"},
-    {"type": "dump", "id": 1, "limit": 10},
+    {"type": "dump", "id": 1, "limit": 10, "prefix": "user/", "after": "user/0042"},
     {"type": "backup", "id": 1, "backup": "a1b2", "offset": 1048576, "consistency": "linearizable"},
     {"type": "task_list", "id": 1, "state": "running", "node": "n1", "limit": 10, "after": "t0"},
     {"type": "task_wait", "id": 1, "ids": ["t1", "t2"], "timeout_ms": 500},
