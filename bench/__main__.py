@@ -8,13 +8,14 @@ In one run, on this machine, it starts (one at a time, each on its own temporary
 directory, always stopped afterwards):
 
 - raftdeck, 3 agents, the inventory's default timeouts, fsync on, then fsync off (both
-  plain TCP, as PySyncObj), then fsync on with mutual TLS (an inventory's default);
+  plain TCP, as PySyncObj), then fsync on with mutual TLS (as the bundled inventory.yaml
+  runs);
 - PySyncObj, 3 processes of bench/pysyncobj_node.py replicating a dict, journal file on,
   with its defaults (appendEntriesUseBatch=True) and with appendEntriesUseBatch=False;
 
 and runs the same workloads, with the same client code paths, against each: sequential
 writes (1 client, one 100-byte put at a time, distinct keys), 32 concurrent writers for
-10 s (one client each), the same with 4 and 16 writers (the latency/throughput curve),
+10 s (one client each), then 4 and 16 writers for 4 s each (the latency/throughput curve),
 failover (SIGKILL the leader under one writer; kill until the next write acknowledged by
 another node; 5 runs, median), and resident memory per server process after the
 throughput run (read at once, the target's reading, and again once no raftdeck agent has
@@ -740,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="soak: each writer overwrites N keys of its own (a bounded state); "
                          "default: every put writes a new key, so the state grows")
     ap.add_argument("--tls", action="store_true",
-                    help="raftdeck with mutual TLS (its default in an inventory); off by "
+                    help="raftdeck with mutual TLS (as the bundled inventory.yaml runs); off by "
                          "default here, as PySyncObj and baseline trees speak plain TCP")
     ap.add_argument("--tmp", default=None, help="parent directory for the clusters' files")
     ap.add_argument("--keep", action="store_true", help="keep the clusters' files (logs)")

@@ -2,10 +2,10 @@
 old one, against 0.05 s), interleaved on one 3-agent cluster (fsync on, default timeouts):
 `python -m bench.ab_failover [ROUNDS]`. Prints JSON: each cap's kill -> next ack times."""
 
+import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,4 +29,7 @@ async def main(rounds):
     print(json.dumps({str(k): {"runs": v, "median": statistics.median([x for x in v if x is not None])} for k, v in res.items()}))
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5))
+    ap = argparse.ArgumentParser(prog="python -m bench.ab_failover", description=__doc__)
+    ap.add_argument("rounds", nargs="?", type=int, default=5,
+                    help="rounds, each kills the leader once per cap (default 5)")
+    asyncio.run(main(ap.parse_args().rounds))

@@ -19,8 +19,8 @@ any system on this machine pays at the least for that durability, Raft's and Pyt
 work not counted. Modes alternate in blocks of ``--writes`` within each of ``--rounds``
 rounds, so a noisy minute hits them all. The files go under ``--dir`` (the system's
 temporary directory by default: where ``python -m bench`` puts its agents' data). Prints
-one JSON object: per mode the commit latency (leader's send of the write to its first
-answer) p50 / p90 / p99 and each role's fsync p50, in microseconds.
+one JSON object: per mode the commit latency (from the leader's own append of the write
+to its first answer) p50 / p90 / p99 and each role's fsync p50, in microseconds.
 """
 
 from __future__ import annotations

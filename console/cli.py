@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="raftdeck",
         description="Operate a raftdeck cluster: start its local agents, watch it, submit "
-        "tasks, inject faults. Every command reads the inventory (--inventory, default "
-        "inventory.yaml) to find the agents.",
+        "tasks, inject faults. Every command but bench, and chaos without --attach, reads "
+        "the inventory (--inventory, default inventory.yaml) to find the agents.",
         epilog="Exit codes: 0 success; 1 the operation failed (an agent refused, none "
         "reachable, no leader in time); 2 bad usage, a bad inventory, an unknown node, or a "
         "node this machine cannot control. Errors are one line on stderr.",
@@ -359,7 +359,8 @@ def _deploy_parsers(cmd) -> None:
     ssh = _Parser(add_help=False)
     ssh.add_argument("--hosts", metavar="A,B", help="only these nodes (default: every node with ssh:)")
     ssh.add_argument("--parallel", type=int_range(1, 256), default=4, metavar="N",
-                     help="hosts worked on at once (default 4)")
+                     help="hosts worked on at once by deploy and undeploy (default 4; "
+                          "upgrade goes one node at a time)")
     _ssh_options(ssh)
     wheels = _Parser(add_help=False)
     _wheel_options(wheels)
@@ -399,7 +400,8 @@ def _deploy_parsers(cmd) -> None:
     p.add_argument("node", metavar="NODE")
     p.add_argument("--lines", "-n", type=int_range(1, 100000), default=50, metavar="N",
                    help="how many lines (default 50)")
-    p.add_argument("--stderr", action="store_true", help="also the agent's stdout/stderr file")
+    p.add_argument("--stderr", action="store_true",
+                   help="also the agent's stdout/stderr file (--json always includes it)")
 
 
 async def _cmd_deploy(args, inv) -> int:
@@ -1357,11 +1359,13 @@ async def _cmd_signal(args, inv) -> int:
 
 async def _reload_all(args, inv, nodes) -> int:
     """`raftdeck reload NODE...`: each in turn; a node that fails does not stop the rest."""
+    from console.procs import ProcError
+
     results, failed = [], False
     for node in nodes:
         try:
             result = await _reload(args, inv, node)
-        except CliError as e:
+        except (CliError, ProcError) as e:  # ProcError: a local node without its pid file
             if len(nodes) == 1:
                 raise
             failed = True

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "check-inventory",
         help="validate an inventory file and summarise its nodes",
-        description="Load and validate an inventory; print one line per node. "
+        description="Load and validate an inventory; print a summary line for the cluster, "
+        "then one line per node (warnings on stderr). "
         "On a problem, print it as one line (file:line: field: problem; fix) and exit 2.",
     )
     p.add_argument("path", metavar="PATH", nargs="?", default="inventory.yaml", help="default: inventory.yaml")
@@ -34,14 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one agent (one Raft node) until interrupted",
         description="Run the agent for one node: recover its data directory, connect to its "
         "peers, listen for peers and clients. Give an inventory and a node name, or a "
-        "single-node config file. Logs are JSON lines on stderr (or --log-file). SIGTERM "
+        "single-node config file. Logs are JSON lines on stderr, or in --log-file, else in the "
+        "node's log_file setting if it has one. SIGTERM "
         "or SIGINT stops it; SIGHUP rereads its TLS files (certificate rotation).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--inventory", metavar="PATH", help="inventory file (with --name)")
     src.add_argument("--config", metavar="PATH", help="single-node config file")
     p.add_argument("--name", help="this node's name in the inventory")
-    p.add_argument("--log-file", metavar="PATH", help="append JSON logs here instead of stderr")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="append JSON logs here (default: the node's log_file, else stderr)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--join", action="store_true",
                    help="this node joins a running cluster (after `raftdeck add-node`, or an "

@@ -114,6 +114,15 @@ def test_up_inits_tls_and_the_cli_enforces_roles(tmp_path):
         (tls / "nodes" / "n1.key").write_bytes(good_key)
         rc, out, err = run(inv, "status")
         assert "n1: the last TLS reload was refused" in out, out
+        # A node that answers but whose pid file is gone (started some other way) cannot be
+        # signalled: it is named, and the nodes after it are still reloaded.
+        pidfile = tmp_path / ".raftdeck" / "n2.pid"
+        pidfile.rename(pidfile.with_name("n2.pid.aside"))
+        try:
+            rc, out, err = run(inv, "reload", "n2", "n1")
+        finally:
+            pidfile.with_name("n2.pid.aside").rename(pidfile)
+        assert rc == 1 and err.startswith("n2: ") and out.startswith("n1 reloaded its TLS files"), (out, err)
         rc, out, err = run(inv, "kill", "n3", "--json")  # admin by default
         assert rc == 0 and json.loads(out)["pid"] > 0, (out, err)
         rc, out, err = run(inv, "status", "--json")
