@@ -188,7 +188,8 @@ class Driver:
         self.snapshot_log_percent = snapshot_log_percent
         self._inbox_send, self._inbox_recv = trio.open_memory_channel(inbox_size)
         self._proposals: dict[int, _Proposal] = {}
-        self._reads_by_ctx: dict[bytes, tuple] = {}  # ctx -> (key, pending, term, leader)
+        self._reads_by_ctx: dict[bytes, tuple] = {}  # ctx -> (key, pending, term, leader, asked)
+        self._reads_swept_at = time.monotonic()
         self._reads_ready: list[_Read] = []  # heap by index: confirmed, waiting for apply
         self._ctx = itertools.count(1)
         self._read_seq = itertools.count()
@@ -230,6 +231,7 @@ class Driver:
         self._failure: BaseException | None = None  # from a direct round, raised here
         self.direct_rounds = 0
         self.early_campaigns = 0  # leader_lost notices that made this node campaign early
+        self.reads_lost = 0  # ReadIndex requests never confirmed, swept after READ_LOST_S
         self._quorum_losses_seen = node.quorum_losses  # RaftNode.quorum_losses, last looked at
         self.dropped_inbox = 0
         self.messages_in = 0
@@ -343,6 +345,7 @@ class Driver:
                 self.node.tick()
                 if self.on_tick is not None:
                     self.on_tick()
+                self._sweep_lost_reads()
             if self._snap_done is not None:
                 self._finish_snapshot()
             await self._process()
@@ -440,7 +443,7 @@ class Driver:
         applied index once this node has applied every write acknowledged before."""
         ctx = next(self._ctx).to_bytes(8, "big")
         self.node.read_index(ctx)
-        self._reads_by_ctx[ctx] = (key, pending, self.node.term, self.node.lead)
+        self._reads_by_ctx[ctx] = (key, pending, self.node.term, self.node.lead, time.monotonic())
 
     def _req_transfer(self, pending: Pending, to: str) -> None:
         self.node.transfer_leadership(to)
@@ -562,6 +565,21 @@ class Driver:
             pending = self._reads_by_ctx.pop(ctx)[1]
             pending.fail("not_leader", "leadership changed before the read was confirmed; "
                          "retry at the leader", node.lead)
+
+    # A ReadIndex request or its answer can be lost (a loss fault, a full inbox) and the
+    # core does not resend it; its client gave up long before this (its request timeout,
+    # 10 s at most), so the entry only holds memory until a leader change. Swept here.
+    READ_LOST_S = 30.0
+
+    def _sweep_lost_reads(self) -> None:
+        now = time.monotonic()
+        if now - self._reads_swept_at < 1.0:
+            return
+        self._reads_swept_at = now
+        for ctx in [ctx for ctx, r in self._reads_by_ctx.items() if now - r[4] > self.READ_LOST_S]:
+            self._reads_by_ctx.pop(ctx)[1].fail(
+                "timeout", f"the read was not confirmed within {self.READ_LOST_S:g}s")
+            self.reads_lost += 1
 
     def _maybe_snapshot(self) -> None:
         applied = self.state.applied_index
@@ -855,6 +873,7 @@ class Driver:
             "quorum_losses": self.node.quorum_losses,
             "pending_proposals": len(self._proposals),
             "pending_reads": len(self._reads_by_ctx) + len(self._reads_ready),
+            "reads_lost": self.reads_lost,
             "inbox_dropped": self.dropped_inbox,
             "messages_in": self.messages_in,
             "messages_out": self.messages_out,

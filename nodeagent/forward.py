@@ -67,6 +67,11 @@ class Forwarder:
             link = self._link
             if link is not None and link.leader == leader and not link.broken:
                 return link
+            now_leads = self.agent.driver.node.lead
+            if link is not None and not link.broken and now_leads == link.leader != leader:
+                # A relay that waited its turn for a leader deposed meanwhile: do not tear
+                # down the healthy link to the one that leads now (and its relays).
+                raise RequestFailed("not_leader", f"{leader} no longer leads", now_leads)
             if link is not None:
                 await trio.aclose_forcefully(link.stream)
             host, port = self.agent.addresses[leader]
@@ -99,21 +104,37 @@ class Forwarder:
         if the leader cannot be reached (nothing was sent), timeout if the outcome is
         unknown."""
         try:
-            link = await self._connect(leader)
+            # The whole of it, the turn at the lock too: relays queued behind a connect to
+            # an unreachable leader give up with it instead of each trying in turn.
+            with trio.fail_after(self.timeout):
+                link = await self._connect(leader)
         except (OSError, trio.TooSlowError, KeyError, trio.BrokenResourceError):
             raise RequestFailed("not_leader", f"cannot reach the leader {leader}", leader) from None
         rid = next(self._ids)
         relayed = {k: v for k, v in msg.items() if k != "forward"}
         relayed["id"] = rid
+        frame = encode(relayed)
         waiter = [trio.Event(), None]
         link.waiters[rid] = waiter
         self.forwarded += 1
+        sending = False
         try:
             async with link.send_lock:
+                sending = True
                 with trio.fail_after(self.timeout):
-                    await link.stream.send_all(encode(relayed))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+                    await link.stream.send_all(frame)
+                sending = False
+        except BaseException as e:
             link.waiters.pop(rid, None)
+            if sending:
+                # A frame may be half on the wire (a timeout, or a cancel): nothing after it
+                # would be read right. Drop the link (its reader ends and fails the other
+                # waiters); the next relay opens a new one.
+                link.broken = True
+                await trio.aclose_forcefully(link.stream)
+            if not isinstance(e, (trio.BrokenResourceError, trio.ClosedResourceError,
+                                  trio.TooSlowError, OSError)):
+                raise
             raise RequestFailed("timeout", f"the link to the leader {leader} broke while "
                                            "relaying; the outcome is unknown") from None
         with trio.move_on_after(self.timeout):

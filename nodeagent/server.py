@@ -60,6 +60,7 @@ class Connection:
         self._send_lock = trio.Lock()
         self.closed = False
         self.kind = "pending"  # "peer" or "client" once its hello is accepted
+        self.peer_scope: trio.CancelScope | None = None  # a peer link's reading, to end it
         self.last_activity = trio.current_time()
         self.partial_since: float | None = None  # when the frame now being received began
         self._out: list[bytes] = []
@@ -430,20 +431,27 @@ class Server:
         # Latency and loss are applied by the sending agent's transport; the receiving
         # side enforces partitions only (so a fault sent to every agent does not compound).
         # The newest connection from a peer is its link; when that one ends (the peer's
-        # kernel closed it: a crashed or killed process), the driver hears of it.
+        # kernel closed it: a crashed or killed process), the driver hears of it. An older
+        # one is ended here: the peer has given it up (it reconnected), and one whose end
+        # never reached us (a host powered off mid-partition) would otherwise be read
+        # forever, holding its socket and a decoder of up to 64 MiB.
+        old = self._peer_conns.get(frm)
+        if old is not None and old.peer_scope is not None:
+            old.peer_scope.cancel()
         self._peer_conns[frm] = conn
         self.agent.transport.peer_reached_us(frm)
         try:
-            while True:
-                try:
-                    msg = await conn.receive()
-                except trio.BrokenResourceError:
-                    self._peer_ended(conn, frm)
-                    raise
-                if msg is None:
-                    self._peer_ended(conn, frm)
-                    return
-                self._peer_message(frm, msg)
+            with trio.CancelScope() as conn.peer_scope:
+                while True:
+                    try:
+                        msg = await conn.receive()
+                    except trio.BrokenResourceError:
+                        self._peer_ended(conn, frm)
+                        raise
+                    if msg is None:
+                        self._peer_ended(conn, frm)
+                        return
+                    self._peer_message(frm, msg)
         finally:
             if self._peer_conns.get(frm) is conn:
                 del self._peer_conns[frm]

@@ -305,3 +305,28 @@ def test_large_replies_to_a_client_that_reads_slowly_arrive_whole(tmp_path):
             assert r["ok"] and r["result"]["swapped"] is False and r["result"]["value"] == big, r["id"]
     finally:
         lc.stop_all()
+
+
+def test_a_read_whose_confirmation_never_comes_is_swept_not_kept(tmp_path):
+    """A ReadIndex request or answer lost on the way (a loss fault, a full inbox) is not
+    resent by the core, and until a leader change its entry held memory and its client's
+    slot for good. The driver fails such reads after READ_LOST_S and counts them; a
+    fresh one is kept."""
+    from nodeagent.driver import Driver, Pending
+    from nodeagent.storage import DiskStorage
+    from tests.integration.single_voter import single_voter_driver
+
+    storage = DiskStorage.open(tmp_path / "n1", fsync=False)
+    try:
+        node, driver = single_voter_driver(storage, tick_interval=0.05, snapshot_interval=100_000)
+        now = time.monotonic()
+        lost, fresh = Pending(), Pending()
+        driver._reads_by_ctx[b"lost"] = ("k", lost, node.term, node.lead, now - Driver.READ_LOST_S - 1)
+        driver._reads_by_ctx[b"fresh"] = ("k", fresh, node.term, node.lead, now)
+        driver._reads_swept_at = now - 2
+        driver._sweep_lost_reads()
+        assert lost.done and lost.error.code == "timeout" and not fresh.done
+        assert list(driver._reads_by_ctx) == [b"fresh"]
+        assert driver.status()["reads_lost"] == 1 and driver.status()["pending_reads"] == 1
+    finally:
+        storage.close()
