@@ -368,7 +368,10 @@ class RaftdeckApp(App):
             try:
                 await conn.connect()
                 delay = 0.2
-                async for st in conn.subscribe(self.interval_ms):
+                # Silent past the stale bound: the row is already down; reconnect, so it
+                # comes back when the host does (a dead host's end may never arrive).
+                async for st in conn.subscribe(self.interval_ms,
+                                               silence_s=self.model.stale_after):
                     self.model.update(name, st, self.mono())
                 raise ConnectionFailed("connection closed")
             except asyncio.CancelledError:

@@ -178,9 +178,9 @@ class _Wire(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait while the transport's write buffer is over its high-water mark."""
         while self.paused and not self.conn._closed.is_set():
-            if self.resumed is None:
+            if self.resumed is None or self.resumed.done():  # done: a waiter was cancelled
                 self.resumed = asyncio.get_running_loop().create_future()
-            await self.resumed
+            await asyncio.shield(self.resumed)  # one waiter's timeout leaves the others be
 
 
 class AgentConnection:
@@ -259,8 +259,8 @@ class AgentConnection:
             hello = self._hello_fut
             if hello is not None and not hello.done():
                 hello.set_exception(e)  # connect() reports the hello as unanswered, and why
-        except ValueError:  # a status delta that does not fit the map it follows
-            pass
+        except (ValueError, TypeError, AttributeError, KeyError):
+            pass  # a status delta that does not fit the map it follows: end the connection
         self._transport.close()  # connection_lost then fails whatever still waits
 
     def _deliver(self, msg: dict) -> bool:
@@ -322,8 +322,13 @@ class AgentConnection:
         self._waiters[rid] = fut
         try:
             self._transport.write(encode({"type": type_, "id": rid, **fields}))
-            if self._wire.paused:
-                await self._wire.drain()
+            if self._wire.paused:  # the agent reads slowly, or not at all: bounded too
+                async with asyncio.timeout(timeout):
+                    await self._wire.drain()
+        except TimeoutError:  # before OSError: it is one
+            self._waiters.pop(rid, None)
+            raise OutcomeUnknown(f"{self.name}: the agent took nothing for {timeout:g}s "
+                                 "(it reads slowly or not at all)") from None
         except (OSError, ConnectionError):
             self._waiters.pop(rid, None)
             raise OutcomeUnknown(f"{self.name}: connection lost while sending") from None
@@ -340,15 +345,23 @@ class AgentConnection:
             raise RequestError(err["code"], err["message"], reply.get("leader"), self.name)
         return reply.get("result")
 
-    async def subscribe(self, interval_ms: int = 250, *, delta: bool = True) -> AsyncIterator[dict]:
+    async def subscribe(self, interval_ms: int = 250, *, delta: bool = True,
+                        silence_s: float | None = None) -> AsyncIterator[dict]:
         """Status maps pushed by the agent; ends when the connection closes. With ``delta``
         the agent sends only what changed after its first push; the maps yielded here are
-        whole either way (and must not be mutated: they share unchanged parts)."""
+        whole either way (and must not be mutated: they share unchanged parts).
+        ``silence_s``: raise ConnectionFailed when nothing came for that long (the agent
+        pushes a keepalive at least every max(1 s, 4 x interval)): a connection whose end
+        never reached us (a host powered off, a dropped NAT entry) is given up."""
         self._updates = asyncio.Queue(maxsize=4)
         self._pushed = None
         await self.request("subscribe", interval_ms=interval_ms, delta=delta)
         while True:
-            st = await self._updates.get()
+            try:
+                async with asyncio.timeout(silence_s):
+                    st = await self._updates.get()
+            except TimeoutError:
+                raise ConnectionFailed(f"{self.name}: no status for {silence_s:g}s") from None
             if st is None:
                 return
             yield st
@@ -518,15 +531,22 @@ class ClusterClient:
         if self._free:
             return self._free.pop()
         s = _Session(f"{self.base_id}.{next(self._session_ids)}", 1)
-        # Register: seq 1 is a no-op, retried with the same seq until it certainly applied.
-        for _ in range(8):
-            try:
-                await self._leader_call("register", changes_state=True, client_id=s.client_id)
-                s.next_seq = 2
-                return s
-            except OutcomeUnknown:
-                continue
-        raise OutcomeUnknown("could not register a client session")
+        # Register: seq 1 is a no-op, retried with the same seq until it certainly applied,
+        # within one op_timeout in all (each try may take that long against an agent that
+        # answers nothing, and eight of them were eight times the time promised).
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                for _ in range(8):
+                    try:
+                        await self._leader_call("register", changes_state=True,
+                                                client_id=s.client_id)
+                        s.next_seq = 2
+                        return s
+                    except OutcomeUnknown:
+                        continue
+        except TimeoutError:
+            pass
+        raise OutcomeUnknown(f"could not register a client session within {self.op_timeout:g}s")
 
     async def _write(self, type_: str, **fields) -> Any:
         try:

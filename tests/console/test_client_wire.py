@@ -197,3 +197,78 @@ def test_no_leader_until_the_deadline_says_so_not_who_answered_last():
                                    "who answers")
 
     asyncio.run(main())
+
+
+def test_a_subscription_that_goes_silent_is_given_up():
+    """A connection whose end never reaches us (a host powered off): the agent's pushes,
+    keepalives included, stop. subscribe(silence_s=...) gives it up, so the console
+    reconnects and the row comes back when the host does."""
+    async def script(reader, writer, next_msg):
+        sub = await next_msg()
+        writer.write(_reply(sub["id"], None))
+        writer.write(encode({"type": "status_update", "id": sub["id"], "status": {"term": 1}}))
+        await writer.drain()
+        await reader.read()  # then nothing, as if the host were gone
+
+    async def main():
+        async with ScriptedAgent(script) as agent:
+            conn = await _connect(agent)
+            seen = []
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(ConnectionFailed, match="no status for 0.5s"):
+                async for st in conn.subscribe(100, silence_s=0.5):
+                    seen.append(st)
+            assert seen == [{"term": 1}] and asyncio.get_running_loop().time() - t0 < 5
+            await conn.close()
+
+    asyncio.run(main())
+
+
+def test_an_agent_that_reads_nothing_cannot_hold_a_request_past_its_timeout():
+    """Frames the agent does not take pile up in the client's buffer; waiting for room is
+    bounded by the request's timeout like waiting for the answer is."""
+    async def main():
+        stop = asyncio.Event()
+
+        async def script(reader, writer, next_msg):
+            await stop.wait()  # never reads again
+
+        async with ScriptedAgent(script) as agent:
+            conn = await _connect(agent)
+            t0 = asyncio.get_running_loop().time()
+            said = []
+            for _ in range(20):  # until the kernel's buffers and ours are full
+                try:
+                    await conn.request("put", timeout=1.0, key="k", value=b"x" * 3_000_000,
+                                       client_id="c", seq=1)
+                except OutcomeUnknown as e:
+                    said.append(str(e))
+                    if "took nothing" in str(e):
+                        break
+            assert said and said[-1] == ("n1: the agent took nothing for 1s (it reads slowly or "
+                                         "not at all)"), said
+            assert asyncio.get_running_loop().time() - t0 < 40
+            conn._transport.abort()
+            stop.set()
+
+    asyncio.run(main())
+
+
+def test_registration_against_a_silent_leader_is_bounded_by_the_operation_timeout():
+    """A leader that answers the hello but nothing after: a write gives up within its
+    op_timeout (retries included), not after eight registration attempts of it."""
+    async def script(reader, writer, next_msg):
+        while isinstance(await next_msg(), dict):
+            pass  # read, never answer, until the client hangs up
+
+    async def main():
+        hello = encode({"type": "hello_ok", "node": "n1", "version": PROTOCOL_VERSION, "leader": "n1"})
+        async with ScriptedAgent(script, hello=hello) as agent:
+            async with ClusterClient({"n1": ("127.0.0.1", agent.port)}, "test", timeout=0.3,
+                                     op_timeout=1.0) as c:
+                t0 = asyncio.get_running_loop().time()
+                with pytest.raises(OutcomeUnknown, match="could not register a client session within 1s"):
+                    await c.put("k", b"v")
+                assert asyncio.get_running_loop().time() - t0 < 3
+
+    asyncio.run(main())
