@@ -150,6 +150,9 @@ async def fetch(client, node: str, *, stale: bool = False) -> Backup:
                                   "`raftdeck status` shows whether there is a leader. With no "
                                   "quorum left, `--node N --stale` saves what N has applied"
                                   ) from None
+            if e.leader not in client.addresses:
+                raise BackupError(f"{node} says {e.leader} leads, but this inventory has no "
+                                  f"{e.leader}: add it to the inventory and run again") from None
             node = e.leader
     else:
         raise BackupError("the leader kept changing; try again")

@@ -135,6 +135,11 @@ class RequestError(Exception):
         self.node = node
 
 
+class InvalidRequest(RequestError):
+    """The protocol's encoder refused the request here (too large, a bad field): nothing
+    was sent."""
+
+
 class OutcomeUnknown(Exception):
     """The request was sent but no answer settled whether it took effect."""
 
@@ -318,10 +323,15 @@ class AgentConnection:
         if not self.connected:
             raise ConnectionFailed(f"{self.name}: not connected")
         rid = next(self._ids)
+        try:
+            frame = encode({"type": type_, "id": rid, **fields})
+        except ProtocolError as e:  # too large, or a field the protocol refuses: not sent
+            raise InvalidRequest(e.code, f"{e.message} (nothing was sent; send fewer or "
+                                 "smaller items)", None, self.name) from None
         fut = asyncio.get_running_loop().create_future()
         self._waiters[rid] = fut
         try:
-            self._transport.write(encode({"type": type_, "id": rid, **fields}))
+            self._transport.write(frame)
             if self._wire.paused:  # the agent reads slowly, or not at all: bounded too
                 async with asyncio.timeout(timeout):
                     await self._wire.drain()

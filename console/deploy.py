@@ -567,8 +567,18 @@ async def remote_op(conn, node: NodeConfig, op: str, /, *, wait: float = 300.0, 
     assert node.ssh is not None
     arg = json.dumps({"op": op, **{k: (str(v) if isinstance(v, PurePosixPath) else v)
                                    for k, v in fields.items()}})
-    r = await _run(conn, f"{shlex.quote(node.ssh.python)} - {shlex.quote(arg)}",
-                   input=_REMOTE_PROGRAM, timeout=wait)
+    import asyncssh
+
+    try:
+        r = await _run(conn, f"{shlex.quote(node.ssh.python)} - {shlex.quote(arg)}",
+                       input=_REMOTE_PROGRAM, timeout=wait)
+    except asyncio.TimeoutError:
+        # Named here, so that every caller (kill, logs, reload, restore, remove-node...)
+        # says which host and step, not a bare "timed out".
+        raise HostError(f"{who(node)}: {op}: no answer within {wait:g}s; check the host "
+                        "(load, disk, sshd) and run again") from None
+    except (asyncssh.Error, OSError) as e:
+        raise HostError(_describe_io(node, e, f"during {op}")) from None
     for ln in reversed((r.stdout or "").splitlines()):
         if ln.startswith("{"):
             try:

@@ -27,7 +27,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, Select, Static
 from textual.worker import Worker
 
-from console.client import OutcomeUnknown, RequestError
+from console.client import InvalidRequest, OutcomeUnknown, RequestError
 from console.screens.divergence import sync_table
 from nodeagent.protocol import ProtocolError
 
@@ -321,11 +321,11 @@ class SubmitTaskForm(ModalScreen[list[str] | None]):
     async def _send(self, specs: list[dict]) -> None:
         try:
             result = await asyncio.wait_for(self.app.client.submit(specs), self.timeout)
+        except (InvalidRequest, ProtocolError) as e:  # the encoder's: nothing was sent
+            self._failed(f"bad input: {e}")
+            return
         except RequestError as e:
             self._failed(f"refused: {e}")
-            return
-        except ProtocolError as e:
-            self._failed(f"bad input: {e}")
             return
         except (OutcomeUnknown, asyncio.TimeoutError) as e:
             self._failed(f"no answer ({e or 'timed out'}): submit again to retry with the same ids")

@@ -272,3 +272,22 @@ def test_registration_against_a_silent_leader_is_bounded_by_the_operation_timeou
                 assert asyncio.get_running_loop().time() - t0 < 3
 
     asyncio.run(main())
+
+
+def test_a_request_too_large_to_send_is_refused_here_and_says_what_to_do():
+    """An operator's oversized submit (many large tasks) is refused before anything is
+    sent, as a RequestError (no effect) that says so, not an internal error."""
+    async def script(reader, writer, next_msg):
+        await reader.read()
+
+    async def main():
+        async with ScriptedAgent(script) as agent:
+            conn = await _connect(agent)
+            with pytest.raises(RequestError) as info:
+                await conn.request("put", key="k", value=b"x" * 5_000_000, client_id="c", seq=1)
+            assert info.value.code == "frame_too_large"
+            assert "nothing was sent; send fewer or smaller items" in str(info.value)
+            assert conn.connected  # the connection is fine for what follows
+            await conn.close()
+
+    asyncio.run(main())
