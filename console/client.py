@@ -10,7 +10,9 @@ Used by the console and by scripts:
 Outcomes. A write either succeeds, fails (``RequestError``: it certainly had no effect),
 or raises ``OutcomeUnknown`` (it may or may not have been applied: a timeout or a lost
 connection after the request was sent, and no later attempt settled it). Retries of a
-write reuse its (client_id, seq), so the cluster applies it at most once.
+write reuse its (client_id, seq), so the cluster applies it at most once. A request the
+protocol's encoder refuses (too large, a bad field) is ``InvalidRequest``, a
+``RequestError``: nothing was sent.
 
 Sessions. The state machine remembers, per client id, the last applied seq. A client id
 is registered (its seq 1 is a no-op, retried until it is known to have applied) before it
