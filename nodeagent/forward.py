@@ -75,26 +75,26 @@ class Forwarder:
             if link is not None:
                 await trio.aclose_forcefully(link.stream)
             host, port = self.agent.addresses[leader]
-            with trio.fail_after(self.timeout):
-                stream = await trio.open_tcp_stream(host, port)
-                try:
-                    stream = await self.agent.wrap_client_stream(stream, host)
-                    await stream.send_all(encode({
-                        "type": "hello", "role": "client", "cluster": self.agent.cluster_name,
-                        "version": PROTOCOL_VERSION, "client_id": f"forward-{self.agent.node_id}"}))
-                    link = _Link(leader, stream)
-                    while True:
-                        msg = link.decoder.next_message()
-                        if msg is NEED_DATA:
-                            link.decoder.receive_data(await stream.receive_some(65536))
-                            continue
-                        break
-                    if msg is CLOSED or msg["type"] != "hello_ok":
-                        raise RequestFailed("not_leader", f"the leader {leader} refused the relay",
-                                            leader)
-                except BaseException:  # a failed handshake or a refused hello: close the socket
-                    await trio.aclose_forcefully(stream)
-                    raise
+            # Bounded by forward()'s fail_after, which covers the turn at the lock too.
+            stream = await trio.open_tcp_stream(host, port)
+            try:
+                stream = await self.agent.wrap_client_stream(stream, host)
+                await stream.send_all(encode({
+                    "type": "hello", "role": "client", "cluster": self.agent.cluster_name,
+                    "version": PROTOCOL_VERSION, "client_id": f"forward-{self.agent.node_id}"}))
+                link = _Link(leader, stream)
+                while True:
+                    msg = link.decoder.next_message()
+                    if msg is NEED_DATA:
+                        link.decoder.receive_data(await stream.receive_some(65536))
+                        continue
+                    break
+                if msg is CLOSED or msg["type"] != "hello_ok":
+                    raise RequestFailed("not_leader", f"the leader {leader} refused the relay",
+                                        leader)
+            except BaseException:  # a failed handshake or a refused hello: close the socket
+                await trio.aclose_forcefully(stream)
+                raise
             self._link = link
             self.nursery.start_soon(link.read_loop)
             return link
